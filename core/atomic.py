@@ -1,0 +1,48 @@
+"""Atomic file output: write to a temporary name in the target folder, then rename.
+
+A reader never sees a half-written file under the final name: either the old file (or
+none) or the complete new one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str | None = None) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    ``suffix`` is the temporary file's extension (default: that of ``path``), for writers
+    that pick the format from the name (cv2.imwrite, imageio). On an exception the
+    temporary file is removed and the exception propagates.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    if suffix is None:
+        suffix = os.path.splitext(base)[1]
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp" + suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_atomic(path: str, writer: Callable[[str], object], suffix: str | None = None) -> None:
+    """Call ``writer(tmp_path)`` and rename the result to ``path`` if it succeeds."""
+    with atomic_path(path, suffix=suffix) as tmp:
+        writer(tmp)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` (utf-8) to ``path`` atomically."""
+    def _write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, _write)
