@@ -1,0 +1,99 @@
+"""Pure geometry: Euler rotations, vertex normals and spherical-harmonics lighting (SPEC §3).
+
+Conventions: vertices are row vectors, transformed as ``v @ M.T + trans``; the rotation
+is M = Rz · Ry · Rx with angles (x, y, z) in radians.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def euler_to_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """Angles (B, 3) = (x, y, z) in radians -> rotation matrices M (B, 3, 3), M = Rz·Ry·Rx.
+
+    Rx = [[1,0,0],[0,cx,−sx],[0,sx,cx]], Ry = [[cy,0,sy],[0,1,0],[−sy,0,cy]],
+    Rz = [[cz,−sz,0],[sz,cz,0],[0,0,1]].
+    """
+    if angles.ndim != 2 or angles.shape[1] != 3:
+        raise ValueError(f"Expected angles of shape (B, 3); got {tuple(angles.shape)}")
+    cx, cy, cz = torch.cos(angles).unbind(1)
+    sx, sy, sz = torch.sin(angles).unbind(1)
+    # Closed form of Rz @ Ry @ Rx.
+    m = torch.stack([
+        cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx,
+        sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx,
+        -sy, cy * sx, cy * cx,
+    ], dim=1)
+    return m.reshape(-1, 3, 3)
+
+
+def rotation_to_euler(m: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`euler_to_rotation` for |y| < 90°: M (B, 3, 3) -> angles (B, 3)."""
+    y = torch.asin((-m[:, 2, 0]).clamp(-1.0, 1.0))
+    x = torch.atan2(m[:, 2, 1], m[:, 2, 2])
+    z = torch.atan2(m[:, 1, 0], m[:, 0, 0])
+    return torch.stack([x, y, z], dim=1)
+
+
+def rigid_transform(vertices: torch.Tensor, rotation: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+    """Vertices (B, N, 3), rotation (B, 3, 3), trans (B, 3) -> v·Mᵀ + trans, (B, N, 3)."""
+    return torch.bmm(vertices, rotation.transpose(1, 2)) + trans[:, None, :]
+
+
+def vertex_normals(vertices: torch.Tensor, tri: torch.Tensor, point_buf: torch.Tensor) -> torch.Tensor:
+    """Unit vertex normals as in the original (SPEC §3).
+
+    Args:
+        vertices: (B, N, 3).
+        tri: (F, 3) long, 0-based vertex ids.
+        point_buf: (N, K) long, 0-based ids of up to K adjacent triangles; the value F
+            means "no triangle" (it indexes an appended zero row).
+    Returns:
+        (B, N, 3) normals: the normalised sum over point_buf of the per-triangle
+        (v1 − v2) × (v2 − v3), not area weighted beyond the cross product itself.
+    """
+    v1 = vertices[:, tri[:, 0]]
+    v2 = vertices[:, tri[:, 1]]
+    v3 = vertices[:, tri[:, 2]]
+    face_n = torch.cross(v1 - v2, v2 - v3, dim=-1)
+    face_n = torch.cat([face_n, face_n.new_zeros(face_n.shape[0], 1, 3)], dim=1)
+    vn = face_n[:, point_buf].sum(dim=2)
+    return F.normalize(vn, dim=-1, eps=1e-12)
+
+
+# SH constants (SPEC §3).
+_A0, _A1, _A2 = math.pi, 2 * math.pi / math.sqrt(3.0), 2 * math.pi / math.sqrt(8.0)
+_C0, _C1, _C2 = 1 / math.sqrt(4 * math.pi), math.sqrt(3.0) / math.sqrt(4 * math.pi), 3 * math.sqrt(5.0) / math.sqrt(12 * math.pi)
+_D0 = 0.5 / math.sqrt(3.0)
+AMBIENT_OFFSET = 0.8  # added to the first SH band of every colour
+
+
+def sh_basis(normals: torch.Tensor) -> torch.Tensor:
+    """Unit normals (..., 3) -> the 9 SH basis values (..., 9) of SPEC §3."""
+    nx, ny, nz = normals.unbind(-1)
+    ones = torch.ones_like(nx)
+    return torch.stack([
+        _A0 * _C0 * ones,
+        -_A1 * _C1 * ny,
+        _A1 * _C1 * nz,
+        -_A1 * _C1 * nx,
+        _A2 * _C2 * nx * ny,
+        -_A2 * _C2 * ny * nz,
+        _A2 * _C2 * _D0 * (3 * nz ** 2 - 1),
+        -_A2 * _C2 * nx * nz,
+        _A2 * _C2 * 0.5 * (nx ** 2 - ny ** 2),
+    ], dim=-1)
+
+
+def sh_shade(albedo: torch.Tensor, normals: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Lit colours: albedo (B, N, 3) 0..255, unit normals (B, N, 3), gamma (B, 27)
+    -> (B, N, 3) = albedo ⊙ (Y · gammaᵀ), gamma viewed as (B, 3, 9) with 0.8 added to
+    band 0 of each colour."""
+    g = gamma.reshape(-1, 3, 9)
+    g = g + torch.tensor([AMBIENT_OFFSET] + [0.0] * 8, dtype=g.dtype, device=g.device)
+    y = sh_basis(normals)  # (B, N, 9)
+    light = torch.bmm(y, g.transpose(1, 2))  # (B, N, 3)
+    return albedo * light
