@@ -30,6 +30,24 @@ def euler_to_rotation(angles: torch.Tensor) -> torch.Tensor:
     return m.reshape(-1, 3, 3)
 
 
+def euler_rotation_jacobian(angles: torch.Tensor) -> torch.Tensor:
+    """Derivatives of M = Rz·Ry·Rx w.r.t. the angles: (B, 3, 3, 3), [:, i] = ∂M/∂angle_i."""
+    cx, cy, cz = torch.cos(angles).unbind(1)
+    sx, sy, sz = torch.sin(angles).unbind(1)
+    o, z = torch.ones_like(cx), torch.zeros_like(cx)
+
+    def mat(*rows):
+        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+    rx = mat((o, z, z), (z, cx, -sx), (z, sx, cx))
+    ry = mat((cy, z, sy), (z, o, z), (-sy, z, cy))
+    rz = mat((cz, -sz, z), (sz, cz, z), (z, z, o))
+    drx = mat((z, z, z), (z, -sx, -cx), (z, cx, -sx))
+    dry = mat((-sy, z, cy), (z, z, z), (-cy, z, -sy))
+    drz = mat((-sz, -cz, z), (cz, -sz, z), (z, z, z))
+    return torch.stack([rz @ ry @ drx, rz @ dry @ rx, drz @ ry @ rx], dim=1)
+
+
 def rotation_to_euler(m: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`euler_to_rotation` for |y| < 90°: M (B, 3, 3) -> angles (B, 3)."""
     y = torch.asin((-m[:, 2, 0]).clamp(-1.0, 1.0))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .coeffs import CoeffLayout, Coeffs
-from .geometry import euler_to_rotation, rigid_transform, sh_shade, vertex_normals
+from .geometry import euler_rotation_jacobian, euler_to_rotation, rigid_transform, sh_shade, vertex_normals
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,30 @@ class FaceModel(nn.Module):
         s = self.lm_mean + coeffs.id @ self.lm_id_base.T + coeffs.exp @ self.lm_exp_base.T
         s = s.reshape(s.shape[0], -1, 3)
         return rigid_transform(s, euler_to_rotation(coeffs.angles), coeffs.trans)
+
+    def landmarks_3d_jacobian(self, coeffs: Coeffs, groups) -> "dict[str, torch.Tensor]":
+        """Posed landmarks and their derivatives, for Gauss-Newton style solvers.
+
+        Returns a dict with ``"value"``: (B, L, 3) as :meth:`landmarks_3d`, and for each
+        group in ``groups`` (of "id", "exp", "angles", "trans") the Jacobian (B, L, 3, K).
+        """
+        s = self.lm_mean + coeffs.id @ self.lm_id_base.T + coeffs.exp @ self.lm_exp_base.T
+        s = s.reshape(s.shape[0], -1, 3)
+        rot = euler_to_rotation(coeffs.angles)
+        out = {"value": rigid_transform(s, rot, coeffs.trans)}
+        b, n = s.shape[0], s.shape[1]
+        for g in groups:
+            if g == "trans":
+                out[g] = torch.eye(3, dtype=s.dtype, device=s.device).expand(b, n, 3, 3)
+            elif g == "angles":
+                d = euler_rotation_jacobian(coeffs.angles)  # (B, 3, 3, 3)
+                out[g] = torch.einsum("bkij,bnj->bnik", d, s)
+            elif g in ("id", "exp"):
+                base = self.lm_id_base if g == "id" else self.lm_exp_base
+                out[g] = torch.einsum("bij,njk->bnik", rot, base.reshape(n, 3, -1))
+            else:
+                raise ValueError(f"No landmark Jacobian for group '{g}'")
+        return out
 
     def forward(self, coeffs: Coeffs, albedo: Optional[torch.Tensor] = None) -> FaceOutput:
         """Full forward model of SPEC §3.

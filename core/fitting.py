@@ -1,0 +1,316 @@
+"""The fitting engine: rigid then non-rigid stages (SPEC §4), batched over frames.
+
+Stages, each a method of :class:`Fitter`:
+
+* ``rigid``: pose (angles, trans) from the landmarks only, on the L landmark vertices
+  (no rendering). Adam as in the original, or Levenberg-Marquardt (``rigid_solver="lm"``).
+* ``landmark_init``: optional LM on pose + identity + expression against the landmarks
+  with the regularisers, a cheap starting point for the photometric stage.
+* ``photometric``: Adam on every optimised group with the full loss of SPEC §4,
+  rendering each iteration.
+
+Identity and albedo can be shared by all B frames (video shape estimation) or held
+fixed (per-frame video fitting); the pose can be pulled towards a reference pose.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from . import losses as L
+from .camera import Camera
+from .coeffs import Coeffs
+from .config import FitConfig
+from .geometry import sh_basis
+from .model import FaceModel
+
+log = logging.getLogger(__name__)
+
+POSE = ("angles", "trans")
+NONRIGID = ("id", "exp", "tex", "gamma", "angles", "trans")
+
+
+@dataclass
+class FitResult:
+    """Fitted coefficients (per-frame, shared groups expanded to B) and diagnostics."""
+
+    coeffs: Coeffs
+    losses: Dict[str, float]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PoseRef:
+    """Reference pose for the temporal regulariser: angles (B, 3), trans (B, 3)."""
+
+    angles: torch.Tensor
+    trans: torch.Tensor
+
+
+def expand(coeffs: Coeffs, batch: int) -> Coeffs:
+    """Broadcast groups stored with batch 1 (shared by all frames) to ``batch``."""
+    return Coeffs(**{k: (v.expand(batch, -1) if v.shape[0] == 1 and batch > 1 else v)
+                     for k, v in coeffs.as_dict().items()})
+
+
+class Fitter:
+    """Fits a :class:`FaceModel` to landmarks and images.
+
+    Args:
+        model: the face model (on the target device).
+        renderer: a :class:`core.render.MeshRenderer` (or anything with the same call).
+        camera: the pinhole camera; ``camera.image_size`` is the fitted crop size.
+        config: weights, learning rates and iteration counts.
+        progress: show tqdm progress bars.
+    """
+
+    def __init__(self, model: FaceModel, renderer, camera: Camera, config: FitConfig, progress: bool = True):
+        self.model = model
+        self.renderer = renderer
+        self.camera = camera
+        self.cfg = config
+        self.progress = progress
+        p = next(iter(model.buffers()))
+        self.device, self.dtype = p.device, p.dtype
+        self.lm_weights = L.landmark_weights(model.num_landmarks, dtype=self.dtype, device=self.device)
+
+    # -- helpers -------------------------------------------------------------------------
+    def zeros(self, batch: int) -> Coeffs:
+        return self.model.layout.zeros(batch, dtype=self.dtype, device=self.device)
+
+    def project_landmarks(self, coeffs: Coeffs) -> torch.Tensor:
+        """(B, L, 2) image points of the model's landmarks (fast path)."""
+        return self.camera.project_points(self.model.landmarks_3d(coeffs))
+
+    def render(self, coeffs: Coeffs, albedo: Optional[torch.Tensor] = None):
+        """Render (B, T, T, 4) RGBA of the model at ``coeffs`` and return it with the
+        model output."""
+        out = self.model(coeffs, albedo=albedo)
+        screen = self.camera.project(out.vertices)
+        size = self.camera.image_size
+        rgba = self.renderer(screen, self.model.tri, out.colors, (size, size))
+        return rgba, out
+
+    def loss_terms(self, coeffs: Coeffs, landmarks: torch.Tensor, images: Optional[torch.Tensor],
+                   pose_ref: Optional[PoseRef] = None, with_photo: bool = True) -> Dict[str, torch.Tensor]:
+        """Every loss term of SPEC §4 (unweighted) and the weighted ``total``.
+
+        Args:
+            coeffs: per-frame or shared (batch 1) groups.
+            landmarks: (B, L, 2) target image points.
+            images: (B, T, T, 3) 0..255 target crops, or None (landmark terms only).
+        """
+        cfg = self.cfg
+        batch = landmarks.shape[0]
+        c = expand(coeffs, batch)
+        terms: Dict[str, torch.Tensor] = {}
+        if with_photo and images is not None:
+            rgba, out = self.render(c)
+            mask = (rgba[..., 3] > 0).to(rgba.dtype)
+            terms["photo"] = L.photo_loss(rgba[..., :3], images, mask)
+            terms["reflectance"] = L.reflectance_loss(out.albedo, self.model.skinmask)
+            lms = self.camera.project_points(out.landmarks)
+        else:
+            lms = self.project_landmarks(c)
+        terms["lm"] = L.landmark_loss(lms, landmarks, self.lm_weights, self.camera.image_size)
+        terms["id_reg"] = L.l2(coeffs.id)
+        terms["exp_reg"] = L.l2(coeffs.exp)
+        terms["tex_reg"] = L.l2(coeffs.tex)
+        total = cfg.lm_loss_w * terms["lm"] + cfg.id_reg_w * terms["id_reg"] + cfg.exp_reg_w * terms["exp_reg"]
+        if "photo" in terms:
+            total = total + cfg.tex_reg_w * terms["tex_reg"] + cfg.tex_w * terms["reflectance"] + cfg.rgb_loss_w * terms["photo"]
+        if pose_ref is not None:
+            terms["rot_reg"] = L.l2(c.angles - pose_ref.angles)
+            terms["trans_reg"] = L.l2(c.trans - pose_ref.trans)
+            total = total + cfg.rot_reg_w * terms["rot_reg"] + cfg.trans_reg_w * terms["trans_reg"]
+        terms["total"] = total
+        return terms
+
+    # -- stages ------------------------------------------------------------------------
+    def rigid(self, coeffs: Coeffs, landmarks: torch.Tensor, iters: int,
+              pose_ref: Optional[PoseRef] = None) -> Coeffs:
+        """Fit angles and trans to the landmarks (the other groups held)."""
+        if iters <= 0:
+            return coeffs
+        if self.cfg.rigid_solver == "lm":
+            return self._lm(coeffs, landmarks, POSE, iters, pose_ref=pose_ref, desc="rigid (LM)")
+        return self._adam(coeffs, landmarks, None, POSE, iters, self.cfg.rf_lr, pose_ref, photo=False, desc="rigid")
+
+    def landmark_init(self, coeffs: Coeffs, landmarks: torch.Tensor, iters: int,
+                      groups: Sequence[str] = ("angles", "trans", "id", "exp"),
+                      pose_ref: Optional[PoseRef] = None) -> Coeffs:
+        """LM on pose, identity and expression against the landmarks plus regularisers."""
+        if iters <= 0:
+            return coeffs
+        return self._lm(coeffs, landmarks, tuple(groups), iters, pose_ref=pose_ref, desc="landmark init (LM)")
+
+    def photometric(self, coeffs: Coeffs, landmarks: torch.Tensor, images: torch.Tensor, iters: int,
+                    groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None) -> Coeffs:
+        """Adam on ``groups`` with the full loss, rendering every iteration."""
+        if iters <= 0:
+            return coeffs
+        if self.cfg.init_light:
+            coeffs = self.init_light(coeffs, images)
+        return self._adam(coeffs, landmarks, images, tuple(groups), iters, self.cfg.nrf_lr, pose_ref,
+                          photo=True, desc="non-rigid")
+
+    def fit(self, landmarks: torch.Tensor, images: Optional[torch.Tensor], init: Optional[Coeffs] = None,
+            rf_iters: Optional[int] = None, nrf_iters: Optional[int] = None,
+            nonrigid_groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None) -> FitResult:
+        """The whole single-image schedule: rigid, (landmark init), photometric.
+
+        Args:
+            landmarks: (B, L, 2) target points in crop pixels.
+            images: (B, T, T, 3) crops, 0..255 (None: landmark-only fit).
+            init: starting coefficients (default all zero, as in the original).
+        """
+        cfg = self.cfg
+        batch = landmarks.shape[0]
+        rf = cfg.first_rf_iters if rf_iters is None else rf_iters
+        nrf = cfg.first_nrf_iters if nrf_iters is None else nrf_iters
+        coeffs = self.zeros(batch) if init is None else init
+        t = {}
+        t0 = time.perf_counter()
+        coeffs = self.rigid(coeffs, landmarks, rf, pose_ref=pose_ref)
+        t["rigid_s"] = time.perf_counter() - t0
+        if cfg.lm_init_iters > 0 and nrf > 0:
+            t0 = time.perf_counter()
+            lm_groups = [g for g in ("angles", "trans", "id", "exp") if g in nonrigid_groups]
+            coeffs = self.landmark_init(coeffs, landmarks, cfg.lm_init_iters, groups=lm_groups, pose_ref=pose_ref)
+            t["landmark_init_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if images is not None:
+            coeffs = self.photometric(coeffs, landmarks, images, nrf, groups=nonrigid_groups, pose_ref=pose_ref)
+        t["nonrigid_s"] = time.perf_counter() - t0
+        with torch.no_grad():
+            terms = self.loss_terms(coeffs, landmarks, images, pose_ref=pose_ref)
+        return FitResult(coeffs=expand(coeffs, batch).detach(),
+                         losses={k: float(v) for k, v in terms.items()}, timings=t)
+
+    # -- light -------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_light(self, coeffs: Coeffs, images: torch.Tensor, ridge: float = 1e-2) -> Coeffs:
+        """Least-squares SH light from the image colours at the visible vertices.
+
+        The colour model is linear in gamma: I_c(v) = T_c(v) · Σ_k Y_k(v) g_ck, so for
+        fixed shape, albedo and pose each colour's 9 coefficients solve a small ridge
+        regression over the vertices that cover pixels.
+        """
+        batch = images.shape[0]
+        c = expand(coeffs, batch)
+        out = self.model(c)
+        screen = self.camera.project(out.vertices)
+        size = self.camera.image_size
+        frags = self.renderer.rasterize(screen, self.model.tri, (size, size))
+        gammas = []
+        for b in range(batch):
+            faces = frags.pix_to_face[b][frags.pix_to_face[b] >= 0].unique()
+            vis = torch.zeros(self.model.num_vertices, dtype=torch.bool, device=self.device)
+            vis[self.model.tri[faces].reshape(-1)] = True
+            vis &= self.model.skinmask > 0
+            if vis.sum() < 30:
+                gammas.append(c.gamma[b])
+                continue
+            cols = screen[b, vis, 0].floor().long().clamp(0, size - 1)
+            rows = screen[b, vis, 1].floor().long().clamp(0, size - 1)
+            target = images[b, rows, cols]  # (V, 3)
+            y = sh_basis(out.normals[b, vis])  # (V, 9)
+            g = torch.empty(3, 9, dtype=self.dtype, device=self.device)
+            for ch in range(3):
+                a = y * out.albedo[b, vis, ch:ch + 1]
+                lhs = a.T @ a + ridge * a.shape[0] * torch.eye(9, dtype=self.dtype, device=self.device)
+                g[ch] = torch.linalg.solve(lhs, a.T @ target[:, ch])
+            g[:, 0] -= 0.8
+            gammas.append(g.reshape(27))
+        gamma = torch.stack(gammas)
+        if coeffs.gamma.shape[0] == 1 and batch > 1:
+            gamma = gamma.mean(0, keepdim=True)
+        return coeffs.replace(gamma=gamma)
+
+    # -- optimisers ----------------------------------------------------------------------
+    def _adam(self, coeffs: Coeffs, landmarks, images, groups: Tuple[str, ...], iters: int, lr: float,
+              pose_ref: Optional[PoseRef], photo: bool, desc: str) -> Coeffs:
+        leaves = {g: getattr(coeffs, g).detach().clone().requires_grad_(True) for g in groups}
+        params = []
+        for g, t in leaves.items():
+            scale = self.cfg.gamma_lr_scale if g == "gamma" else 1.0
+            params.append({"params": [t], "lr": lr * scale})
+        opt = torch.optim.Adam(params, lr=lr)
+        fixed = {k: v.detach() for k, v in coeffs.as_dict().items() if k not in leaves}
+        for _ in tqdm(range(iters), desc=desc, disable=not self.progress, leave=False):
+            c = Coeffs(**fixed, **leaves)
+            terms = self.loss_terms(c, landmarks, images, pose_ref=pose_ref, with_photo=photo)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            opt.step()
+        return Coeffs(**fixed, **{k: v.detach() for k, v in leaves.items()})
+
+    def _lm(self, coeffs: Coeffs, landmarks: torch.Tensor, groups: Tuple[str, ...], iters: int,
+            pose_ref: Optional[PoseRef], desc: str) -> Coeffs:
+        """Levenberg-Marquardt on the per-frame landmark residuals (+ regularisers), with
+        the analytic Jacobian of the landmark projection.
+
+        Every frame is solved independently (its own damping); groups shared across frames
+        (batch 1) are solved per frame and re-shared as the mean afterwards.
+        """
+        batch = landmarks.shape[0]
+        cfg = self.cfg
+        c = expand(coeffs, batch)
+        sizes = [getattr(c, g).shape[1] for g in groups]
+        # Residual weights: landmark rows, then a diagonal prior per regularised group.
+        w = (torch.sqrt(cfg.lm_loss_w * self.lm_weights) / self.camera.image_size)[None, :, None]
+        prior_w, prior_mu = [], []
+        for g, n in zip(groups, sizes):
+            wg, mu = 0.0, torch.zeros(batch, n, dtype=self.dtype, device=self.device)
+            if g == "id":
+                wg = cfg.id_reg_w
+            elif g == "exp":
+                wg = cfg.exp_reg_w
+            elif pose_ref is not None and g in POSE:
+                wg = cfg.rot_reg_w if g == "angles" else cfg.trans_reg_w
+                mu = pose_ref.angles if g == "angles" else pose_ref.trans
+            prior_w.append(torch.full((n,), wg, dtype=self.dtype, device=self.device))
+            prior_mu.append(mu.expand(batch, n))
+        prior_w, prior_mu = torch.cat(prior_w), torch.cat(prior_mu, dim=1)
+
+        def unpack(x):
+            return c.replace(**dict(zip(groups, torch.split(x, sizes, dim=1))))
+
+        def residual_cost(x):
+            pts = self.project_landmarks(unpack(x))
+            r = ((pts - landmarks) * w).reshape(batch, -1)
+            return (r ** 2).sum(1) + ((x - prior_mu) ** 2 * prior_w).sum(1), r
+
+        x = torch.cat([getattr(c, g) for g in groups], dim=1).detach()
+        lam = torch.full((batch,), 1e-3, dtype=self.dtype, device=self.device)
+        eye = torch.eye(x.shape[1], dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            cost, r = residual_cost(x)
+            for _ in tqdm(range(iters), desc=desc, disable=not self.progress, leave=False):
+                jac = self.model.landmarks_3d_jacobian(unpack(x), groups)
+                dproj = self.camera.project_points_jacobian(jac["value"])  # (B, L, 2, 3)
+                J = torch.cat([torch.einsum("blij,bljk->blik", dproj, jac[g]) for g in groups], dim=-1)
+                J = (J * w[..., None]).reshape(batch, -1, x.shape[1])  # (B, 2L, P)
+                jtj = J.transpose(1, 2) @ J + torch.diag_embed(prior_w.expand(batch, -1))
+                grad = (J.transpose(1, 2) @ r[..., None])[..., 0] + prior_w * (x - prior_mu)
+                damp = lam[:, None, None] * (torch.diagonal(jtj, dim1=1, dim2=2)[:, :, None] * eye + 1e-9 * eye)
+                x_new = x + torch.linalg.solve(jtj + damp, -grad[..., None])[..., 0]
+                cost_new, r_new = residual_cost(x_new)
+                better = cost_new < cost
+                x = torch.where(better[:, None], x_new, x)
+                r = torch.where(better[:, None], r_new, r)
+                cost = torch.where(better, cost_new, cost)
+                lam = torch.where(better, lam * 0.3, lam * 10.0).clamp(1e-9, 1e9)
+        parts = dict(zip(groups, torch.split(x, sizes, dim=1)))
+        out = {}
+        for g, v in coeffs.as_dict().items():
+            if g in parts:
+                out[g] = parts[g].mean(0, keepdim=True) if v.shape[0] == 1 and batch > 1 else parts[g]
+            else:
+                out[g] = v
+        return Coeffs(**out)

@@ -1,0 +1,94 @@
+"""Writing fit results: coefficients, mesh, composed image and info, each atomically.
+
+:func:`write_outputs` writes every file of one photo under temporary names first and
+renames them only when all were written, so a failure leaves no output that looks
+complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Dict, Mapping
+
+import numpy as np
+
+from .image_io import write_image
+
+
+def format_obj(vertices: np.ndarray, triangles: np.ndarray, colors: np.ndarray | None = None) -> str:
+    """OBJ text: ``v x y z [r g b]`` per vertex (colours 0..1) and 1-based ``f a b c``.
+
+    vertices: (N, 3); triangles: (F, 3) 0-based; colors: (N, 3) in 0..255 or None.
+    """
+    v = np.asarray(vertices, dtype=np.float64)
+    if colors is not None:
+        c = np.clip(np.asarray(colors, dtype=np.float64) / 255.0, 0.0, 1.0)
+        vt = np.concatenate([v, c], axis=1)
+        vlines = "\n".join("v %.6f %.6f %.6f %.4f %.4f %.4f" % tuple(r) for r in vt)
+    else:
+        vlines = "\n".join("v %.6f %.6f %.6f" % tuple(r) for r in v)
+    flines = "\n".join("f %d %d %d" % tuple(r) for r in (np.asarray(triangles, dtype=np.int64) + 1))
+    return vlines + "\n" + flines + "\n"
+
+
+def _to_json(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_outputs(folder: str, files: Mapping[str, object]) -> Dict[str, str]:
+    """Write several files atomically as a group.
+
+    Args:
+        folder: output folder (created if missing).
+        files: file name -> content: ``np.ndarray`` for ``.npy``; (H, W, 3) uint8 image for
+            ``.jpg``/``.png``; ``str`` for text (``.obj``); ``dict`` for ``.json``; a dict of
+            arrays for ``.npz``.
+    Returns:
+        file name -> final path.
+    """
+    os.makedirs(folder, exist_ok=True)
+    stack = contextlib.ExitStack()
+    paths = {}
+    with stack:
+        tmps = {}
+        for name, content in files.items():
+            path = os.path.join(folder, name)
+            tmp = stack.enter_context(_deferred(path))
+            ext = os.path.splitext(name)[1].lower()
+            if ext == ".npy":
+                with open(tmp, "wb") as f:
+                    np.save(f, np.asarray(content))
+            elif ext == ".npz":
+                with open(tmp, "wb") as f:
+                    np.savez(f, **content)
+            elif ext in (".jpg", ".jpeg", ".png"):
+                write_image(tmp, content)
+            elif ext == ".json":
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(content, f, indent=2, default=_to_json)
+            else:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(content)
+            tmps[path] = tmp
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+            paths[os.path.basename(path)] = path
+    return paths
+
+
+@contextlib.contextmanager
+def _deferred(path: str):
+    """A temporary name beside ``path`` (same extension), removed if not renamed."""
+    folder, base = os.path.split(os.path.abspath(path))
+    ext = os.path.splitext(base)[1]
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp{ext}")
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)

@@ -1,0 +1,55 @@
+"""Building the fitting components once from user options: model, camera, renderer,
+detector and fitter (shared by the photo and video pipelines)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .camera import Camera
+from .config import FitConfig
+from .device import resolve_device
+from .errors import UserError
+from .fitting import Fitter
+from .model import FaceModel
+from .model_io import DEFAULT_MODEL_PATH, load_bfm09
+from .render import MeshRenderer
+
+log = logging.getLogger(__name__)
+
+MODELS = ("bfm09",)
+
+
+def load_model(recon_model: str = "bfm09", model_path: Optional[str] = None) -> FaceModel:
+    """The face model named ``recon_model`` from ``model_path`` (UserError if unusable)."""
+    if recon_model == "bfm09":
+        return load_bfm09(model_path or DEFAULT_MODEL_PATH)
+    raise UserError(f"unknown --recon_model '{recon_model}'; choose from {', '.join(MODELS)}")
+
+
+@dataclass
+class Session:
+    """Everything a fit needs, on one device."""
+
+    model: FaceModel
+    camera: Camera
+    renderer: MeshRenderer
+    fitter: Fitter
+    device: torch.device
+
+    @classmethod
+    def create(cls, model: FaceModel, config: FitConfig, tar_size: int = 256, device: str = "auto",
+               gpu: Optional[int] = None, renderer: str = "auto", progress: bool = True) -> "Session":
+        dev = resolve_device(device, gpu)
+        if tar_size < 32 or tar_size > 4096:
+            raise UserError(f"--tar_size must be between 32 and 4096; got {tar_size}")
+        model = model.to(dev)
+        camera = Camera(image_size=tar_size)
+        try:
+            rend = MeshRenderer(backend=renderer)
+        except (ValueError, ImportError) as e:
+            raise UserError(f"renderer '{renderer}' unavailable: {e}") from None
+        fitter = Fitter(model, rend, camera, config, progress=progress)
+        return cls(model=model, camera=camera, renderer=rend, fitter=fitter, device=dev)
