@@ -121,9 +121,19 @@ class Fitter:
         terms["id_reg"] = L.l2(coeffs.id)
         terms["exp_reg"] = L.l2(coeffs.exp)
         terms["tex_reg"] = L.l2(coeffs.tex)
-        total = cfg.lm_loss_w * terms["lm"] + cfg.id_reg_w * terms["id_reg"] + cfg.exp_reg_w * terms["exp_reg"]
+        # Data terms are means over the batch and regularisers sums (SPEC §4). When every
+        # group is per-frame the frames are independent problems: scale the data terms by
+        # B so the total is the sum of the per-frame totals and a frame's fit does not
+        # depend on what it is batched with. With shared groups (video shape fit) keep
+        # the original's mean-data + summed-prior balance.
+        shared = any(v.shape[0] == 1 for v in coeffs.as_dict().values()) and batch > 1
+        scale = 1.0 if shared else float(batch)
+        data = cfg.lm_loss_w * terms["lm"]
         if "photo" in terms:
-            total = total + cfg.tex_reg_w * terms["tex_reg"] + cfg.tex_w * terms["reflectance"] + cfg.rgb_loss_w * terms["photo"]
+            data = data + cfg.tex_w * terms["reflectance"] + cfg.rgb_loss_w * terms["photo"]
+        total = scale * data + cfg.id_reg_w * terms["id_reg"] + cfg.exp_reg_w * terms["exp_reg"]
+        if "photo" in terms:
+            total = total + cfg.tex_reg_w * terms["tex_reg"]
         if pose_ref is not None:
             terms["rot_reg"] = L.l2(c.angles - pose_ref.angles)
             terms["trans_reg"] = L.l2(c.trans - pose_ref.trans)

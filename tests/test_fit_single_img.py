@@ -1,0 +1,160 @@
+"""fit_single_img.py end to end: real photos with dlib, outputs checked independently with
+SPEC's formulas, and every bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io as sio
+
+import fit_single_img
+from core.cli import run_main
+from tests.helpers import REPO, shared_path, synthetic_arrays
+
+FAST = ["--lm_detector", "dlib", "--quiet", "--first_nrf_iters", "20"]
+
+
+@pytest.fixture(scope="module")
+def synth_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "synthetic.mat"
+    sio.savemat(path, synthetic_arrays(1500))
+    return str(path)
+
+
+def spec_landmarks(model_file: str, coeffs: np.ndarray, bbox, tar_size: int) -> np.ndarray:
+    """Landmarks in photo pixels from saved coefficients, written from SPEC §1-3 alone."""
+    m = sio.loadmat(model_file)
+    kp = m["keypoints"].reshape(-1).astype(int) - 1
+    n = m["meanshape"].size // 3
+    idc, exc, ang, tr = coeffs[:80], coeffs[80:144], coeffs[224:227], coeffs[254:257]
+    s = m["meanshape"].reshape(-1) + m["idBase"] @ idc + m["exBase"] @ exc
+    s = s.reshape(n, 3) - m["meanshape"].reshape(n, 3).mean(0)
+    cx, cy, cz = np.cos(ang)
+    sx, sy, sz = np.sin(ang)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    v = s[kp] @ (rz @ ry @ rx).T + tr
+    zc = 10 - v[:, 2]
+    u = 1015 * v[:, 0] / zc + tar_size / 2
+    row = tar_size - (1015 * v[:, 1] / zc + tar_size / 2)
+    side = bbox[2] - bbox[0]
+    return np.stack([bbox[0] + u * side / tar_size, bbox[1] + row * side / tar_size], 1)
+
+
+def nme(pred, ref):
+    iod = np.linalg.norm(ref[36:42].mean(0) - ref[42:48].mean(0))
+    inner = np.r_[8, 17:68]
+    return np.linalg.norm(pred[inner] - ref[inner], axis=1).mean() / iod
+
+
+def check_outputs(folder, name, model_file, max_nme):
+    files = sorted(os.listdir(folder))
+    assert files == sorted(f"{name}_{s}" for s in ("coeffs.npy", "mesh.obj", "composed_img.jpg", "info.json"))
+    coeffs = np.load(os.path.join(folder, f"{name}_coeffs.npy"))
+    assert coeffs.shape == (257,) and coeffs.dtype == np.float32
+    info = json.load(open(os.path.join(folder, f"{name}_info.json")))
+    bbox, size = info["bbox"], info["tar_size"]
+    assert bbox[2] - bbox[0] == bbox[3] - bbox[1] and size == 256
+    detected = np.array(info["landmarks_detected"])
+    ours = spec_landmarks(model_file, coeffs.astype(np.float64), bbox, size)
+    assert np.allclose(ours, np.array(info["landmarks_model"]), atol=0.05)
+    err = nme(ours, detected)
+    assert err < max_nme, err
+    # The mesh holds the posed vertices whose keypoints are those landmarks.
+    verts = np.array([l.split()[1:4] for l in open(os.path.join(folder, f"{name}_mesh.obj")) if l.startswith("v ")], float)
+    m = sio.loadmat(model_file)
+    assert verts.shape[0] == m["meanshape"].size // 3
+    kp = verts[m["keypoints"].reshape(-1).astype(int) - 1]
+    side = bbox[2] - bbox[0]
+    u = 1015 * kp[:, 0] / (10 - kp[:, 2]) + size / 2
+    assert np.allclose(bbox[0] + u * side / size, ours[:, 0], atol=0.05)
+    for k in ("lm", "photo", "total"):
+        assert np.isfinite(info["losses"][k])
+    assert info["detector"] == "dlib" and info["renderer"] in ("builtin", "pytorch3d")
+    return err
+
+
+def test_cli_real_photo_end_to_end(tmp_path, synth_model):
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "fit_single_img.py", "--img_path", "data/grace_hopper.jpg",
+                           "--res_folder", str(out), "--model_path", synth_model, *FAST],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    check_outputs(out, "grace_hopper", synth_model, max_nme=0.12)
+
+
+def test_real_shape_model_on_real_photos(tmp_path):
+    """The public Surrey Face Model written in the BFM09 layout, on shared CelebA photos."""
+    pytest.importorskip("eos")
+    from core.sfm import sfm_to_bfm09_arrays
+    model_file = str(tmp_path / "sfm09.mat")
+    sio.savemat(model_file, sfm_to_bfm09_arrays(str(shared_path("sfm"))))
+    photos = [str(shared_path("data", f)) for f in ("000002.jpg", "000006.jpg")]
+    out = tmp_path / "res"
+    rc = run_main(fit_single_img.main, ["--img_path", *photos, "--res_folder", str(out), "--model_path", model_file,
+                                        "--lm_detector", "dlib", "--quiet"])
+    assert rc == 0
+    for p in photos:
+        name = os.path.splitext(os.path.basename(p))[0]
+        sub = tmp_path / name
+        sub.mkdir()
+        for f in os.listdir(out):
+            if f.startswith(name + "_"):
+                os.rename(out / f, sub / f)
+        check_outputs(sub, name, model_file, max_nme=0.08)
+
+
+def _run_bad(args, capsys):
+    rc = run_main(fit_single_img.main, args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder_without_images", "empty", "text", "truncated"])
+def test_bad_images_give_one_line(kind, tmp_path, synth_model, capsys):
+    bad = tmp_path / "in"
+    bad.mkdir()
+    target = {"missing": bad / "nope.jpg", "folder_without_images": bad, "empty": bad / "e.jpg",
+              "text": bad / "t.jpg", "truncated": bad / "c.jpg"}[kind]
+    if kind == "empty":
+        target.write_bytes(b"")
+    elif kind == "text":
+        target.write_text("hello, not an image")
+    elif kind == "truncated":
+        target.write_bytes((REPO / "data" / "grace_hopper.jpg").read_bytes()[:3000])
+    out = tmp_path / "res"
+    rc, err = _run_bad(["--img_path", str(target), "--res_folder", str(out), "--model_path", synth_model, *FAST], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_no_face_and_bad_models(tmp_path, synth_model, capsys):
+    import cv2
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((200, 200, 3), 128, np.uint8))
+    out = tmp_path / "res"
+    rc, err = _run_bad(["--img_path", str(blank), "--res_folder", str(out), "--model_path", synth_model, *FAST], capsys)
+    assert rc == 2 and len(err) == 1 and "no face" in err[0]
+    photo = str(REPO / "data" / "grace_hopper.jpg")
+    rc, err = _run_bad(["--img_path", photo, "--res_folder", str(out), "--model_path", str(tmp_path / "none.mat"), *FAST], capsys)
+    assert rc == 2 and len(err) == 1 and "convert_bfm09_data.py" in err[0]
+    broken = tmp_path / "broken.mat"
+    sio.savemat(broken, {k: v for k, v in synthetic_arrays(1500).items() if k != "keypoints"})
+    rc, err = _run_bad(["--img_path", photo, "--res_folder", str(out), "--model_path", str(broken), *FAST], capsys)
+    assert rc == 2 and len(err) == 1 and "keypoints" in err[0]
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_several_photos_one_without_face(tmp_path, synth_model, capsys):
+    import cv2
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((200, 200, 3), 128, np.uint8))
+    out = tmp_path / "res"
+    rc = run_main(fit_single_img.main, ["--img_path", str(REPO / "data" / "grace_hopper.jpg"), str(blank),
+                                        "--res_folder", str(out), "--model_path", synth_model, *FAST])
+    assert rc == 1
+    assert "blank" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == sorted(f"grace_hopper_{s}" for s in ("coeffs.npy", "mesh.obj", "composed_img.jpg", "info.json"))

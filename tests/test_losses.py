@@ -1,0 +1,46 @@
+import torch
+
+from core import losses as L
+
+
+def test_landmark_weights():
+    w = L.landmark_weights()
+    assert abs(w.sum().item() - 1) < 1e-6
+    heavy = [28, 29, 30] + list(range(48, 68))
+    total = 68 - len(heavy) + 10 * len(heavy)
+    assert torch.allclose(w[heavy], torch.full((23,), 10.0 / total))
+    assert torch.allclose(w[0], torch.tensor(1.0 / total))
+    assert w[27] == w[0] and w[31] == w[0] and w[47] == w[0]
+
+
+def test_landmark_loss_by_hand():
+    w = torch.tensor([0.25, 0.75])
+    p = torch.tensor([[[10.0, 0], [0, 0]], [[0, 0], [0, 20]]])
+    q = torch.zeros(2, 2, 2)
+    # frame 0: 0.25 * (10/100)^2; frame 1: 0.75 * (20/100)^2; mean of the two.
+    expect = (0.25 * 0.01 + 0.75 * 0.04) / 2
+    assert abs(L.landmark_loss(p, q, w, 100).item() - expect) < 1e-6 * expect
+
+
+def test_photo_loss_by_hand_and_gradient_at_zero():
+    r = torch.zeros(1, 2, 2, 3, requires_grad=True)
+    img = torch.zeros(1, 2, 2, 3)
+    img[0, 0, 0] = torch.tensor([3.0, 4.0, 0.0])   # distance 5
+    img[0, 1, 1] = torch.tensor([255.0, 0, 0])      # outside the mask
+    mask = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    loss = L.photo_loss(r, img, mask)
+    assert abs(loss.item() - (5.0 / 255) / 2) < 1e-7
+    loss.backward()
+    assert torch.isfinite(r.grad).all() and r.grad[0, 0, 1].abs().sum() == 0
+
+
+def test_reflectance_loss_by_hand():
+    albedo = torch.tensor([[[10.0, 0, 0], [30.0, 0, 0], [1000.0, 0, 0]]])
+    skin = torch.tensor([1.0, 1.0, 0.0])
+    # mean over skin = 20; deviations ±10 on two skin vertices.
+    expect = 2 * (10.0 / 255) ** 2 / (1 * 2)
+    assert abs(L.reflectance_loss(albedo, skin).item() - expect) < 1e-9
+
+
+def test_l2():
+    assert L.l2(torch.tensor([[1.0, 2.0], [3.0, 0.0]])).item() == 14.0
