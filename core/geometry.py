@@ -73,12 +73,13 @@ def vertex_normals(vertices: torch.Tensor, tri: torch.Tensor, point_buf: torch.T
         (B, N, 3) normals: the normalised sum over point_buf of the per-triangle
         (v1 − v2) × (v2 − v3), not area weighted beyond the cross product itself.
     """
-    v1 = vertices[:, tri[:, 0]]
-    v2 = vertices[:, tri[:, 1]]
-    v3 = vertices[:, tri[:, 2]]
+    b, nf = vertices.shape[0], tri.shape[0]
+    # index_select (backward: index_add) is much faster on CPU than advanced indexing.
+    corners = vertices.index_select(1, tri.reshape(-1)).view(b, nf, 3, 3)
+    v1, v2, v3 = corners.unbind(2)
     face_n = torch.cross(v1 - v2, v2 - v3, dim=-1)
-    face_n = torch.cat([face_n, face_n.new_zeros(face_n.shape[0], 1, 3)], dim=1)
-    vn = face_n[:, point_buf].sum(dim=2)
+    face_n = torch.cat([face_n, face_n.new_zeros(b, 1, 3)], dim=1)
+    vn = face_n.index_select(1, point_buf.reshape(-1)).view(b, point_buf.shape[0], point_buf.shape[1], 3).sum(dim=2)
     return F.normalize(vn, dim=-1, eps=1e-12)
 
 
