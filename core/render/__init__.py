@@ -1,0 +1,13 @@
+"""Differentiable mesh rendering on screen-space vertices (SPEC §3).
+
+Primitives (pure PyTorch, no cameras or lights inside):
+    rasterize(verts_screen, faces, image_size) -> Fragments (pix_to_face, zbuf)
+    barycentrics(verts_screen, faces, pix_to_face) -> (B, H, W, 3)
+    interpolate(attrs, verts_screen, faces, pix_to_face) -> (B, H, W, C)
+and a thin module, MeshRenderer, that composes them into an RGBA image; it can use
+pytorch3d's rasterizer instead where pytorch3d is installed.
+"""
+from .rasterize import Fragments, barycentrics, interpolate, rasterize
+from .renderer import MeshRenderer
+
+__all__ = ["Fragments", "rasterize", "barycentrics", "interpolate", "MeshRenderer"]
