@@ -42,6 +42,7 @@ class FitResult:
     coeffs: Coeffs
     losses: Dict[str, float]
     timings: Dict[str, float] = field(default_factory=dict)
+    keypoints: Optional[torch.Tensor] = None  # (B, L) landmark vertex ids used at the end
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,19 @@ class Fitter:
     def zeros(self, batch: int) -> Coeffs:
         return self.model.layout.zeros(batch, dtype=self.dtype, device=self.device)
 
-    def project_landmarks(self, coeffs: Coeffs) -> torch.Tensor:
-        """(B, L, 2) image points of the model's landmarks (fast path)."""
-        return self.camera.project_points(self.model.landmarks_3d(coeffs))
+    def project_landmarks(self, coeffs: Coeffs, keypoints: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L, 2) image points of the model's landmarks (fast path); ``keypoints``
+        (B, L) optionally overrides the landmark vertex ids per frame."""
+        return self.camera.project_points(self.model.landmarks_3d(coeffs, keypoints))
+
+    @torch.no_grad()
+    def select_keypoints(self, coeffs: Coeffs, landmarks: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-frame landmark vertex ids (B, L) with the contour landmarks moved to the
+        silhouette (models with a contour definition), or None (fixed keypoints)."""
+        if not self.model.has_contour:
+            return None
+        c = expand(coeffs, landmarks.shape[0])
+        return self.model.contour_keypoints(c, self.camera.project_points, landmarks)
 
     def render(self, coeffs: Coeffs, albedo: Optional[torch.Tensor] = None):
         """Render (B, T, T, 4) RGBA of the model at ``coeffs`` and return it with the
@@ -97,13 +108,15 @@ class Fitter:
         return rgba, out
 
     def loss_terms(self, coeffs: Coeffs, landmarks: torch.Tensor, images: Optional[torch.Tensor],
-                   pose_ref: Optional[PoseRef] = None, with_photo: bool = True) -> Dict[str, torch.Tensor]:
+                   pose_ref: Optional[PoseRef] = None, with_photo: bool = True,
+                   keypoints: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Every loss term of SPEC §4 (unweighted) and the weighted ``total``.
 
         Args:
             coeffs: per-frame or shared (batch 1) groups.
             landmarks: (B, L, 2) target image points.
             images: (B, T, T, 3) 0..255 target crops, or None (landmark terms only).
+            keypoints: optional (B, L) per-frame landmark vertex ids.
         """
         cfg = self.cfg
         batch = landmarks.shape[0]
@@ -114,9 +127,11 @@ class Fitter:
             mask = (rgba[..., 3] > 0).to(rgba.dtype)
             terms["photo"] = L.photo_loss(rgba[..., :3], images, mask)
             terms["reflectance"] = L.reflectance_loss(out.albedo, self.model.skinmask)
-            lms = self.camera.project_points(out.landmarks)
+            verts = out.landmarks if keypoints is None else \
+                out.vertices.gather(1, keypoints[..., None].expand(-1, -1, 3))
+            lms = self.camera.project_points(verts)
         else:
-            lms = self.project_landmarks(c)
+            lms = self.project_landmarks(c, keypoints)
         terms["lm"] = L.landmark_loss(lms, landmarks, self.lm_weights, self.camera.image_size)
         terms["id_reg"] = L.l2(coeffs.id)
         terms["exp_reg"] = L.l2(coeffs.exp)
@@ -197,10 +212,13 @@ class Fitter:
         if images is not None:
             coeffs = self.photometric(coeffs, landmarks, images, nrf, groups=nonrigid_groups, pose_ref=pose_ref)
         t["nonrigid_s"] = time.perf_counter() - t0
+        kp = self.select_keypoints(coeffs, landmarks)
         with torch.no_grad():
-            terms = self.loss_terms(coeffs, landmarks, images, pose_ref=pose_ref)
+            terms = self.loss_terms(coeffs, landmarks, images, pose_ref=pose_ref, keypoints=kp)
+        if kp is None:
+            kp = self.model.keypoints.expand(batch, -1)
         return FitResult(coeffs=expand(coeffs, batch).detach(),
-                         losses={k: float(v) for k, v in terms.items()}, timings=t)
+                         losses={k: float(v) for k, v in terms.items()}, timings=t, keypoints=kp)
 
     # -- light -------------------------------------------------------------------------
     @torch.no_grad()
@@ -254,7 +272,8 @@ class Fitter:
         fixed = {k: v.detach() for k, v in coeffs.as_dict().items() if k not in leaves}
         for _ in tqdm(range(iters), desc=desc, disable=not self.progress, leave=False):
             c = Coeffs(**fixed, **leaves)
-            terms = self.loss_terms(c, landmarks, images, pose_ref=pose_ref, with_photo=photo)
+            kp = self.select_keypoints(c, landmarks)
+            terms = self.loss_terms(c, landmarks, images, pose_ref=pose_ref, with_photo=photo, keypoints=kp)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
@@ -291,8 +310,8 @@ class Fitter:
         def unpack(x):
             return c.replace(**dict(zip(groups, torch.split(x, sizes, dim=1))))
 
-        def residual_cost(x):
-            pts = self.project_landmarks(unpack(x))
+        def residual_cost(x, kp):
+            pts = self.project_landmarks(unpack(x), kp)
             r = ((pts - landmarks) * w).reshape(batch, -1)
             return (r ** 2).sum(1) + ((x - prior_mu) ** 2 * prior_w).sum(1), r
 
@@ -300,9 +319,13 @@ class Fitter:
         lam = torch.full((batch,), 1e-3, dtype=self.dtype, device=self.device)
         eye = torch.eye(x.shape[1], dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            cost, r = residual_cost(x)
+            kp = self.select_keypoints(unpack(x), landmarks)
+            cost, r = residual_cost(x, kp)
             for _ in tqdm(range(iters), desc=desc, disable=not self.progress, leave=False):
-                jac = self.model.landmarks_3d_jacobian(unpack(x), groups)
+                if self.model.has_contour:  # the silhouette correspondence moves with the pose
+                    kp = self.select_keypoints(unpack(x), landmarks)
+                    cost, r = residual_cost(x, kp)
+                jac = self.model.landmarks_3d_jacobian(unpack(x), groups, kp)
                 dproj = self.camera.project_points_jacobian(jac["value"])  # (B, L, 2, 3)
                 J = torch.cat([torch.einsum("blij,bljk->blik", dproj, jac[g]) for g in groups], dim=-1)
                 J = (J * w[..., None]).reshape(batch, -1, x.shape[1])  # (B, 2L, P)
@@ -310,7 +333,7 @@ class Fitter:
                 grad = (J.transpose(1, 2) @ r[..., None])[..., 0] + prior_w * (x - prior_mu)
                 damp = lam[:, None, None] * (torch.diagonal(jtj, dim1=1, dim2=2)[:, :, None] * eye + 1e-9 * eye)
                 x_new = x + torch.linalg.solve(jtj + damp, -grad[..., None])[..., 0]
-                cost_new, r_new = residual_cost(x_new)
+                cost_new, r_new = residual_cost(x_new, kp)
                 better = cost_new < cost
                 x = torch.where(better[:, None], x_new, x)
                 r = torch.where(better[:, None], r_new, r)

@@ -53,10 +53,15 @@ class FaceModel(nn.Module):
         keypoints: (L,) long landmark vertex ids.
         skinmask: (N,) float, 1 on skin vertices (albedo-smoothness loss).
         name: a label for logs and outputs.
+        contour: optional dynamic contour definition, ``(landmark_ids (C,), candidates
+            (C, K))``: landmark ``landmark_ids[c]`` (an index into the L landmarks, e.g. the
+            jaw line) may sit on any of the vertices ``candidates[c]``; the fitter picks,
+            per frame, the candidate whose projection is nearest the detected point, so
+            the jaw landmarks follow the silhouette as the head turns.
     """
 
     def __init__(self, meanshape, id_base, exp_base, meantex, tex_base, tri, point_buf,
-                 keypoints, skinmask=None, name: str = "bfm09"):
+                 keypoints, skinmask=None, name: str = "bfm09", contour=None):
         super().__init__()
         f32 = dict(dtype=torch.float32)
         meanshape = torch.as_tensor(meanshape, **f32).reshape(-1)
@@ -107,6 +112,17 @@ class FaceModel(nn.Module):
         self.register_buffer("lm_mean", self.meanshape[rows].clone())
         self.register_buffer("lm_id_base", id_base[rows].clone())
         self.register_buffer("lm_exp_base", exp_base[rows].clone())
+        if contour is None:
+            c_lm, c_cand = torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long)
+        else:
+            c_lm = torch.as_tensor(contour[0], dtype=torch.long).reshape(-1)
+            c_cand = torch.as_tensor(contour[1], dtype=torch.long)
+            if c_cand.ndim != 2 or c_cand.shape[0] != c_lm.numel() or c_cand.min() < 0 or c_cand.max() >= n \
+                    or c_lm.min() < 0 or c_lm.max() >= keypoints.numel():
+                raise ValueError(f"Expected contour (landmark ids (C,), candidates (C, K) < {n}); "
+                                 f"got {tuple(c_lm.shape)}, {tuple(c_cand.shape)}")
+        self.register_buffer("contour_landmarks", c_lm)
+        self.register_buffer("contour_candidates", c_cand)
 
     # -- sizes -------------------------------------------------------------------------
     @property
@@ -121,6 +137,10 @@ class FaceModel(nn.Module):
     def has_albedo_basis(self) -> bool:
         return self.tex_base.shape[1] > 0
 
+    @property
+    def has_contour(self) -> bool:
+        return self.contour_landmarks.numel() > 0
+
     # -- pieces --------------------------------------------------------------------------
     def shape(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor) -> torch.Tensor:
         """id (B, K_id), exp (B, K_exp) -> centred shape S (B, N, 3), decimetres."""
@@ -132,23 +152,38 @@ class FaceModel(nn.Module):
         t = self.meantex + tex_coeff @ self.tex_base.T
         return t.reshape(t.shape[0], -1, 3)
 
-    def landmarks_3d(self, coeffs: Coeffs) -> torch.Tensor:
-        """Posed landmark vertices (B, L, 3), computed from the L landmark rows only."""
-        s = self.lm_mean + coeffs.id @ self.lm_id_base.T + coeffs.exp @ self.lm_exp_base.T
+    def _landmark_rows(self, keypoints: Optional[torch.Tensor]):
+        """Mean (B|1, 3L) and bases (B|1, 3L, K) at the landmark vertices."""
+        if keypoints is None:
+            return self.lm_mean[None], self.lm_id_base[None], self.lm_exp_base[None]
+        rows = (3 * keypoints[..., None] + torch.arange(3, device=keypoints.device)).reshape(keypoints.shape[0], -1)
+        return self.meanshape[rows], self.id_base[rows], self.exp_base[rows]
+
+    def landmarks_3d(self, coeffs: Coeffs, keypoints: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Posed landmark vertices (B, L, 3), computed from the L landmark rows only.
+
+        keypoints: optional (B, L) per-frame vertex ids (default: the model's keypoints).
+        """
+        mean, idb, exb = self._landmark_rows(keypoints)
+        s = mean + torch.einsum("brk,bk->br", idb.expand(coeffs.id.shape[0], -1, -1), coeffs.id) \
+            + torch.einsum("brk,bk->br", exb.expand(coeffs.exp.shape[0], -1, -1), coeffs.exp)
         s = s.reshape(s.shape[0], -1, 3)
         return rigid_transform(s, euler_to_rotation(coeffs.angles), coeffs.trans)
 
-    def landmarks_3d_jacobian(self, coeffs: Coeffs, groups) -> "dict[str, torch.Tensor]":
+    def landmarks_3d_jacobian(self, coeffs: Coeffs, groups, keypoints: Optional[torch.Tensor] = None) -> "dict[str, torch.Tensor]":
         """Posed landmarks and their derivatives, for Gauss-Newton style solvers.
 
         Returns a dict with ``"value"``: (B, L, 3) as :meth:`landmarks_3d`, and for each
         group in ``groups`` (of "id", "exp", "angles", "trans") the Jacobian (B, L, 3, K).
         """
-        s = self.lm_mean + coeffs.id @ self.lm_id_base.T + coeffs.exp @ self.lm_exp_base.T
-        s = s.reshape(s.shape[0], -1, 3)
+        b = coeffs.angles.shape[0]
+        mean, idb, exb = self._landmark_rows(keypoints)
+        idb, exb = idb.expand(b, -1, -1), exb.expand(b, -1, -1)
+        s = mean + torch.einsum("brk,bk->br", idb, coeffs.id) + torch.einsum("brk,bk->br", exb, coeffs.exp)
+        s = s.reshape(b, -1, 3)
         rot = euler_to_rotation(coeffs.angles)
         out = {"value": rigid_transform(s, rot, coeffs.trans)}
-        b, n = s.shape[0], s.shape[1]
+        n = s.shape[1]
         for g in groups:
             if g == "trans":
                 out[g] = torch.eye(3, dtype=s.dtype, device=s.device).expand(b, n, 3, 3)
@@ -156,11 +191,32 @@ class FaceModel(nn.Module):
                 d = euler_rotation_jacobian(coeffs.angles)  # (B, 3, 3, 3)
                 out[g] = torch.einsum("bkij,bnj->bnik", d, s)
             elif g in ("id", "exp"):
-                base = self.lm_id_base if g == "id" else self.lm_exp_base
-                out[g] = torch.einsum("bij,njk->bnik", rot, base.reshape(n, 3, -1))
+                base = idb if g == "id" else exb
+                out[g] = torch.einsum("bij,bnjk->bnik", rot, base.reshape(b, n, 3, -1))
             else:
                 raise ValueError(f"No landmark Jacobian for group '{g}'")
         return out
+
+    def contour_keypoints(self, coeffs: Coeffs, project, targets: torch.Tensor) -> torch.Tensor:
+        """Per-frame keypoints (B, L): the model's, with each contour landmark moved to the
+        candidate vertex whose projection is nearest its target point.
+
+        Args:
+            coeffs: current coefficients (B frames).
+            project: callable mapping world points (B, K, 3) to image points (B, K, 2).
+            targets: (B, L, 2) detected landmarks in the same image coordinates.
+        """
+        b = targets.shape[0]
+        kp = self.keypoints.expand(b, -1).clone()
+        if not self.has_contour:
+            return kp
+        c, k = self.contour_candidates.shape
+        cand = self.contour_candidates.reshape(1, -1).expand(b, -1)
+        pts = project(self.landmarks_3d(coeffs, cand)).reshape(b, c, k, 2)
+        d = (pts - targets[:, self.contour_landmarks, None, :]).pow(2).sum(-1)
+        best = d.argmin(-1)  # (B, C)
+        kp[:, self.contour_landmarks] = self.contour_candidates.expand(b, -1, -1).gather(2, best[..., None])[..., 0]
+        return kp
 
     def forward(self, coeffs: Coeffs, albedo: Optional[torch.Tensor] = None) -> FaceOutput:
         """Full forward model of SPEC §3.

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .coeffs import BFM09_LAYOUT
 from .crop import crop_face, crop_to_photo, paste_back, photo_to_crop, square_box
 from .detect import pick_face
 from .errors import UserError
@@ -95,13 +96,18 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
     model, cam = session.model, session.camera
     c = result.coeffs
     one = type(c)(**{k: v[index:index + 1] for k, v in c.as_dict().items()})
+    dev, dt = session.device, session.fitter.dtype
+    kp = result.keypoints[index].to(dev)
     with torch.no_grad():
         rgba, out = session.fitter.render(one)
+        # This photo's own final losses (the batch's are means over its photos).
+        terms = session.fitter.loss_terms(
+            one, torch.as_tensor(photo.landmarks_crop[None], dtype=dt, device=dev),
+            torch.as_tensor(photo.crop[None], dtype=dt, device=dev), keypoints=kp[None])
     rgba = rgba[0].cpu().numpy()
     composed = paste_back(photo.image, np.clip(rgba[..., :3], 0, 255).astype(np.uint8),
                           rgba[..., 3], photo.box)
-    coeffs = model.layout.pack(one)[0].cpu().numpy().astype(np.float32)
-    model_lms_crop = cam.project_points(out.landmarks)[0].cpu().numpy()
+    model_lms_crop = cam.project_points(out.vertices[0, kp]).cpu().numpy()
     model_lms_photo = crop_to_photo(model_lms_crop, photo.box, cam.image_size)
     iod = float(np.linalg.norm(photo.landmarks_photo[36:42].mean(0) - photo.landmarks_photo[42:48].mean(0)))
     inner = np.r_[8, 17:68]
@@ -114,11 +120,12 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
         "camera": {"focal": cam.focal, "distance": cam.distance, "center": [cam.center, cam.center]},
         "recon_model": model.name,
         "coeff_layout": {k: [s.start, s.stop] for k, s in model.layout.slices().items()},
+        "landmark_vertex_ids": kp.cpu().numpy(),
         "landmarks_detected": photo.landmarks_photo.round(3),
         "landmarks_model": model_lms_photo.round(3),
         "landmark_nme_interocular": round(nme, 5),
         "faces_found": photo.num_faces,
-        "losses": {k: round(v, 6) for k, v in result.losses.items()},
+        "losses": {k: round(float(v), 6) for k, v in terms.items()},
         "timings_s": {"detect": round(photo.detect_s, 4), **{k: round(v, 4) for k, v in result.timings.items()}},
         "device": str(session.device),
         "renderer": session.renderer.backend,
@@ -126,8 +133,15 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
     info.update(info_extra or {})
     verts = out.vertices[0].cpu().numpy()
     colors = out.colors[0].cpu().numpy()
+    log.info("%s: landmark loss %.6f, photo loss %.4f, landmark NME %.2f%% of the inter-ocular distance",
+             photo.name, float(terms["lm"]), float(terms["photo"]), 100 * nme)
+    if model.layout == BFM09_LAYOUT:  # the original's 257-vector
+        coeff_file = {f"{photo.name}_coeffs.npy": model.layout.pack(one)[0].cpu().numpy().astype(np.float32)}
+    else:  # other models: named arrays, each with its own size
+        coeff_file = {f"{photo.name}_coeffs.npz": {k: v[0].cpu().numpy().astype(np.float32)
+                                                   for k, v in one.as_dict().items()}}
     return {
-        f"{photo.name}_coeffs.npy": coeffs,
+        **coeff_file,
         f"{photo.name}_mesh.obj": format_obj(verts, model.tri.cpu().numpy(), colors),
         f"{photo.name}_composed_img.jpg": composed,
         f"{photo.name}_info.json": info,
@@ -158,7 +172,5 @@ def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str
             extra["batch_size"] = len(chunk)
             files = photo_outputs(session, photo, result, i, extra)
             report.written[photo.name] = write_outputs(res_folder, files)
-            lo = result.losses
-            log.info("%s: fitted in %.2f s (landmark loss %.6f, photo loss %.4f) -> %s",
-                     photo.name, fit_s, lo["lm"], lo.get("photo", float("nan")), res_folder)
+            log.info("%s: fitted in %.2f s -> %s", photo.name, fit_s, res_folder)
     return report

@@ -19,14 +19,26 @@ from .render import MeshRenderer
 
 log = logging.getLogger(__name__)
 
-MODELS = ("bfm09",)
+def _load_sfm(path: Optional[str]) -> FaceModel:
+    from .sfm import load_sfm
+    return load_sfm(path)
+
+
+# Model registry: --recon_model name -> loader(model_path or None). Everything downstream
+# (fitting, rendering, losses, outputs) works on the FaceModel interface alone.
+MODELS = {
+    "bfm09": lambda path: load_bfm09(path or DEFAULT_MODEL_PATH),
+    "sfm": _load_sfm,
+}
 
 
 def load_model(recon_model: str = "bfm09", model_path: Optional[str] = None) -> FaceModel:
     """The face model named ``recon_model`` from ``model_path`` (UserError if unusable)."""
-    if recon_model == "bfm09":
-        return load_bfm09(model_path or DEFAULT_MODEL_PATH)
-    raise UserError(f"unknown --recon_model '{recon_model}'; choose from {', '.join(MODELS)}")
+    try:
+        loader = MODELS[recon_model]
+    except KeyError:
+        raise UserError(f"unknown --recon_model '{recon_model}'; choose from {', '.join(MODELS)}") from None
+    return loader(model_path)
 
 
 @dataclass

@@ -1,25 +1,36 @@
-"""The public Surrey Face Model (eos project) read into the converted BFM09 layout.
+"""The public Surrey Face Model (eos project): ``--recon_model sfm``.
 
 Files (from eos's ``share/`` folder; free for non-commercial use): ``sfm_shape_3448.bin``
 (mean and 63 rescaled PCA components, millimetres), ``expression_blendshapes_3448.bin``
 (6 blendshapes), ``ibug_to_sfm.txt`` (iBUG-68 -> vertex id, 1-based iBUG numbers) and
 ``sfm_model_contours.json`` (jaw-line vertices, right and left, temple to chin).
 
-Units become decimetres (mm / 100). The model has no albedo: a flat skin albedo with a
-zero basis. iBUG points without a vertex in the mapping take the jaw contour (points 1-8
+Units become decimetres (mm / 100), centred like every model (SPEC §3), so the one camera
+serves it. The model has no albedo: a flat skin albedo with an empty basis, whose colour
+the fitted SH light absorbs per channel. Its own coefficient layout: id 63 | exp 6 |
+tex 0 | angles 3 | gamma 27 | trans 3. The jaw landmarks are dynamic: each may sit on any
+vertex of its side's contour (``sfm_model_contours.json``), the one nearest the detected
+point, so they follow the silhouette as the head turns.
+
+:func:`sfm_to_bfm09_arrays` also writes it in the converted BFM09 file layout (bases padded
+to 80 / 64 / 80, fixed keypoints), for tools that expect that file. iBUG points without a vertex in the mapping take the jaw contour (points 1-8
 and 10-17: every second contour vertex from the temple down) and, for the inner mouth
 corners 61 and 65, the outer corners' vertices.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import urllib.request
 from typing import Dict
 
 import numpy as np
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 SFM_FILES = ("sfm_shape_3448.bin", "expression_blendshapes_3448.bin", "ibug_to_sfm.txt", "sfm_model_contours.json")
 SKIN_RGB = (200.0, 150.0, 130.0)
@@ -64,37 +75,118 @@ def ibug68_vertices(mapping: Dict[int, int], contours: dict) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def sfm_to_bfm09_arrays(folder: str, n_id: int = 80, n_exp: int = 64, n_tex: int = 80) -> Dict[str, np.ndarray]:
-    """The SFM in the converted BFM09 file layout (SPEC §1; 1-based indices), its bases
-    zero-padded to 80 / 64 / 80 columns."""
-    from .synthetic import _point_buf
+SFM_URL = "https://raw.githubusercontent.com/patrikhuber/eos/master/share/"
+LICENCE = ("The Surrey Face Model (sfm_shape_3448) is free for non-commercial use only; see "
+           "https://github.com/patrikhuber/eos and cvssp.org/facemodel")
+# iBUG jaw landmarks (0-based) whose vertex follows the silhouette, per contour side.
+RIGHT_JAW = tuple(range(0, 8))
+LEFT_JAW = tuple(range(9, 17))
 
+
+def default_sfm_folder() -> str:
+    """The user cache folder for the downloaded SFM files."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "3dmm-fitting", "sfm")
+
+
+def download_sfm(folder: str) -> None:
+    """Fetch the SFM files from the eos repository into ``folder`` (each to a temporary
+    name, checked by reading it, then renamed)."""
+    os.makedirs(folder, exist_ok=True)
+    log.info("downloading the Surrey Face Model into %s. %s", folder, LICENCE)
+    for name in SFM_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            continue
+        tmp = path + ".part"
+        try:
+            with urllib.request.urlopen(SFM_URL + name, timeout=30) as r, open(tmp, "wb") as f:
+                f.write(r.read())
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise UserError(f"cannot download the Surrey Face Model ({SFM_URL + name}: {getattr(e, 'reason', e)}); "
+                            f"copy the files {', '.join(SFM_FILES)} from eos's share/ folder into a folder and pass "
+                            f"--model_path FOLDER") from None
+        os.replace(tmp, path)
+    try:
+        _read_sfm(folder)
+    except Exception as e:
+        raise UserError(f"the downloaded Surrey Face Model files in '{folder}' are not usable ({e}); "
+                        f"delete the folder and try again") from None
+
+
+def _read_sfm(folder: str):
+    """(mean (3N,), id basis (3N, 63), exp basis (3N, 6), tri (F, 3), keypoints (68,),
+    contours dict) from the eos files, in millimetres."""
     missing = [f for f in SFM_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise UserError(f"Surrey Face Model files missing in '{folder}': {', '.join(missing)}")
+        raise UserError(f"Surrey Face Model files missing in '{folder}': {', '.join(missing)} "
+                        f"(they are in eos's share/ folder: {SFM_URL})")
     try:
         import eos
     except ImportError:
         raise UserError("reading the Surrey Face Model needs eos-py: pip install eos-py") from None
-    model = eos.morphablemodel.load_model(os.path.join(folder, "sfm_shape_3448.bin"))
+    try:
+        model = eos.morphablemodel.load_model(os.path.join(folder, "sfm_shape_3448.bin"))
+        blend = eos.morphablemodel.load_blendshapes(os.path.join(folder, "expression_blendshapes_3448.bin"))
+    except Exception as e:
+        raise UserError(f"cannot read the Surrey Face Model in '{folder}': {e}") from None
     shape = model.get_shape_model()
-    mean = np.asarray(shape.get_mean(), dtype=np.float64) / 100.0
-    id_basis = np.asarray(shape.get_rescaled_pca_basis(), dtype=np.float64) / 100.0
-    blend = eos.morphablemodel.load_blendshapes(os.path.join(folder, "expression_blendshapes_3448.bin"))
-    exp_basis = np.stack([np.asarray(b.deformation, dtype=np.float64) for b in blend], axis=1) / 100.0
+    mean = np.asarray(shape.get_mean(), dtype=np.float64)
+    id_basis = np.asarray(shape.get_rescaled_pca_basis(), dtype=np.float64)
+    exp_basis = np.stack([np.asarray(b.deformation, dtype=np.float64) for b in blend], axis=1)
     tri = np.asarray(shape.get_triangle_list(), dtype=np.int64)
-    n = mean.size // 3
     with open(os.path.join(folder, "sfm_model_contours.json"), encoding="utf-8") as f:
         contours = json.load(f)
     kp = ibug68_vertices(read_ibug_mapping(os.path.join(folder, "ibug_to_sfm.txt")), contours)
+    if exp_basis.shape[0] != mean.size or id_basis.shape[0] != mean.size:
+        raise UserError(f"Surrey Face Model in '{folder}': blendshapes or basis do not match the mean shape")
+    return mean, id_basis, exp_basis, tri, kp, contours
+
+
+def load_sfm(folder=None):
+    """The Surrey Face Model as a :class:`~core.model.FaceModel` with its own layout and
+    dynamic jaw contour. ``folder`` None: the user cache, downloaded on first use."""
+    from .model import FaceModel
+    from .synthetic import _point_buf
+
+    if folder is None:
+        folder = default_sfm_folder()
+        if not all(os.path.isfile(os.path.join(folder, f)) for f in SFM_FILES):
+            download_sfm(folder)
+    elif not os.path.isdir(folder):
+        raise UserError(f"--model_path '{folder}' must be the folder holding {', '.join(SFM_FILES)}")
+    mean, id_basis, exp_basis, tri, kp, contours = _read_sfm(folder)
+    n = mean.size // 3
+    right = contours["model_contour"]["right_contour"]
+    left = contours["model_contour"]["left_contour"]
+    k = max(len(right), len(left))
+    pad = lambda c: list(c) + [c[-1]] * (k - len(c))  # noqa: E731
+    cand = [pad(right)] * len(RIGHT_JAW) + [pad(left)] * len(LEFT_JAW)
+    log.info("Surrey Face Model from %s. %s", folder, LICENCE)
+    return FaceModel(
+        meanshape=mean / 100.0, id_base=id_basis / 100.0, exp_base=exp_basis / 100.0,
+        meantex=np.tile(np.asarray(SKIN_RGB), n), tex_base=np.zeros((3 * n, 0)),
+        tri=tri, point_buf=_point_buf(tri, n), keypoints=kp, skinmask=None, name="sfm",
+        contour=(list(RIGHT_JAW) + list(LEFT_JAW), cand))
+
+
+def sfm_to_bfm09_arrays(folder: str, n_id: int = 80, n_exp: int = 64, n_tex: int = 80) -> Dict[str, np.ndarray]:
+    """The SFM in the converted BFM09 file layout (SPEC §1; 1-based indices), its bases
+    zero-padded to 80 / 64 / 80 columns and its keypoints fixed."""
+    from .synthetic import _point_buf
+
+    mean, id_basis, exp_basis, tri, kp, _ = _read_sfm(folder)
+    n = mean.size // 3
 
     def pad(b, k):
         out = np.zeros((3 * n, k))
-        out[:, :min(k, b.shape[1])] = b[:, :k]
+        out[:, :min(k, b.shape[1])] = b[:, :k] / 100.0
         return out.astype(np.float32)
 
     return {
-        "meanshape": mean.reshape(1, -1).astype(np.float32),
+        "meanshape": (mean / 100.0).reshape(1, -1).astype(np.float32),
         "idBase": pad(id_basis, n_id),
         "exBase": pad(exp_basis, n_exp),
         "meantex": np.tile(np.asarray(SKIN_RGB), n).reshape(1, -1).astype(np.float32),
