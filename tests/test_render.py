@@ -75,6 +75,26 @@ def test_matches_reference_float64(seed):
     np.testing.assert_allclose(frags.zbuf.numpy(), ref_z, rtol=1e-6)
 
 
+def test_matches_reference_dense_mesh():
+    # A jittered grid of small triangles, as on a face mesh: most have 0, 1 or 2
+    # candidate pixel centres.
+    g = torch.Generator().manual_seed(2)
+    n = 14
+    t = torch.linspace(2.0, 19.0, n, dtype=torch.float64)
+    rows, cols = torch.meshgrid(t, t, indexing="ij")
+    jitter = (torch.rand(2, n, n, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    depth = 3 + torch.rand(n, n, generator=g, dtype=torch.float64)
+    verts = torch.stack([cols + jitter[0], rows + jitter[1], depth], -1).view(1, -1, 3)
+    i = torch.arange(n - 1)
+    a = (i[:, None] * n + i[None, :]).reshape(-1)
+    faces = torch.cat([torch.stack([a, a + 1, a + n], 1), torch.stack([a + 1, a + n + 1, a + n], 1)])
+    frags = rasterize(verts, faces, (20, 22))
+    ref_p2f, ref_z = reference_rasterize(verts.numpy(), faces.numpy(), 20, 22)
+    assert (frags.pix_to_face.numpy() == ref_p2f).all()
+    assert len(np.unique(ref_p2f)) > 150
+    np.testing.assert_allclose(frags.zbuf.numpy(), ref_z, rtol=1e-6)
+
+
 def test_matches_reference_float32_up_to_edge_pixels():
     verts, faces = random_mesh(7, batch=3)
     verts = verts.float()
@@ -111,6 +131,15 @@ def test_vertices_on_pixel_centres_exclude_the_edges():
     verts = torch.tensor([[[1.5, 1.5, 1.0], [5.5, 1.5, 1.0], [1.5, 5.5, 1.0]]])
     p2f = rasterize(verts, torch.tensor([[0, 1, 2]]), (8, 8)).pix_to_face[0]
     assert {tuple(rc) for rc in torch.nonzero(p2f == 0).tolist()} == {(2, 2), (2, 3), (3, 2)}
+
+
+def test_tiny_triangles_with_one_candidate_centre():
+    # Each box holds one pixel centre, (2.5, 2.5) or (5.5, 2.5): strictly inside the first
+    # triangle; on the left edge (x = 5.5) of the second.
+    verts = torch.tensor([[[2.2, 2.2, 1.0], [2.9, 2.3, 1.0], [2.4, 2.9, 1.0],
+                           [5.5, 2.2, 1.0], [5.9, 2.5, 1.0], [5.5, 2.9, 1.0]]])
+    p2f = rasterize(verts, torch.tensor([[0, 1, 2], [3, 4, 5]]), (4, 8)).pix_to_face[0]
+    assert torch.nonzero(p2f >= 0).tolist() == [[2, 2]] and p2f[2, 2] == 0
 
 
 def two_squares(front_first: bool):
