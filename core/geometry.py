@@ -116,3 +116,22 @@ def sh_shade(albedo: torch.Tensor, normals: torch.Tensor, gamma: torch.Tensor) -
     y = sh_basis(normals)  # (B, N, 9)
     light = torch.bmm(y, g.transpose(1, 2))  # (B, N, 3)
     return albedo * light
+
+
+def adjacent_triangles(tri, n: int, k: int = 8):
+    """point_buf for a mesh: (N, k) 0-based ids of up to k triangles around each vertex,
+    F (the triangle count) meaning "no triangle". tri: (F, 3) 0-based ints (numpy)."""
+    import numpy as np
+
+    tri = np.asarray(tri, dtype=np.int64)
+    nf = tri.shape[0]
+    buf = np.full((n, k), nf, dtype=np.int64)
+    flat_v = tri.reshape(-1)
+    flat_f = np.repeat(np.arange(nf), 3)
+    order = np.argsort(flat_v, kind="stable")
+    flat_v, flat_f = flat_v[order], flat_f[order]
+    starts = np.searchsorted(flat_v, np.arange(n))
+    rank = np.arange(flat_v.size) - starts[flat_v]
+    keep = rank < k
+    buf[flat_v[keep], rank[keep]] = flat_f[keep]
+    return buf

@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import urllib.request
 from typing import Dict
 
 import numpy as np
 
 from .errors import UserError
+from .landmark_maps import (EOS_SHARE_URL, contour_definition, fetch_files, ibug68_vertices, read_ibug_mapping,
+                            user_cache)
 
 log = logging.getLogger(__name__)
 
@@ -36,79 +36,19 @@ SFM_FILES = ("sfm_shape_3448.bin", "expression_blendshapes_3448.bin", "ibug_to_s
 SKIN_RGB = (200.0, 150.0, 130.0)
 
 
-def read_ibug_mapping(path: str) -> Dict[int, int]:
-    """iBUG number (1-based) -> vertex id (0-based) from eos's ``ibug_to_sfm.txt``."""
-    out = {}
-    section = None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if line.startswith("["):
-                section = line
-                continue
-            m = re.match(r"^(\d+)\s*=\s*(\d+)$", line)
-            if m and section == "[landmark_mappings]":
-                out[int(m.group(1))] = int(m.group(2))
-    return out
-
-
-def ibug68_vertices(mapping: Dict[int, int], contours: dict) -> np.ndarray:
-    """(68,) 0-based vertex ids for iBUG points 1..68."""
-    right = contours["model_contour"]["right_contour"]
-    left = contours["model_contour"]["left_contour"]
-    ids = []
-    for k in range(1, 69):
-        if k in mapping:
-            ids.append(mapping[k])
-        elif 1 <= k <= 8:
-            ids.append(right[2 * (k - 1)])
-        elif 10 <= k <= 17:
-            ids.append(left[2 * (17 - k)])
-        elif k == 9:
-            ids.append(right[-1])
-        elif k == 61:
-            ids.append(mapping[49])
-        elif k == 65:
-            ids.append(mapping[55])
-        else:
-            raise UserError(f"iBUG point {k} has no vertex in the SFM landmark mapping")
-    return np.asarray(ids, dtype=np.int64)
-
-
-SFM_URL = "https://raw.githubusercontent.com/patrikhuber/eos/master/share/"
 LICENCE = ("The Surrey Face Model (sfm_shape_3448) is free for non-commercial use only; see "
            "https://github.com/patrikhuber/eos and cvssp.org/facemodel")
-# iBUG jaw landmarks (0-based) whose vertex follows the silhouette, per contour side.
-RIGHT_JAW = tuple(range(0, 8))
-LEFT_JAW = tuple(range(9, 17))
 
 
 def default_sfm_folder() -> str:
     """The user cache folder for the downloaded SFM files."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "3dmm-fitting", "sfm")
+    return user_cache("sfm")
 
 
 def download_sfm(folder: str) -> None:
-    """Fetch the SFM files from the eos repository into ``folder`` (each to a temporary
-    name, checked by reading it, then renamed)."""
-    os.makedirs(folder, exist_ok=True)
+    """Fetch the SFM files from the eos repository into ``folder`` and check they load."""
     log.info("downloading the Surrey Face Model into %s. %s", folder, LICENCE)
-    for name in SFM_FILES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            continue
-        tmp = path + ".part"
-        try:
-            with urllib.request.urlopen(SFM_URL + name, timeout=30) as r, open(tmp, "wb") as f:
-                f.write(r.read())
-        except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise UserError(f"cannot download the Surrey Face Model ({SFM_URL + name}: {getattr(e, 'reason', e)}); "
-                            f"copy the files {', '.join(SFM_FILES)} from eos's share/ folder into a folder and pass "
-                            f"--model_path FOLDER") from None
-        os.replace(tmp, path)
+    fetch_files(SFM_FILES, folder, what="the Surrey Face Model")
     try:
         _read_sfm(folder)
     except Exception as e:
@@ -122,7 +62,7 @@ def _read_sfm(folder: str):
     missing = [f for f in SFM_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise UserError(f"Surrey Face Model files missing in '{folder}': {', '.join(missing)} "
-                        f"(they are in eos's share/ folder: {SFM_URL})")
+                        f"(they are in eos's share/ folder: {EOS_SHARE_URL})")
     try:
         import eos
     except ImportError:
@@ -148,8 +88,8 @@ def _read_sfm(folder: str):
 def load_sfm(folder=None):
     """The Surrey Face Model as a :class:`~core.model.FaceModel` with its own layout and
     dynamic jaw contour. ``folder`` None: the user cache, downloaded on first use."""
+    from .geometry import adjacent_triangles
     from .model import FaceModel
-    from .synthetic import _point_buf
 
     if folder is None:
         folder = default_sfm_folder()
@@ -159,23 +99,18 @@ def load_sfm(folder=None):
         raise UserError(f"--model_path '{folder}' must be the folder holding {', '.join(SFM_FILES)}")
     mean, id_basis, exp_basis, tri, kp, contours = _read_sfm(folder)
     n = mean.size // 3
-    right = contours["model_contour"]["right_contour"]
-    left = contours["model_contour"]["left_contour"]
-    k = max(len(right), len(left))
-    pad = lambda c: list(c) + [c[-1]] * (k - len(c))  # noqa: E731
-    cand = [pad(right)] * len(RIGHT_JAW) + [pad(left)] * len(LEFT_JAW)
     log.info("Surrey Face Model from %s. %s", folder, LICENCE)
     return FaceModel(
         meanshape=mean / 100.0, id_base=id_basis / 100.0, exp_base=exp_basis / 100.0,
         meantex=np.tile(np.asarray(SKIN_RGB), n), tex_base=np.zeros((3 * n, 0)),
-        tri=tri, point_buf=_point_buf(tri, n), keypoints=kp, skinmask=None, name="sfm",
-        contour=(list(RIGHT_JAW) + list(LEFT_JAW), cand))
+        tri=tri, point_buf=adjacent_triangles(tri, n), keypoints=kp, skinmask=None, name="sfm",
+        contour=contour_definition(contours))
 
 
 def sfm_to_bfm09_arrays(folder: str, n_id: int = 80, n_exp: int = 64, n_tex: int = 80) -> Dict[str, np.ndarray]:
     """The SFM in the converted BFM09 file layout (SPEC §1; 1-based indices), its bases
     zero-padded to 80 / 64 / 80 columns and its keypoints fixed."""
-    from .synthetic import _point_buf
+    from .geometry import adjacent_triangles
 
     mean, id_basis, exp_basis, tri, kp, _ = _read_sfm(folder)
     n = mean.size // 3
@@ -192,7 +127,7 @@ def sfm_to_bfm09_arrays(folder: str, n_id: int = 80, n_exp: int = 64, n_tex: int
         "meantex": np.tile(np.asarray(SKIN_RGB), n).reshape(1, -1).astype(np.float32),
         "texBase": np.zeros((3 * n, n_tex), dtype=np.float32),
         "tri": (tri + 1).astype(np.int32),
-        "point_buf": (_point_buf(tri, n) + 1).astype(np.int32),
+        "point_buf": (adjacent_triangles(tri, n) + 1).astype(np.int32),
         "keypoints": (kp + 1).reshape(1, -1).astype(np.int32),
         "skinmask": np.ones((1, n), dtype=np.float32),
     }

@@ -14,6 +14,8 @@ from typing import Dict
 
 import numpy as np
 
+from .geometry import adjacent_triangles
+
 
 def ibug68_template() -> np.ndarray:
     """(68, 2) x, y of a plausible frontal face's iBUG-68 landmarks, decimetres."""
@@ -59,21 +61,6 @@ def _height(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     sockets = -0.05 * (np.exp(-(((x - 0.33) / 0.12) ** 2 + ((y - 0.24) / 0.08) ** 2))
                        + np.exp(-(((x + 0.33) / 0.12) ** 2 + ((y - 0.24) / 0.08) ** 2)))
     return z + nose + tip + sockets
-
-
-def _point_buf(tri: np.ndarray, n: int, k: int = 8) -> np.ndarray:
-    """(N, k) 0-based ids of up to k triangles around each vertex, F meaning none."""
-    nf = tri.shape[0]
-    buf = np.full((n, k), nf, dtype=np.int64)
-    flat_v = tri.reshape(-1)
-    flat_f = np.repeat(np.arange(nf), 3)
-    order = np.argsort(flat_v, kind="stable")
-    flat_v, flat_f = flat_v[order], flat_f[order]
-    starts = np.searchsorted(flat_v, np.arange(n))
-    rank = np.arange(flat_v.size) - starts[flat_v]
-    keep = rank < k
-    buf[flat_v[keep], rank[keep]] = flat_f[keep]
-    return buf
 
 
 def make_face_model_arrays(target_vertices: int = 2000, n_id: int = 80, n_exp: int = 64,
@@ -148,7 +135,7 @@ def make_face_model_arrays(target_vertices: int = 2000, n_id: int = 80, n_exp: i
         "meantex": meantex.reshape(1, -1).astype(np.float32),
         "texBase": tex.reshape(3 * n, n_tex).astype(np.float32),
         "tri": (tri + 1).astype(np.int32),
-        "point_buf": (_point_buf(tri, n) + 1).astype(np.int32),
+        "point_buf": (adjacent_triangles(tri, n) + 1).astype(np.int32),
         "keypoints": (np.arange(68) + 1).reshape(1, 68).astype(np.int32),
         "skinmask": skin.reshape(1, -1).astype(np.float32),
     }

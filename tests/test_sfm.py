@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fit_single_img
-from core import sfm
+from core import landmark_maps, sfm
 from core.camera import Camera
 from core.cli import run_main
 from core.errors import UserError
@@ -19,13 +19,13 @@ from tests.test_fit_single_img import nme
 def test_ibug_mapping_and_contour_fill(tmp_path):
     (tmp_path / "map.txt").write_text("[landmark_mappings]\n 9 = 33 # chin\n18 = 225\n# 61 missing\n49 = 398\n55 = 812\n"
                                       "[contour_landmarks]\nright = [ 1,\n 2 ]\n")
-    mapping = sfm.read_ibug_mapping(str(tmp_path / "map.txt"))
+    mapping = landmark_maps.read_ibug_mapping(str(tmp_path / "map.txt"))
     assert mapping == {9: 33, 18: 225, 49: 398, 55: 812}
     contours = {"model_contour": {"right_contour": list(range(100, 117)), "left_contour": list(range(200, 217))}}
     full = {k: 1000 + k for k in range(1, 69)}
     for k in list(range(1, 9)) + list(range(10, 18)) + [61, 65]:
         del full[k]
-    ids = sfm.ibug68_vertices(full, contours)
+    ids = landmark_maps.ibug68_vertices(full, contours)
     assert ids[0] == 100 and ids[7] == 114 and ids[16] == 200 and ids[9] == 214
     assert ids[60] == full[49] and ids[64] == full[55] and ids[8] == full[9]
 
@@ -33,7 +33,7 @@ def test_ibug_mapping_and_contour_fill(tmp_path):
 def test_offline_download_is_a_clear_error(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(sfm.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(landmark_maps.urllib.request, "urlopen", refuse)
     with pytest.raises(UserError, match="cannot download the Surrey Face Model"):
         sfm.download_sfm(str(tmp_path / "cache"))
     assert not [f for f in os.listdir(tmp_path / "cache") if f.endswith(".bin")]
@@ -56,7 +56,7 @@ def test_download_reads_what_it_fetched(tmp_path, monkeypatch):
         def __exit__(self, *a):
             return False
 
-    monkeypatch.setattr(sfm.urllib.request, "urlopen", lambda url, timeout=0: Resp(src / url.rsplit("/", 1)[1]))
+    monkeypatch.setattr(landmark_maps.urllib.request, "urlopen", lambda url, timeout=0: Resp(src / url.rsplit("/", 1)[1]))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     m = sfm.load_sfm(None)
     assert m.num_vertices == 3448 and (tmp_path / "3dmm-fitting" / "sfm" / "sfm_shape_3448.bin").exists()

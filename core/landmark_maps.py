@@ -1,0 +1,103 @@
+"""iBUG-68 landmark mappings and contour definitions in eos's file formats, and
+fetching such files from eos's ``share/`` folder into a user cache."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import urllib.request
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+EOS_SHARE_URL = "https://raw.githubusercontent.com/patrikhuber/eos/master/share/"
+# iBUG jaw landmarks (0-based) whose vertex follows the silhouette, per contour side.
+RIGHT_JAW = tuple(range(0, 8))
+LEFT_JAW = tuple(range(9, 17))
+
+
+def read_ibug_mapping(path: str) -> Dict[int, int]:
+    """iBUG number (1-based) -> vertex id (0-based) from an eos mapping file
+    (``ibug_to_sfm.txt``, ``ibug_to_bfm2017-1_bfm_nomouth.txt``: ``[landmark_mappings]``
+    lines ``N = vertex``)."""
+    out = {}
+    section = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("["):
+                section = line
+                continue
+            m = re.match(r"^(\d+)\s*=\s*(\d+)$", line)
+            if m and section == "[landmark_mappings]":
+                out[int(m.group(1))] = int(m.group(2))
+    return out
+
+
+def ibug68_vertices(mapping: Dict[int, int], contours: dict) -> np.ndarray:
+    """(68,) 0-based vertex ids for iBUG points 1..68. Points the mapping lacks take the
+    jaw contour (1-8 and 10-17: every second contour vertex from the temple down; 9: the
+    contour's last vertex) and, for the inner mouth corners 61 / 65, the outer ones."""
+    right = contours["model_contour"]["right_contour"]
+    left = contours["model_contour"]["left_contour"]
+    ids = []
+    for k in range(1, 69):
+        if k in mapping:
+            ids.append(mapping[k])
+        elif 1 <= k <= 8:
+            ids.append(right[2 * (k - 1)])
+        elif 10 <= k <= 17:
+            ids.append(left[2 * (17 - k)])
+        elif k == 9:
+            ids.append(right[-1])
+        elif k == 61:
+            ids.append(mapping[49])
+        elif k == 65:
+            ids.append(mapping[55])
+        else:
+            raise UserError(f"iBUG point {k} has no vertex in the landmark mapping")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def contour_definition(contours: dict) -> Tuple[Sequence[int], np.ndarray]:
+    """The dynamic jaw contour of a ``*_model_contours.json``: (landmark ids (16,),
+    candidates (16, K)): each right-jaw landmark may take any right-contour vertex, each
+    left one any left-contour vertex (the shorter list padded with its last vertex)."""
+    right = list(contours["model_contour"]["right_contour"])
+    left = list(contours["model_contour"]["left_contour"])
+    k = max(len(right), len(left))
+    right += [right[-1]] * (k - len(right))
+    left += [left[-1]] * (k - len(left))
+    cand = np.asarray([right] * len(RIGHT_JAW) + [left] * len(LEFT_JAW), dtype=np.int64)
+    return list(RIGHT_JAW) + list(LEFT_JAW), cand
+
+
+def fetch_files(names: Sequence[str], folder: str, what: str, base_url: str = EOS_SHARE_URL) -> None:
+    """Download the missing ``names`` from ``base_url`` into ``folder`` (each to a
+    temporary name, renamed when complete); offline: a UserError naming the files."""
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            continue
+        tmp = path + ".part"
+        try:
+            with urllib.request.urlopen(base_url + name, timeout=30) as r, open(tmp, "wb") as f:
+                f.write(r.read())
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise UserError(f"cannot download {what} ({base_url + name}: {getattr(e, 'reason', e)}); "
+                            f"copy {', '.join(names)} from eos's share/ folder into '{folder}' "
+                            f"or pass --model_path") from None
+        os.replace(tmp, path)
+
+
+def user_cache(*parts: str) -> str:
+    """A folder in the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``)/3dmm-fitting."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "3dmm-fitting", *parts)
