@@ -15,9 +15,14 @@ EXIT_USER_ERROR = 2
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("face model")
-    g.add_argument("--recon_model", default="bfm09", help="which 3DMM to fit (default: bfm09)")
+    g.add_argument("--recon_model", default="bfm09", choices=["bfm09", "sfm", "bfm2017", "bfm2019"],
+                   help="which 3DMM: bfm09 (converted Basel 2009 + expressions), sfm (the public Surrey Face "
+                        "Model, downloaded on first use, non-commercial licence), bfm2017/bfm2019 (Basel .h5) "
+                        "(default: bfm09)")
     g.add_argument("--model_path", default=None,
-                   help="converted model file (default: BFM/BFM09_model_info.mat; see BFM/README.md)")
+                   help="bfm09: the converted .mat (default BFM/BFM09_model_info.mat, see BFM/README.md); "
+                        "sfm: the folder with eos's SFM files (default: download to ~/.cache/3dmm-fitting/sfm); "
+                        "bfm2017/2019: the .h5 file (default BFM/model2017-1_bfm_nomouth.h5)")
 
 
 def add_detection_flags(parser: argparse.ArgumentParser) -> None:

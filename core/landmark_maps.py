@@ -40,7 +40,7 @@ def read_ibug_mapping(path: str) -> Dict[int, int]:
 
 def ibug68_vertices(mapping: Dict[int, int], contours: dict) -> np.ndarray:
     """(68,) 0-based vertex ids for iBUG points 1..68. Points the mapping lacks take the
-    jaw contour (1-8 and 10-17: every second contour vertex from the temple down; 9: the
+    jaw contour (1-8 and 10-17: spread evenly from the temple towards the chin; 9: the
     contour's last vertex) and, for the inner mouth corners 61 / 65, the outer ones."""
     right = contours["model_contour"]["right_contour"]
     left = contours["model_contour"]["left_contour"]
@@ -49,9 +49,9 @@ def ibug68_vertices(mapping: Dict[int, int], contours: dict) -> np.ndarray:
         if k in mapping:
             ids.append(mapping[k])
         elif 1 <= k <= 8:
-            ids.append(right[2 * (k - 1)])
+            ids.append(right[round((k - 1) * (len(right) - 1) / 8)])
         elif 10 <= k <= 17:
-            ids.append(left[2 * (17 - k)])
+            ids.append(left[round((17 - k) * (len(left) - 1) / 8)])
         elif k == 9:
             ids.append(right[-1])
         elif k == 61:

@@ -24,11 +24,18 @@ def _load_sfm(path: Optional[str]) -> FaceModel:
     return load_sfm(path)
 
 
+def _load_bfm2017(path: Optional[str]) -> FaceModel:
+    from .bfm2017 import load_bfm2017
+    return load_bfm2017(path)
+
+
 # Model registry: --recon_model name -> loader(model_path or None). Everything downstream
 # (fitting, rendering, losses, outputs) works on the FaceModel interface alone.
 MODELS = {
     "bfm09": lambda path: load_bfm09(path or DEFAULT_MODEL_PATH),
     "sfm": _load_sfm,
+    "bfm2017": _load_bfm2017,
+    "bfm2019": _load_bfm2017,
 }
 
 
