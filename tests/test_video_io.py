@@ -1,0 +1,163 @@
+"""Tests for core.video_io: streaming reads, exact seeks, the atomic H.264 writer and
+one-line errors for bad videos."""
+from __future__ import annotations
+
+import os
+import subprocess
+from fractions import Fraction
+
+import cv2
+import numpy as np
+import pytest
+
+from core.errors import UserError
+from core.video_io import VideoReader, VideoWriter, has_audio_stream, probe_video
+
+
+def _frame(k: int, w: int = 96, h: int = 64) -> np.ndarray:
+    """A frame whose grey level and bar position encode k (robust to H.264 loss)."""
+    img = np.full((h, w, 3), 20 + 9 * k, np.uint8)
+    x = 4 + 3 * k
+    img[:, x:x + 6] = (250, 40, 40)
+    return img
+
+
+def _decode_index(frame: np.ndarray) -> int:
+    return int(round((float(np.median(frame[:, :, 1])) - 20) / 9))
+
+
+def _write(path, n, w=96, h=64, fps=25.0) -> str:
+    with VideoWriter(path, (w, h), fps) as wr:
+        for k in range(n):
+            wr.write(_frame(k, w, h))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> str:
+    return _write(tmp_path_factory.mktemp("video") / "clip.mp4", 20)
+
+
+def test_round_trip_counts_size_fps_and_content(clip):
+    info = probe_video(clip)
+    assert (info.width, info.height, info.num_frames) == (96, 64, 20)
+    assert info.fps == pytest.approx(25.0)
+    with VideoReader(clip) as r:
+        got = list(r.frames())
+    assert [i for i, _ in got] == list(range(20))
+    for i, f in got:
+        assert f.shape == (64, 96, 3) and f.dtype == np.uint8
+        assert _decode_index(f) == i
+        # RGB order: the bar is red.
+        bar = f[:, 4 + 3 * i + 2]
+        assert bar[:, 0].mean() > 200 and bar[:, 2].mean() < 90
+
+
+def test_frames_range_with_and_without_seek(clip):
+    with VideoReader(clip) as r:
+        ts = []
+        for _, _f in r.frames():
+            ts.append(r.last_timestamp)
+    assert np.all(np.diff(ts) > 0)
+    with VideoReader(clip) as r:
+        plain = [(i, _decode_index(f)) for i, f in r.frames(7, 11)]
+        seeked = [(i, _decode_index(f)) for i, f in r.frames(13, 15, ts)]
+        back = [(i, _decode_index(f)) for i, f in r.frames(2, 4, ts)]  # backwards
+        tail = [i for i, _ in r.frames(18, None, ts)]
+    assert plain == [(i, i) for i in range(7, 11)]
+    assert seeked == [(13, 13), (14, 14)]
+    assert back == [(2, 2), (3, 3)]
+    assert tail == [18, 19]
+
+
+def test_inexact_seek_falls_back_to_decoding(clip):
+    wrong = np.arange(20) * 1000.0 + 7.0  # timestamps no seek can match
+    with VideoReader(clip) as r:
+        got = [(i, _decode_index(f)) for i, f in r.frames(12, 14, wrong)]
+        again = [(i, _decode_index(f)) for i, f in r.frames(5, 6, wrong)]
+    assert got == [(12, 12), (13, 13)]
+    assert again == [(5, 5)]
+
+
+def test_writer_is_atomic_and_abort_leaves_nothing(tmp_path):
+    path = tmp_path / "out.mp4"
+    w = VideoWriter(path, (32, 32), 10)
+    w.write(_frame(1, 32, 32))
+    assert not path.exists()  # not under its name until committed
+    w.finish()
+    assert not path.exists()
+    w.commit()
+    assert path.exists() and probe_video(str(path)).num_frames == 1
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)
+
+    path2 = tmp_path / "failed.mp4"
+    with pytest.raises(RuntimeError):
+        with VideoWriter(path2, (32, 32), 10) as w2:
+            w2.write(_frame(0, 32, 32))
+            raise RuntimeError("boom")
+    assert sorted(os.listdir(tmp_path)) == ["out.mp4"]
+
+
+def test_writer_keeps_odd_sizes_and_fractional_fps(tmp_path):
+    path = _write(tmp_path / "odd.mp4", 5, w=45, h=33, fps=30000 / 1001)
+    info = probe_video(path)
+    assert (info.width, info.height, info.num_frames) == (45, 33, 5)
+    assert Fraction(info.fps).limit_denominator(1001) == Fraction(30000, 1001)
+
+
+def test_writer_rejects_wrong_frames(tmp_path):
+    with VideoWriter(tmp_path / "x.mp4", (32, 32), 10) as w:
+        with pytest.raises(ValueError, match="expected a \\(32, 32, 3\\) uint8 frame"):
+            w.write(np.zeros((32, 30, 3), np.uint8))
+        w.write(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_writer_copies_audio(tmp_path):
+    import imageio_ffmpeg
+
+    src = tmp_path / "with_audio.mp4"
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+           "color=c=gray:s=32x32:r=10:d=1", "-f", "lavfi", "-i", "sine=frequency=440:duration=1",
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(src)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert has_audio_stream(str(src))
+    assert not has_audio_stream(_write(tmp_path / "silent.mp4", 2, 32, 32))
+    out = tmp_path / "copy.mp4"
+    with VideoWriter(out, (32, 32), 10, audio_from=str(src)) as w:
+        for k in range(10):
+            w.write(_frame(k, 32, 32))
+    assert has_audio_stream(str(out))
+    assert probe_video(str(out)).num_frames == 10
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "truncated"])
+def test_bad_videos_are_one_line_user_errors(tmp_path, clip, kind):
+    path = tmp_path / "bad.mp4"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not a video\n" * 50)
+    elif kind == "truncated":
+        path.write_bytes(open(clip, "rb").read()[:300])
+    with pytest.raises(UserError) as e:
+        VideoReader(path)
+    msg = str(e.value)
+    assert "\n" not in msg and "bad.mp4" in msg
+
+
+def test_reader_streams_bgr_sources_written_by_opencv(tmp_path):
+    """A video written by OpenCV (mp4v, BGR in) reads back as RGB."""
+    path = str(tmp_path / "cv.mp4")
+    vw = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 12.0, (48, 32))
+    img = np.zeros((32, 48, 3), np.uint8)
+    img[..., 2] = 230  # red in BGR
+    for _ in range(3):
+        vw.write(img)
+    vw.release()
+    with VideoReader(path) as r:
+        assert r.info.fps == pytest.approx(12.0)
+        frames = [f for _, f in r.frames()]
+    assert len(frames) == 3
+    assert frames[0][..., 0].mean() > 200 and frames[0][..., 2].mean() < 40
