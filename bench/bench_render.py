@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     verts1, faces = sphere_cap_mesh(image_size=args.size)
     renderer = MeshRenderer(backend="builtin")
     print(f"threads={torch.get_num_threads()} verts={verts1.shape[0]} faces={faces.shape[0]} "
-          f"image={args.size}x{args.size}")
+          f"image={args.size}x{args.size} load average={os.getloadavg()[0]:.2f} "
+          f"(other processes on the cores inflate the times)")
     for batch in args.batch:
         g = torch.Generator().manual_seed(1)
         verts = verts1.expand(batch, -1, -1) + torch.randn(batch, 1, 3, generator=g) * torch.tensor([2.0, 2.0, 0.0])

@@ -139,13 +139,13 @@ def _rasterize(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int
     num_faces = faces.shape[0]
     device = verts.device
     dtype = verts.dtype if verts.dtype in (torch.float32, torch.float64) else torch.float32
-    faces = faces.to(device=device, dtype=torch.int64)
+    faces_t = _columns(faces.to(device=device, dtype=torch.int64))  # (3, F)
     p2f_parts, zbuf_parts = [], []
     for sl in _batch_chunks(batch, max(num_faces, height * width)):
         frames = sl.stop - sl.start
         keys = torch.full((frames * height * width,), _EMPTY_KEY, dtype=torch.int64, device=device)
         if num_faces > 0 and num_verts > 0:
-            _rasterize_into(keys, verts[sl].to(dtype), faces, height, width, znear, zfar)
+            _rasterize_into(keys, verts[sl].to(dtype), faces_t, height, width, znear, zfar)
         covered = keys != _EMPTY_KEY
         pix_to_face = (keys & 0xFFFFFFFF).masked_fill_(~covered, -1)
         zbuf = (keys >> 32).to(torch.int32).view(torch.float32).masked_fill_(~covered, -1.0)
@@ -160,38 +160,41 @@ def _columns(t: torch.Tensor) -> torch.Tensor:
     return torch.stack(t.unbind(1))
 
 
-def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor,
+def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tensor,
                     height: int, width: int, znear: float, zfar: float) -> None:
     """Min-reduce the key (depth bits << 32 | face id) of every covered (face, pixel)
-    pair into ``keys`` (B*H*W,) int64. verts (B, N, 3) float32/64, faces (F, 3) long.
+    pair into ``keys`` (B*H*W,) int64. verts (B, N, 3) float32/64, faces_t (3, F) long.
 
     Every per-face quantity is a contiguous (B*F,) vector in batch-major order (element
     b*F + f): elementwise work on contiguous vectors is what the CPU does fastest.
     """
     batch, num_verts, _ = verts.shape
-    num_faces = faces.shape[0]
-    device = verts.device
+    num_faces = faces_t.shape[1]
     # Corner-major vertex indices into the flattened batch: gidx[k, b*F + f].
-    offsets = torch.arange(batch, device=device) * num_verts
-    gidx = (_columns(faces).unsqueeze(1) + offsets.view(1, -1, 1)).view(-1)
+    gidx = faces_t.reshape(-1)
+    if batch > 1:
+        offsets = torch.arange(batch, device=verts.device) * num_verts
+        gidx = (faces_t.unsqueeze(1) + offsets.view(1, -1, 1)).view(-1)
     coords = _columns(verts.reshape(-1, 3))  # (3, B*N)
-    x0, x1, x2 = coords[0].index_select(0, gidx).view(3, -1)
-    y0, y1, y2 = coords[1].index_select(0, gidx).view(3, -1)
-    z0, z1, z2 = coords[2].index_select(0, gidx).view(3, -1)
+    xs = coords[0].index_select(0, gidx).view(3, -1)  # (3 corners, B*F)
+    ys = coords[1].index_select(0, gidx).view(3, -1)
+    zs = coords[2].index_select(0, gidx).view(3, -1)
+    x0, x1, x2 = xs
+    y0, y1, y2 = ys
 
     # Integer range of pixel centres (i + 0.5) inside the bounding box; clamping before
     # any cast keeps huge coordinates finite.
-    col0 = torch.ceil(torch.minimum(torch.minimum(x0, x1), x2) - 0.5).clamp_(0, width)
-    col1 = torch.floor(torch.maximum(torch.maximum(x0, x1), x2) - 0.5).clamp_(-1, width - 1)
-    row0 = torch.ceil(torch.minimum(torch.minimum(y0, y1), y2) - 0.5).clamp_(0, height)
-    row1 = torch.floor(torch.maximum(torch.maximum(y0, y1), y2) - 0.5).clamp_(-1, height - 1)
+    col0 = torch.ceil(xs.amin(0) - 0.5).clamp_(0, width)
+    col1 = torch.floor(xs.amax(0) - 0.5).clamp_(-1, width - 1)
+    row0 = torch.ceil(ys.amin(0) - 0.5).clamp_(0, height)
+    row1 = torch.floor(ys.amax(0) - 0.5).clamp_(-1, height - 1)
     ncol = (col1 - col0 + 1).clamp_(min=0)
     nrow = (row1 - row0 + 1).clamp_(min=0)
 
     area2 = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)  # twice the signed area
-    zmin = torch.minimum(torch.minimum(z0, z1), z2)
+    zmin = zs.amin(0)
     valid = torch.isfinite(area2) & (area2 != 0) & (zmin > znear) & (zmin <= zfar)
-    count = torch.where(valid, ncol * nrow, torch.zeros_like(ncol))
+    count = (ncol.long() * nrow.long()).masked_fill_(~valid, 0)  # int64: exact for any size
 
     # Vertices relative to the first candidate pixel centre p0 (small numbers: accurate).
     # The screen weight of vertex k at p, unnormalised, is the edge function
@@ -204,7 +207,7 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor
     ec0 = rx1 * ry2 - rx2 * ry1
     ec1 = rx2 * ry0 - rx0 * ry2
     ec2 = rx0 * ry1 - rx1 * ry0
-    iz0, iz1, iz2 = z0.reciprocal(), z1.reciprocal(), z2.reciprocal()
+    iz0, iz1, iz2 = zs.reciprocal()
     inv_area = area2.reciprocal()
     # Inverse perspective-correct depth at p0: 1/z = sum_k (e_k / 2A) / z_k.
     inv_depth0 = (ec0 * iz0 + ec1 * iz1 + ec2 * iz2) * inv_area
@@ -226,18 +229,15 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor
 
         rx0, rx1, rx2, ry0, ry1, ry2, iz0, iz1, iz2 = pick(
             rx0, rx1, rx2, ry0, ry1, ry2, iz0, iz1, iz2)
-        ec0, ec1, ec2, inv_area, inv_depth0 = pick(ec0, ec1, ec2, inv_area, inv_depth0)
+        ec0, ec1, ec2, inv_area = pick(ec0, ec1, ec2, inv_area)
         # e_k(p0 + (dx, dy)) = ea_k dx + eb_k dy + ec_k, times the sign of the area so
-        # that inside means all positive; 1/z = za dx + zb dy + zc.
+        # that inside means all positive.
         sign = torch.sign(inv_area)
         ea = [(ry1 - ry2) * sign, (ry2 - ry0) * sign, (ry0 - ry1) * sign]
         eb = [(rx2 - rx1) * sign, (rx0 - rx2) * sign, (rx1 - rx0) * sign]
         ec = [ec0 * sign, ec1 * sign, ec2 * sign]
-        abs_inv_area = inv_area.abs()
-        za = (ea[0] * iz0 + ea[1] * iz1 + ea[2] * iz2) * abs_inv_area
-        zb = (eb[0] * iz0 + eb[1] * iz1 + eb[2] * iz2) * abs_inv_area
-        coefs = ea + eb + ec + [za, zb, inv_depth0]
-        counts = count.index_select(0, many).long()
+        coefs = ea + eb + ec + [iz0, iz1, iz2, inv_area.abs()]
+        counts = count.index_select(0, many)
         widths = ncol.index_select(0, many).long()
         first = _first_pixel(many, col0, row0, num_faces, height, width)
         face_id = many % num_faces
@@ -283,10 +283,11 @@ def _enumerate(coefs, counts: torch.Tensor, widths: torch.Tensor, first: torch.T
                face_id: torch.Tensor, total: int, width: int):
     """Test all candidate pixel centres of K faces; return (pix, key) of the inside ones.
 
-    coefs: 12 vectors (K,): ea_0..2, eb_0..2, ec_0..2 (signed edge functions, positive
-    inside) and za, zb, zc (inverse depth), affine in the offset (dx, dy) of the candidate
-    from the face's first candidate. counts (K,) = box width x height; widths (K,);
-    first (K,) flat pixel index of the first candidate; face_id (K,); total = counts.sum().
+    coefs: 13 vectors (K,): ea_0..2, eb_0..2, ec_0..2, the edge functions (times the
+    sign of the area, so positive inside) e_k = ea_k dx + eb_k dy + ec_k at the offset
+    (dx, dy) of a candidate from the face's first one; 1/z_0..2; 1/|2A|. counts (K,) =
+    box width x height; widths (K,); first (K,) flat pixel index of the first candidate;
+    face_id (K,); total = counts.sum().
     """
     device = counts.device
     owner = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts,
@@ -299,21 +300,24 @@ def _enumerate(coefs, counts: torch.Tensor, widths: torch.Tensor, first: torch.T
     fdx = dx.to(coefs[0].dtype)
     fdy = dy.to(coefs[0].dtype)
     inside = None
+    edges = []
     for k in range(3):
         e = torch.addcmul(coefs[6 + k].index_select(0, owner), coefs[k].index_select(0, owner), fdx)
         e.addcmul_(coefs[3 + k].index_select(0, owner), fdy)
         inside = e > 0 if inside is None else inside.logical_and_(e > 0)
+        edges.append(e)
     hit = torch.nonzero(inside).squeeze(1)
     owner = owner.index_select(0, hit)
-    hx, hy = fdx.index_select(0, hit), fdy.index_select(0, hit)
-    inv_depth = torch.addcmul(coefs[11].index_select(0, owner), coefs[9].index_select(0, owner), hx)
-    inv_depth.addcmul_(coefs[10].index_select(0, owner), hy)
+    # 1/z = sum_k (e_k / |2A|) / z_k: a sum of positive terms at an inside candidate.
+    inv_depth = sum(edges[k].index_select(0, hit) * coefs[9 + k].index_select(0, owner)
+                    for k in range(3))
+    inv_depth *= coefs[12].index_select(0, owner)
     pix = first.index_select(0, owner) + dy.index_select(0, hit) * width + dx.index_select(0, hit)
     return pix, _key(inv_depth, face_id.index_select(0, owner))
 
 
-def _covered_pixels(pix_to_face: torch.Tensor, faces: torch.Tensor, num_verts: int, dtype):
-    """The covered pixels of pix_to_face (B, H, W).
+def _covered_pixels(pix_to_face: torch.Tensor, faces_t: torch.Tensor, num_verts: int, dtype):
+    """The covered pixels of pix_to_face (B, H, W); faces_t (3, F) long.
 
     Returns idx (M,) flat pixel indices into B*H*W; vidx (3, M) indices into the
     flattened B*N vertices of the three corners of each pixel's face; px, py (M,) the
@@ -323,13 +327,17 @@ def _covered_pixels(pix_to_face: torch.Tensor, faces: torch.Tensor, num_verts: i
     flat = pix_to_face.reshape(-1)
     idx = torch.nonzero(flat >= 0).squeeze(1)
     face = flat.index_select(0, idx)
-    b = torch.div(idx, height * width, rounding_mode="floor")
-    rem = idx - b * (height * width)
+    rem = idx
+    if batch > 1:
+        b = torch.div(idx, height * width, rounding_mode="floor")
+        rem = idx - b * (height * width)
     row = torch.div(rem, width, rounding_mode="floor")
     col = rem - row * width
-    vidx = _columns(faces).index_select(1, face)
+    vidx = idx.new_empty(3, idx.shape[0])
+    for k in range(3):
+        torch.index_select(faces_t[k], 0, face, out=vidx[k])
     if batch > 1:
-        vidx = vidx + (b * num_verts).unsqueeze(0)
+        vidx += (b * num_verts).unsqueeze(0)
     return idx, vidx, col.to(dtype) + 0.5, row.to(dtype) + 0.5
 
 
@@ -355,9 +363,15 @@ def _offset_index(index: torch.Tensor, rows: int, stride: int) -> torch.Tensor:
 
 
 def _gather_corners(table: torch.Tensor, vidx: torch.Tensor) -> torch.Tensor:
-    """table (D, B*N) per-vertex rows, vidx (3, M) -> (D, 3, M)."""
-    pos = _offset_index(vidx.reshape(-1), table.shape[0], table.shape[1])
-    return table.reshape(-1).index_select(0, pos).view(table.shape[0], 3, -1)
+    """table (D, B*N) per-vertex rows, vidx (3, M) -> (D, 3, M), one 1-D gather per row
+    (D is 3 or the few attribute channels)."""
+    flat = vidx.reshape(-1)
+    if torch.is_grad_enabled() and table.requires_grad:
+        return torch.stack([row.index_select(0, flat) for row in table]).view(table.shape[0], 3, -1)
+    out = table.new_empty(table.shape[0], flat.shape[0])
+    for d in range(table.shape[0]):
+        torch.index_select(table[d], 0, flat, out=out[d])
+    return out.view(table.shape[0], 3, -1)
 
 
 class _Interpolate(torch.autograd.Function):
@@ -406,10 +420,11 @@ class _Interpolate(torch.autograd.Function):
 
 def _scatter_corners(values: torch.Tensor, vidx: torch.Tensor, rows: int, num: int) -> torch.Tensor:
     """Sum values (D, 3, M) into per-vertex rows at vidx (3, M) -> (B*N, D)."""
-    pos = _offset_index(vidx.reshape(-1), rows, num)
-    out = values.new_zeros(rows * num)
-    out.scatter_add_(0, pos, values.reshape(-1))
-    return torch.stack(out.view(rows, num).unbind(0), dim=1)
+    flat = vidx.reshape(-1)
+    out = values.new_zeros(rows, num)
+    for d in range(rows):
+        out[d].scatter_add_(0, flat, values[d].reshape(-1))
+    return torch.stack(out.unbind(0), dim=1)
 
 
 def _scatter_image(values: torch.Tensor, idx: torch.Tensor, batch: int, height: int,
@@ -423,19 +438,32 @@ def _scatter_image(values: torch.Tensor, idx: torch.Tensor, batch: int, height: 
 
 def _per_chunk(fn, verts_screen: torch.Tensor, faces: torch.Tensor,
                pix_to_face: torch.Tensor, attrs=None) -> torch.Tensor:
-    """Check the inputs, then image = fn(idx, vidx, px, py, verts, attrs) chunk by chunk of
-    frames (see _covered_pixels), concatenated over the batch."""
+    """Check the inputs, then compute image = fn(idx, vidx, px, py, verts, attrs,
+    image_shape) (see _covered_pixels) for groups of frames, concatenated over the batch."""
     _check_inputs(verts_screen, faces)
     batch, num_verts, _ = verts_screen.shape
     _check_pix_to_face(pix_to_face, batch)
     device = verts_screen.device
-    faces = faces.to(device=device, dtype=torch.int64)
+    faces_t = _columns(faces.to(device=device, dtype=torch.int64))  # (3, F)
     pix_to_face = pix_to_face.to(device)
     parts = []
     for sl in _batch_chunks(batch, pix_to_face[0].numel()):
-        covered = _covered_pixels(pix_to_face[sl], faces, num_verts, verts_screen.dtype)
-        parts.append(fn(*covered, verts_screen[sl], None if attrs is None else attrs[sl]))
+        p2f = pix_to_face[sl]
+        covered = _covered_pixels(p2f, faces_t, num_verts, verts_screen.dtype)
+        parts.append(fn(*covered, verts_screen[sl], None if attrs is None else attrs[sl],
+                        p2f.shape))
     return _cat(parts)
+
+
+def _barycentrics_chunk(idx, vidx, px, py, verts, _, image_shape):
+    x, y, z = _gather_corners(_columns(verts.reshape(-1, 3)), vidx)
+    _, _, u, s = _edge_weights(x, y, z, px, py)
+    return _scatter_image(u / s, idx, *image_shape)
+
+
+def _interpolate_chunk(idx, vidx, px, py, verts, attrs, image_shape):
+    values = _Interpolate.apply(attrs, verts, vidx, px, py)
+    return _scatter_image(values, idx, *image_shape)
 
 
 def barycentrics(verts_screen: torch.Tensor, faces: torch.Tensor,
@@ -449,14 +477,9 @@ def barycentrics(verts_screen: torch.Tensor, faces: torch.Tensor,
 
     Returns:
         (B, H, W, 3): weights of the three vertices of ``faces[pix_to_face]`` (they sum
-        to 1), 0 on background; differentiable w.r.t. verts_screen.
+        to 1), 0 on background; differentiable w.r.t. verts_screen (plain autograd).
     """
-    def chunk(idx, vidx, px, py, verts, _):
-        x, y, z = _gather_corners(_columns(verts.reshape(-1, 3)), vidx)
-        _, _, u, s = _edge_weights(x, y, z, px, py)
-        return _scatter_image(u / s, idx, verts.shape[0], *pix_to_face.shape[1:])
-
-    return _per_chunk(chunk, verts_screen, faces, pix_to_face)
+    return _per_chunk(_barycentrics_chunk, verts_screen, faces, pix_to_face)
 
 
 def interpolate(attrs: torch.Tensor, verts_screen: torch.Tensor, faces: torch.Tensor,
@@ -471,13 +494,12 @@ def interpolate(attrs: torch.Tensor, verts_screen: torch.Tensor, faces: torch.Te
 
     Returns:
         (B, H, W, C): the perspective-correct interpolation of ``attrs`` over the covering
-        triangle, 0 on background; differentiable w.r.t. attrs and verts_screen.
+        triangle, 0 on background. Differentiable (once) w.r.t. attrs and verts_screen,
+        through a hand-written backward that tests/test_render.py checks with gradcheck.
     """
     if attrs.dim() != 3 or attrs.shape[:2] != verts_screen.shape[:2]:
         raise ValueError(f"Expected attrs to have shape ({verts_screen.shape[0]}, "
                          f"{verts_screen.shape[1]}, C); got {tuple(attrs.shape)}")
-    def chunk(idx, vidx, px, py, verts, attrs):
-        values = _Interpolate.apply(attrs, verts, vidx, px, py)
-        return _scatter_image(values, idx, verts.shape[0], *pix_to_face.shape[1:])
-
-    return _per_chunk(chunk, verts_screen, faces, pix_to_face, attrs)
+    if not attrs.is_floating_point():
+        raise ValueError(f"Expected attrs to be floating point; got {attrs.dtype}")
+    return _per_chunk(_interpolate_chunk, verts_screen, faces, pix_to_face, attrs)
