@@ -371,6 +371,28 @@ def test_bad_input_is_one_line_error(kind, tmp_path, clip, model_path, capsys):
     assert not os.path.exists(res) or os.listdir(res) == []
 
 
+def test_presets_and_defaults():
+    """--preset original is the original schedule (one learning rate everywhere, first/rest
+    iterations 1000/500 and 50/30); the fast preset refines warm-started frames gently."""
+    from core import cli
+    from core.config import PRESETS
+
+    p = fit_video.build_parser()
+    args = p.parse_args(["--v_path", "x.mp4", "--res_folder", "r", "--preset", "original"])
+    cfg = cli.fit_config_from_args(args)
+    assert cfg == PRESETS["original"]
+    assert (cfg.first_rf_iters, cfg.first_nrf_iters, cfg.rest_rf_iters, cfg.rest_nrf_iters) == (1000, 500, 50, 30)
+    opts = fit_video.video_options(args)
+    assert opts.rest_nrf_lr is None  # = nrf_lr
+    assert (opts.nframes_shape, opts.nworkers, opts.ngpus, opts.cache_folder) == (16, 1, 1, "fitting_cache")
+    fast = fit_video.video_options(p.parse_args(["--v_path", "x", "--res_folder", "r"]))
+    assert fast.rest_nrf_lr == V.REST_NRF_LR["default"]
+    given = p.parse_args(["--v_path", "x", "--res_folder", "r", "--rest_nrf_lr", "0.02", "--rest_nrf_iters", "7",
+                          "--cache_folder", ""])
+    assert fit_video.video_options(given).rest_nrf_lr == 0.02 and fit_video.video_options(given).cache_folder is None
+    assert cli.fit_config_from_args(given).rest_nrf_iters == 7
+
+
 @pytest.mark.parametrize("flag", ["--nworkers", "--ngpus", "--nframes_shape", "--threads"])
 def test_bad_counts(flag, clip, capsys):
     rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", "x", flag, "0"])
