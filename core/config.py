@@ -40,8 +40,15 @@ class FitConfig:
     # Photometric stage: learning rate of the light (SH) coefficients, as a multiple of
     # nrf_lr (1 = the original: one learning rate for all groups).
     gamma_lr_scale: float = 1.0
-    # Closed-form initial light from the mean colour under the face (off in the original).
+    # Closed-form initial light and albedo (least squares on the visible vertices) before
+    # the photometric stage (off in the original, which starts them at zero).
     init_light: bool = False
+    # Coarse-to-fine photometric stage: all but the last ``fine_iters`` iterations compare
+    # render and crop at ``coarse_size`` pixels (0 = always at the crop size).
+    coarse_size: int = 0
+    fine_iters: int = 0
+    # Gradient of the shading through the vertex normals (the original: yes).
+    normals_grad: bool = True
 
     def with_overrides(self, **kw) -> "FitConfig":
         """A copy with the given fields replaced; ``None`` values are ignored."""

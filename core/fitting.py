@@ -98,18 +98,22 @@ class Fitter:
         c = expand(coeffs, landmarks.shape[0])
         return self.model.contour_keypoints(c, self.camera.project_points, landmarks)
 
-    def render(self, coeffs: Coeffs, albedo: Optional[torch.Tensor] = None):
-        """Render (B, T, T, 4) RGBA of the model at ``coeffs`` and return it with the
-        model output."""
-        out = self.model(coeffs, albedo=albedo)
-        screen = self.camera.project(out.vertices)
-        size = self.camera.image_size
+    def render(self, coeffs: Coeffs, albedo: Optional[torch.Tensor] = None, camera: Optional[Camera] = None,
+               identity: Optional[torch.Tensor] = None, normals_grad: bool = True):
+        """Render (B, S, S, 4) RGBA of the model at ``coeffs`` (S = the camera's image
+        size, default the fitted crop size) and return it with the model output.
+        ``albedo`` / ``identity``: cached pieces for fixed tex / id (see FaceModel)."""
+        camera = camera or self.camera
+        out = self.model(coeffs, albedo=albedo, identity=identity, normals_grad=normals_grad)
+        screen = camera.project(out.vertices)
+        size = camera.image_size
         rgba = self.renderer(screen, self.model.tri, out.colors, (size, size))
         return rgba, out
 
     def loss_terms(self, coeffs: Coeffs, landmarks: torch.Tensor, images: Optional[torch.Tensor],
                    pose_ref: Optional[PoseRef] = None, with_photo: bool = True,
-                   keypoints: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                   keypoints: Optional[torch.Tensor] = None, photo_camera: Optional[Camera] = None,
+                   cached: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """Every loss term of SPEC §4 (unweighted) and the weighted ``total``.
 
         Args:
@@ -117,13 +121,19 @@ class Fitter:
             landmarks: (B, L, 2) target image points.
             images: (B, T, T, 3) 0..255 target crops, or None (landmark terms only).
             keypoints: optional (B, L) per-frame landmark vertex ids.
+            photo_camera: the camera of the photometric term when ``images`` are at
+                another resolution than the crop (coarse-to-fine); landmarks always use
+                the crop's camera.
+            cached: optional ``identity`` / ``albedo`` precomputed for fixed id / tex.
         """
         cfg = self.cfg
         batch = landmarks.shape[0]
         c = expand(coeffs, batch)
         terms: Dict[str, torch.Tensor] = {}
         if with_photo and images is not None:
-            rgba, out = self.render(c)
+            cached = cached or {}
+            rgba, out = self.render(c, albedo=cached.get("albedo"), identity=cached.get("identity"),
+                                    camera=photo_camera, normals_grad=cfg.normals_grad)
             mask = (rgba[..., 3] > 0).to(rgba.dtype)
             terms["photo"] = L.photo_loss(rgba[..., :3], images, mask)
             terms["reflectance"] = L.reflectance_loss(out.albedo, self.model.skinmask)
@@ -164,7 +174,7 @@ class Fitter:
             return coeffs
         if self.cfg.rigid_solver == "lm":
             return self._lm(coeffs, landmarks, POSE, iters, pose_ref=pose_ref, desc="rigid (LM)")
-        return self._adam(coeffs, landmarks, None, POSE, iters, self.cfg.rf_lr, pose_ref, photo=False, desc="rigid")
+        return self._adam(coeffs, landmarks, iters, POSE, self.cfg.rf_lr, pose_ref, photo=False, desc="rigid")
 
     def landmark_init(self, coeffs: Coeffs, landmarks: torch.Tensor, iters: int,
                       groups: Sequence[str] = ("angles", "trans", "id", "exp"),
@@ -176,13 +186,35 @@ class Fitter:
 
     def photometric(self, coeffs: Coeffs, landmarks: torch.Tensor, images: torch.Tensor, iters: int,
                     groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None) -> Coeffs:
-        """Adam on ``groups`` with the full loss, rendering every iteration."""
+        """Adam on ``groups`` with the full loss, rendering every iteration.
+
+        With ``coarse_size`` set, the first ``iters - fine_iters`` iterations compare the
+        render and the crops at that lower resolution (one Adam state throughout)."""
         if iters <= 0:
             return coeffs
-        if self.cfg.init_light:
-            coeffs = self.init_light(coeffs, images)
-        return self._adam(coeffs, landmarks, images, tuple(groups), iters, self.cfg.nrf_lr, pose_ref,
+        cfg = self.cfg
+        if cfg.init_light:
+            coeffs = self.init_appearance(coeffs, images, albedo="tex" in groups and self.model.has_albedo_basis)
+        size = self.camera.image_size
+        schedule = [(None, images, iters)]
+        if 0 < cfg.coarse_size < size and iters > cfg.fine_iters:
+            cam, small = self.coarse(images, cfg.coarse_size)
+            schedule = [(cam, small, iters - cfg.fine_iters), (None, images, cfg.fine_iters)]
+        return self._adam(coeffs, landmarks, schedule, tuple(groups), self.cfg.nrf_lr, pose_ref,
                           photo=True, desc="non-rigid")
+
+    def coarse(self, images: torch.Tensor, size: int):
+        """A camera and the crops (B, T, T, 3) at ``size`` pixels: same view, each coarse
+        pixel the average of the crop pixels it covers."""
+        t = self.camera.image_size
+        s = size / t
+        cam = Camera(focal=self.camera.focal * s, distance=self.camera.distance, image_size=size)
+        x = images.permute(0, 3, 1, 2)
+        if t % size == 0:
+            x = torch.nn.functional.avg_pool2d(x, t // size)
+        else:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
+        return cam, x.permute(0, 2, 3, 1).contiguous()
 
     def fit(self, landmarks: torch.Tensor, images: Optional[torch.Tensor], init: Optional[Coeffs] = None,
             rf_iters: Optional[int] = None, nrf_iters: Optional[int] = None,
@@ -220,14 +252,18 @@ class Fitter:
         return FitResult(coeffs=expand(coeffs, batch).detach(),
                          losses={k: float(v) for k, v in terms.items()}, timings=t, keypoints=kp)
 
-    # -- light -------------------------------------------------------------------------
+    # -- light and albedo ----------------------------------------------------------------
     @torch.no_grad()
-    def init_light(self, coeffs: Coeffs, images: torch.Tensor, ridge: float = 1e-2) -> Coeffs:
-        """Least-squares SH light from the image colours at the visible vertices.
+    def init_appearance(self, coeffs: Coeffs, images: torch.Tensor, albedo: bool = True, rounds: int = 2,
+                        ridge: float = 400.0) -> Coeffs:
+        """Least-squares SH light (and albedo coefficients) from the image colours at the
+        visible vertices, for the current shape and pose.
 
-        The colour model is linear in gamma: I_c(v) = T_c(v) · Σ_k Y_k(v) g_ck, so for
-        fixed shape, albedo and pose each colour's 9 coefficients solve a small ridge
-        regression over the vertices that cover pixels.
+        The colour model I_c(v) = T_c(v) · Σ_k Y_k(v) g_ck is linear in the light g for a
+        fixed albedo and linear in tex for a fixed light, so both are small ridge
+        regressions, alternated ``rounds`` times. ``ridge`` is the colour noise variance
+        (0..255 units) against the albedo prior N(0, 1). Shared (batch 1) groups are solved
+        over all frames at once.
         """
         batch = images.shape[0]
         c = expand(coeffs, batch)
@@ -235,34 +271,62 @@ class Fitter:
         screen = self.camera.project(out.vertices)
         size = self.camera.image_size
         frags = self.renderer.rasterize(screen, self.model.tri, (size, size))
-        gammas = []
+        vis = torch.zeros(batch, self.model.num_vertices, dtype=torch.bool, device=self.device)
         for b in range(batch):
             faces = frags.pix_to_face[b][frags.pix_to_face[b] >= 0].unique()
-            vis = torch.zeros(self.model.num_vertices, dtype=torch.bool, device=self.device)
-            vis[self.model.tri[faces].reshape(-1)] = True
-            vis &= self.model.skinmask > 0
-            if vis.sum() < 30:
-                gammas.append(c.gamma[b])
-                continue
-            cols = screen[b, vis, 0].floor().long().clamp(0, size - 1)
-            rows = screen[b, vis, 1].floor().long().clamp(0, size - 1)
-            target = images[b, rows, cols]  # (V, 3)
-            y = sh_basis(out.normals[b, vis])  # (V, 9)
-            g = torch.empty(3, 9, dtype=self.dtype, device=self.device)
-            for ch in range(3):
-                a = y * out.albedo[b, vis, ch:ch + 1]
-                lhs = a.T @ a + ridge * a.shape[0] * torch.eye(9, dtype=self.dtype, device=self.device)
-                g[ch] = torch.linalg.solve(lhs, a.T @ target[:, ch])
-            g[:, 0] -= 0.8
-            gammas.append(g.reshape(27))
-        gamma = torch.stack(gammas)
-        if coeffs.gamma.shape[0] == 1 and batch > 1:
-            gamma = gamma.mean(0, keepdim=True)
-        return coeffs.replace(gamma=gamma)
+            vis[b, self.model.tri[faces].reshape(-1)] = True
+        vis &= (self.model.skinmask > 0)[None]
+        if vis.sum(1).min() < 30:
+            return coeffs
+        # Image colour at every vertex (bilinear; pixel i spans [i, i + 1)).
+        grid = (screen[..., :2] / size * 2 - 1)[:, None]                       # (B, 1, N, 2)
+        target = torch.nn.functional.grid_sample(images.permute(0, 3, 1, 2), grid, align_corners=False)
+        target = target[:, :, 0].transpose(1, 2)                                # (B, N, 3)
+        y = sh_basis(out.normals)                                               # (B, N, 9)
+        tex = c.tex
+        gamma = c.gamma
+        eye9 = torch.eye(9, dtype=self.dtype, device=self.device)
+        for r in range(rounds):
+            alb = self.model.albedo(tex) if self.model.has_albedo_basis else out.albedo
+            g = torch.empty(batch, 3, 9, dtype=self.dtype, device=self.device)
+            for b in range(batch):
+                for ch in range(3):
+                    a = y[b, vis[b]] * alb[b, vis[b], ch:ch + 1]
+                    g[b, ch] = torch.linalg.solve(a.T @ a + 1e-6 * a.shape[0] * eye9, a.T @ target[b, vis[b], ch])
+            gamma = (g - torch.tensor([0.8] + [0.0] * 8, dtype=self.dtype, device=self.device)).reshape(batch, 27)
+            if coeffs.gamma.shape[0] == 1 and batch > 1:
+                gamma = gamma.mean(0, keepdim=True).expand(batch, -1)
+            if not albedo or r == rounds - 1:
+                break
+            light = torch.bmm(y, g.transpose(1, 2))                             # (B, N, 3)
+            k = self.model.layout.n_tex
+            base = self.model.tex_base.reshape(-1, 3, k)                        # (N, 3, K)
+            mean = self.model.meantex.reshape(-1, 3)
+            shared = coeffs.tex.shape[0] == 1 and batch > 1
+            lhs = ridge * torch.eye(k, dtype=self.dtype, device=self.device)
+            rhs = torch.zeros(k, dtype=self.dtype, device=self.device)
+            solved = []
+            for b in range(batch):
+                v = vis[b]
+                a = (base[v] * light[b, v, :, None]).reshape(-1, k)
+                rb = (target[b, v] - mean[v] * light[b, v]).reshape(-1)
+                if shared:
+                    lhs, rhs = lhs + a.T @ a, rhs + a.T @ rb
+                else:
+                    solved.append(torch.linalg.solve(lhs + a.T @ a, a.T @ rb))
+            tex = torch.linalg.solve(lhs, rhs)[None].expand(batch, -1) if shared else torch.stack(solved)
+        new = {"gamma": gamma[:1] if coeffs.gamma.shape[0] == 1 and batch > 1 else gamma}
+        if albedo and self.model.has_albedo_basis:
+            new["tex"] = tex[:1] if coeffs.tex.shape[0] == 1 and batch > 1 else tex
+        return coeffs.replace(**new)
 
     # -- optimisers ----------------------------------------------------------------------
-    def _adam(self, coeffs: Coeffs, landmarks, images, groups: Tuple[str, ...], iters: int, lr: float,
+    def _adam(self, coeffs: Coeffs, landmarks, schedule, groups: Tuple[str, ...], lr: float,
               pose_ref: Optional[PoseRef], photo: bool, desc: str) -> Coeffs:
+        """Adam on ``groups``. ``schedule``: an iteration count (landmark terms only) or a
+        list of (photo camera or None, images, iterations) run one after the other."""
+        if isinstance(schedule, int):
+            schedule = [(None, None, schedule)]
         leaves = {g: getattr(coeffs, g).detach().clone().requires_grad_(True) for g in groups}
         params = []
         for g, t in leaves.items():
@@ -270,13 +334,26 @@ class Fitter:
             params.append({"params": [t], "lr": lr * scale})
         opt = torch.optim.Adam(params, lr=lr)
         fixed = {k: v.detach() for k, v in coeffs.as_dict().items() if k not in leaves}
-        for _ in tqdm(range(iters), desc=desc, disable=not self.progress, leave=False):
-            c = Coeffs(**fixed, **leaves)
-            kp = self.select_keypoints(c, landmarks)
-            terms = self.loss_terms(c, landmarks, images, pose_ref=pose_ref, with_photo=photo, keypoints=kp)
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            opt.step()
+        cached = {}
+        if photo:  # pieces of the forward model that the fixed groups make constant
+            with torch.no_grad():
+                if "id" in fixed:
+                    cached["identity"] = self.model.identity(fixed["id"])
+                if "tex" in fixed:
+                    cached["albedo"] = self.model.albedo(fixed["tex"])
+        total_iters = sum(n for _, _, n in schedule)
+        bar = tqdm(total=total_iters, desc=desc, disable=not self.progress, leave=False)
+        for cam, images, iters in schedule:
+            for _ in range(iters):
+                c = Coeffs(**fixed, **leaves)
+                kp = self.select_keypoints(c, landmarks)
+                terms = self.loss_terms(c, landmarks, images, pose_ref=pose_ref, with_photo=photo, keypoints=kp,
+                                        photo_camera=cam, cached=cached)
+                opt.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                opt.step()
+                bar.update(1)
+        bar.close()
         return Coeffs(**fixed, **{k: v.detach() for k, v in leaves.items()})
 
     def _lm(self, coeffs: Coeffs, landmarks: torch.Tensor, groups: Tuple[str, ...], iters: int,

@@ -218,23 +218,40 @@ class FaceModel(nn.Module):
         kp[:, self.contour_landmarks] = self.contour_candidates.expand(b, -1, -1).gather(2, best[..., None])[..., 0]
         return kp
 
-    def forward(self, coeffs: Coeffs, albedo: Optional[torch.Tensor] = None) -> FaceOutput:
+    def forward(self, coeffs: Coeffs, albedo: Optional[torch.Tensor] = None,
+                identity: Optional[torch.Tensor] = None, normals_grad: bool = True) -> FaceOutput:
         """Full forward model of SPEC §3.
 
         Args:
             coeffs: batch of B coefficients (see :class:`~core.coeffs.Coeffs`).
-            albedo: optional (B or 1, N, 3) albedo overriding meantex + texBase·tex (used
-                for models without an albedo basis).
+            albedo: optional (B or 1, N, 3) albedo used instead of meantex + texBase·tex
+                (a cached albedo when tex is fixed, or one estimated for shape-only models).
+            identity: optional (B or 1, 3N) cached meanshape + idBase·id (when id is fixed);
+                coeffs.id is then ignored.
+            normals_grad: False computes the normals without gradient (the shading still
+                passes gradients to colours and light; cheaper).
         """
-        shape = self.shape(coeffs.id, coeffs.exp)
+        if identity is None:
+            shape = self.shape(coeffs.id, coeffs.exp)
+        else:
+            s = identity + coeffs.exp @ self.exp_base.T
+            shape = s.reshape(s.shape[0], -1, 3)
         rot = euler_to_rotation(coeffs.angles)
-        normals = vertex_normals(shape, self.tri, self.point_buf)
+        if normals_grad:
+            normals = vertex_normals(shape, self.tri, self.point_buf)
+        else:
+            with torch.no_grad():
+                normals = vertex_normals(shape, self.tri, self.point_buf)
         normals = torch.bmm(normals, rot.transpose(1, 2))
         if albedo is None:
             albedo = self.albedo(coeffs.tex)
-        elif albedo.shape[0] != shape.shape[0]:
+        if albedo.shape[0] != shape.shape[0]:
             albedo = albedo.expand(shape.shape[0], -1, -1)
         colors = sh_shade(albedo, normals, coeffs.gamma)
         vertices = rigid_transform(shape, rot, coeffs.trans)
         return FaceOutput(vertices=vertices, colors=colors, albedo=albedo, normals=normals,
                           landmarks=vertices[:, self.keypoints], rotation=rot)
+
+    def identity(self, id_coeff: torch.Tensor) -> torch.Tensor:
+        """meanshape + idBase·id (B, 3N): the part of the shape a fixed identity caches."""
+        return self.meanshape + id_coeff @ self.id_base.T

@@ -91,7 +91,8 @@ def test_frames_are_independent_of_batching(model):
         lms = f.project_landmarks(gt)
     both = f.fit(lms, rgba[..., :3]).coeffs
     one = f.fit(lms[1:], rgba[1:, ..., :3]).coeffs
-    assert torch.allclose(both.angles[1], one.angles[0], atol=1e-4)
+    # float32 batched arithmetic differs in the last bits; coupling would show as ~1e-2
+    assert torch.allclose(both.angles[1], one.angles[0], atol=5e-4)
     assert torch.allclose(both.exp[1], one.exp[0], atol=1e-3)
 
 
