@@ -894,6 +894,7 @@ def _info(session, detector, video_path, track, shape, options, timings, nme, n_
         "ngpus": options.ngpus,
         "threads_per_worker": threads,
         "clip_overlap": options.clip_overlap,
+        "clips_fitted": n_jobs,
         "clips_reused": reused,
         "cache": {"folder": os.path.abspath(options.cache_folder) if options.cache_folder else None,
                   "landmarks_reused": track.reused, "shape_reused": shape.reused, "clips_reused": reused},

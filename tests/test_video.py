@@ -346,9 +346,9 @@ def _noise_video(path: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("kind", ["missing", "corrupt", "empty", "no_face", "unwritable"])
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "empty", "no_face", "unwritable", "unwritable_cache"])
 def test_bad_input_is_one_line_error(kind, tmp_path, clip, model_path, capsys):
-    video, res = str(tmp_path / "v.mp4"), str(tmp_path / "res")
+    video, res, cache = str(tmp_path / "v.mp4"), str(tmp_path / "res"), str(tmp_path / "cache")
     if kind == "corrupt":
         with open(video, "wb") as f:
             f.write(os.urandom(2000))
@@ -361,12 +361,20 @@ def test_bad_input_is_one_line_error(kind, tmp_path, clip, model_path, capsys):
         blocker = tmp_path / "file"
         blocker.write_text("x")
         res = str(blocker / "res")
-    rc = run_main(fit_video.main, ["--v_path", video, "--res_folder", res, "--cache_folder",
-                                   str(tmp_path / "cache"), "--model_path", model_path] + FAST)
+    elif kind == "unwritable_cache":
+        video = clip
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        cache = str(blocker / "cache")
+    rc = run_main(fit_video.main, ["--v_path", video, "--res_folder", res, "--cache_folder", cache,
+                                   "--model_path", model_path] + FAST)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
     expected = {"missing": "not found", "corrupt": "cannot read video", "empty": "empty",
-                "no_face": "no face found in any of the 3 frames", "unwritable": "not writable"}[kind]
+                "no_face": "no face found in any of the 3 frames", "unwritable": "output folder",
+                "unwritable_cache": "cache folder"}[kind]
+    if kind.startswith("unwritable"):
+        assert "not writable" in err[0]
     assert expected in err[0]
     assert not os.path.exists(res) or os.listdir(res) == []
 
