@@ -179,8 +179,6 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
     xs = coords[0].index_select(0, gidx).view(3, -1)  # (3 corners, B*F)
     ys = coords[1].index_select(0, gidx).view(3, -1)
     zs = coords[2].index_select(0, gidx).view(3, -1)
-    x0, x1, x2 = xs
-    y0, y1, y2 = ys
 
     # Integer range of pixel centres (i + 0.5) inside the bounding box; clamping before
     # any cast keeps huge coordinates finite.
@@ -191,22 +189,20 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
     ncol = (col1 - col0 + 1).clamp_(min=0)
     nrow = (row1 - row0 + 1).clamp_(min=0)
 
-    area2 = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)  # twice the signed area
-    zmin = zs.amin(0)
-    valid = torch.isfinite(area2) & (area2 != 0) & (zmin > znear) & (zmin <= zfar)
-    count = (ncol.long() * nrow.long()).masked_fill_(~valid, 0)  # int64: exact for any size
-
     # Vertices relative to the first candidate pixel centre p0 (small numbers: accurate).
     # The screen weight of vertex k at p, unnormalised, is the edge function
     # e_k(p) = cross(v_{k+1} - p, v_{k+2} - p); p is inside iff all three have the sign
-    # of the area.
-    px0 = col0 + 0.5
-    py0 = row0 + 0.5
-    rx0, rx1, rx2 = x0 - px0, x1 - px0, x2 - px0
-    ry0, ry1, ry2 = y0 - py0, y1 - py0, y2 - py0
-    ec0 = rx1 * ry2 - rx2 * ry1
-    ec1 = rx2 * ry0 - rx0 * ry2
-    ec2 = rx0 * ry1 - rx1 * ry0
+    # of the area, and twice the signed area is e_0 + e_1 + e_2 (0 exactly when two
+    # vertices coincide).
+    rx0, rx1, rx2 = xs - (col0 + 0.5)
+    ry0, ry1, ry2 = ys - (row0 + 0.5)
+    ec0 = torch.addcmul(rx1 * ry2, rx2, ry1, value=-1)
+    ec1 = torch.addcmul(rx2 * ry0, rx0, ry2, value=-1)
+    ec2 = torch.addcmul(rx0 * ry1, rx1, ry0, value=-1)
+    area2 = ec0 + ec1 + ec2
+    zmin = zs.amin(0)
+    valid = torch.isfinite(area2) & (area2 != 0) & (zmin > znear) & (zmin <= zfar)
+    count = (ncol.long() * nrow.long()).masked_fill_(~valid, 0)  # int64: exact for any size
     iz0, iz1, iz2 = zs.reciprocal()
     inv_area = area2.reciprocal()
     # Inverse perspective-correct depth at p0: 1/z = sum_k (e_k / 2A) / z_k.
@@ -375,37 +371,49 @@ def _gather_corners(table: torch.Tensor, vidx: torch.Tensor) -> torch.Tensor:
 
 
 class _Interpolate(torch.autograd.Function):
-    """values (C, M) = sum_k w_k attrs[vidx_k] with the perspective-correct weights w of
-    each covered pixel, from attrs (B, N, C), verts (B, N, 3) (col, row, depth), vidx
-    (3, M) and pixel centres px, py (M,). The backward is written out by hand so that
-    everything stays in contiguous (3, M) vectors and 1-D gathers and scatter-adds, which
-    is several times faster on a CPU than autograd through (M, 3, C) tensors."""
+    """image (B, H, W, C): at the covered pixels idx (M,), sum_k w_k attrs[vidx_k] with the
+    perspective-correct weights w; 0 elsewhere. Inputs: attrs (B, N, C), verts (B, N, 3)
+    (col, row, depth), vidx (3, M), pixel centres px, py (M,), idx (M,) flat pixel indices.
+
+    The backward is written out by hand so that everything stays in contiguous (3, M)
+    vectors, 1-D gathers and 1-D scatter-adds: several times faster on a CPU than
+    autograd through (M, 3, C) tensors.
+    """
 
     @staticmethod
-    def forward(ctx, attrs, verts, vidx, px, py):
+    def forward(ctx, attrs, verts, vidx, px, py, idx, image_shape):
         attrs_t = _columns(attrs.reshape(-1, attrs.shape[2]))  # (C, B*N)
         x, y, z = _gather_corners(_columns(verts.reshape(-1, 3)), vidx)
         rx, ry, u, s = _edge_weights(x, y, z, px, py)
         w = u / s
         a = _gather_corners(attrs_t, vidx)  # (C, 3, M)
-        values = (a * w.to(a.dtype)).sum(1)
-        ctx.save_for_backward(vidx, rx, ry, z, u, s, w, a)
+        wa = w.to(a.dtype)
+        values = torch.addcmul(torch.addcmul(a[:, 0] * wa[0], a[:, 1], wa[1]), a[:, 2], wa[2])
+        channels = values.shape[0]
+        pos = _offset_index(idx * channels, channels, 1)  # channel-last image positions
+        image = values.new_zeros(int(torch.Size(image_shape).numel()) * channels)
+        image.scatter_(0, pos, values.view(-1))
+        ctx.save_for_backward(vidx, rx, ry, z, u, s, w, a, pos)
         ctx.shapes = (attrs.shape, verts.shape)
-        return values
+        return image.view(*image_shape, channels)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values):
-        vidx, rx, ry, z, u, s, w, a = ctx.saved_tensors
+    def backward(ctx, grad_image):
+        vidx, rx, ry, z, u, s, w, a, pos = ctx.saved_tensors
         attrs_shape, verts_shape = ctx.shapes
         num = attrs_shape[0] * attrs_shape[1]
-        grad_values = grad_values.contiguous()
+        grad_values = grad_image.reshape(-1).index_select(0, pos).view(a.shape[0], -1)  # (C, M)
         grad_attrs = grad_verts = None
         if ctx.needs_input_grad[0]:
-            g = grad_values.unsqueeze(1) * w.to(grad_values.dtype)  # (C, 3, M)
-            grad_attrs = _scatter_corners(g, vidx, a.shape[0], num).view(attrs_shape)
+            wg = w.to(grad_values.dtype)
+            grad_attrs = _scatter_corners([wg * gc for gc in grad_values], vidx, num)
+            grad_attrs = grad_attrs.view(attrs_shape)
         if ctx.needs_input_grad[1]:
-            gw = (a * grad_values.unsqueeze(1)).sum(0).to(w.dtype)  # dL/dw (3, M)
+            gw = a[0] * grad_values[0]  # dL/dw (3, M)
+            for c in range(1, a.shape[0]):
+                gw.addcmul_(a[c], grad_values[c])
+            gw = gw.to(w.dtype)
             gu = (gw - (gw * w).sum(0)) / s  # w = u / s
             ge = gu / z  # u = e / z
             gz = -ge * u
@@ -413,18 +421,20 @@ class _Interpolate(torch.autograd.Function):
             ge_prev, ge_next = ge.roll(1, 0), ge.roll(-1, 0)
             gx = ge_prev * ry.roll(-1, 0) - ge_next * ry.roll(1, 0)
             gy = ge_next * rx.roll(1, 0) - ge_prev * rx.roll(-1, 0)
-            grad_verts = _scatter_corners(torch.stack([gx, gy, gz]), vidx, 3, num)
-            grad_verts = grad_verts.view(verts_shape)
-        return grad_attrs, grad_verts, None, None, None
+            grad_verts = _scatter_corners([gx, gy, gz], vidx, num).view(verts_shape)
+        return grad_attrs, grad_verts, None, None, None, None, None
 
 
-def _scatter_corners(values: torch.Tensor, vidx: torch.Tensor, rows: int, num: int) -> torch.Tensor:
-    """Sum values (D, 3, M) into per-vertex rows at vidx (3, M) -> (B*N, D)."""
+def _scatter_corners(values, vidx: torch.Tensor, num: int) -> torch.Tensor:
+    """Sum values (D, 3, M) (a tensor or D tensors (3, M)) into per-vertex rows at vidx
+    (3, M) -> (B*N, D)."""
     flat = vidx.reshape(-1)
-    out = values.new_zeros(rows, num)
-    for d in range(rows):
-        out[d].scatter_add_(0, flat, values[d].reshape(-1))
-    return torch.stack(out.unbind(0), dim=1)
+    out = values[0].new_zeros(num, len(values))
+    row = values[0].new_empty(num)
+    for d, v in enumerate(values):
+        row.zero_().scatter_add_(0, flat, v.reshape(-1))
+        out[:, d].copy_(row)
+    return out
 
 
 def _scatter_image(values: torch.Tensor, idx: torch.Tensor, batch: int, height: int,
@@ -462,8 +472,7 @@ def _barycentrics_chunk(idx, vidx, px, py, verts, _, image_shape):
 
 
 def _interpolate_chunk(idx, vidx, px, py, verts, attrs, image_shape):
-    values = _Interpolate.apply(attrs, verts, vidx, px, py)
-    return _scatter_image(values, idx, *image_shape)
+    return _Interpolate.apply(attrs, verts, vidx, px, py, idx, tuple(image_shape))
 
 
 def barycentrics(verts_screen: torch.Tensor, faces: torch.Tensor,
