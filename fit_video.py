@@ -42,9 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--clip_overlap", type=int, default=8,
                    help="warm-up frames fitted and dropped before each clip after the first, so the result does "
                         "not depend on the worker count (default: 8; 0 = the original)")
-    v.add_argument("--rest_nrf_lr", type=float, default=None,
-                   help="non-rigid Adam learning rate of frames warm-started from the previous one (default: "
-                        "5e-3 with --preset default, else --nrf_lr as in the original)")
     v.add_argument("--threads", type=int, default=None,
                    help="CPU threads per process (default: every core for the shape fit and rendering, "
                         "cores // nworkers for each worker)")
@@ -57,13 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def video_options(args: argparse.Namespace):
     """The :class:`core.video.VideoOptions` of parsed flags."""
-    from core.video import REST_NRF_LR, VideoOptions
+    from core.video import VideoOptions
 
-    rest_lr = args.rest_nrf_lr if args.rest_nrf_lr is not None else REST_NRF_LR.get(args.preset)
     return VideoOptions(nframes_shape=args.nframes_shape, nworkers=args.nworkers, ngpus=args.ngpus,
                         clip_overlap=args.clip_overlap, cache_folder=args.cache_folder or None,
-                        padding_ratio=args.padding_ratio, keep_audio=not args.no_audio, threads=args.threads,
-                        rest_nrf_lr=rest_lr)
+                        padding_ratio=args.padding_ratio, keep_audio=not args.no_audio, threads=args.threads)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -80,8 +75,6 @@ def main(argv: Sequence[str]) -> int:
             raise UserError(f"--{flag} must be at least 1; got {getattr(args, flag)}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1; got {args.threads}")
-    if args.rest_nrf_lr is not None and not args.rest_nrf_lr > 0:
-        raise UserError(f"--rest_nrf_lr must be > 0; got {args.rest_nrf_lr}")
     if args.clip_overlap < 0:
         raise UserError(f"--clip_overlap must be >= 0; got {args.clip_overlap}")
     if os.path.exists(args.res_folder) and not os.path.isdir(args.res_folder):

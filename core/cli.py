@@ -47,6 +47,8 @@ def add_fit_flags(parser: argparse.ArgumentParser, video: bool = False) -> None:
         "rest_rf_iters": "rigid iterations per following video frame",
         "rest_nrf_iters": "non-rigid iterations per following video frame",
         "rf_lr": "rigid-stage Adam learning rate", "nrf_lr": "non-rigid-stage Adam learning rate",
+        "rest_nrf_lr": "non-rigid Adam learning rate of video frames warm-started from the previous one "
+                       "(unset: --nrf_lr)",
         "lm_loss_w": "landmark loss weight", "rgb_loss_w": "photometric loss weight",
         "id_reg_w": "identity regulariser weight", "exp_reg_w": "expression regulariser weight",
         "tex_reg_w": "albedo regulariser weight", "tex_w": "albedo smoothness (reflectance) weight",
@@ -56,7 +58,26 @@ def add_fit_flags(parser: argparse.ArgumentParser, video: bool = False) -> None:
         if not video and name.startswith("rest_"):
             continue
         typ = int if name.endswith("iters") else float
-        g.add_argument(f"--{name}", type=typ, default=None, help=f"{text} (original: {getattr(ref, name)})")
+        g.add_argument(f"--{name}", type=_positive(typ) if name.endswith("lr") else _non_negative(typ), default=None,
+                       help=f"{text} (original: {getattr(ref, name)})")
+
+
+def _positive(typ):
+    def parse(text: str):
+        v = typ(text)
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
+        return v
+    return parse
+
+
+def _non_negative(typ):
+    def parse(text: str):
+        v = typ(text)
+        if not v >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0; got {text}")
+        return v
+    return parse
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ far fewer Adam steps.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Dict
+from typing import Dict, Optional
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class FitConfig:
     rest_nrf_iters: int = 30
     rf_lr: float = 1e-2
     nrf_lr: float = 1e-2
+    # Non-rigid learning rate of video frames warm-started from the previous frame
+    # (None: nrf_lr, as in the original).
+    rest_nrf_lr: Optional[float] = None
     # Loss weights (SPEC §4).
     lm_loss_w: float = 100.0
     rgb_loss_w: float = 1.6
@@ -66,7 +69,7 @@ PRESETS: Dict[str, FitConfig] = {
     "original": FitConfig(),
     "default": FitConfig(
         first_rf_iters=12, first_nrf_iters=60, rest_rf_iters=4, rest_nrf_iters=8,
-        rigid_solver="lm", lm_init_iters=10, nrf_lr=2e-2, gamma_lr_scale=1.0, init_light=True,
+        rigid_solver="lm", lm_init_iters=10, nrf_lr=2e-2, rest_nrf_lr=5e-3, gamma_lr_scale=1.0, init_light=True,
     ),
 }
 

@@ -235,7 +235,7 @@ class Fitter:
         t0 = time.perf_counter()
         coeffs = self.rigid(coeffs, landmarks, rf, pose_ref=pose_ref)
         t["rigid_s"] = time.perf_counter() - t0
-        if cfg.lm_init_iters > 0 and nrf > 0:
+        if cfg.lm_init_iters > 0:
             t0 = time.perf_counter()
             lm_groups = [g for g in ("angles", "trans", "id", "exp") if g in nonrigid_groups]
             coeffs = self.landmark_init(coeffs, landmarks, cfg.lm_init_iters, groups=lm_groups, pose_ref=pose_ref)

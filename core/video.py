@@ -65,15 +65,6 @@ __all__ = ["VideoOptions", "LandmarkTrack", "ShapeResult", "ClipJob", "VideoRepo
 PER_FRAME_GROUPS = ("exp", "gamma", "angles", "trans")
 CACHE_VERSION = 1
 
-# Adam learning rate of the photometric stage for frames warm-started from the previous
-# frame, per preset (a preset not listed: its nrf_lr, as in the original). The fast
-# preset's nrf_lr = 2e-2 suits a fit from scratch; a warm-started frame is already close
-# after its LM stages, and Adam's first steps move every coefficient by about the learning
-# rate whatever its gradient: on shared/data/sample_video.mp4 with the Surrey model, 5e-3
-# instead of 2e-2 brings the mean landmark error from 6.3 % to 6.0 % of the inter-ocular
-# distance (worst frame 6.9 % -> 6.3 %), at the same cost. (This belongs in FitConfig as a
-# rest_nrf_lr field beside rest_nrf_iters.)
-REST_NRF_LR = {"default": 5e-3}
 
 
 # --- settings and results ---------------------------------------------------------------
@@ -90,8 +81,6 @@ class VideoOptions:
     checkpoints of a running stage. keep_audio: copy the source audio into the video.
     threads: torch CPU threads of each process (this one for the shape fit and the
     rendering, and each worker); None: all cores here, cores // nworkers per worker.
-    rest_nrf_lr: photometric learning rate of warm-started frames (None: the config's
-    nrf_lr; see ``REST_NRF_LR``).
     """
 
     nframes_shape: int = 16
@@ -103,7 +92,6 @@ class VideoOptions:
     checkpoint_s: float = 30.0
     keep_audio: bool = True
     threads: Optional[int] = None
-    rest_nrf_lr: Optional[float] = None
 
 
 @dataclass
@@ -186,7 +174,6 @@ class ClipJob:
     partial_path: str
     key: str
     checkpoint_s: float = 30.0
-    rest_nrf_lr: Optional[float] = None  # photometric learning rate of warm-started frames
 
 
 @dataclass
@@ -481,8 +468,8 @@ def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.nda
                              renderer=job.renderer, progress=False)
     fitter, model, cam = session.fitter, session.model, session.camera
     rest_fitter = fitter
-    if job.rest_nrf_lr is not None and job.rest_nrf_lr != job.config.nrf_lr:
-        rest_fitter = Fitter(model, session.renderer, cam, job.config.with_overrides(nrf_lr=job.rest_nrf_lr),
+    if job.config.rest_nrf_lr is not None and job.config.rest_nrf_lr != job.config.nrf_lr:
+        rest_fitter = Fitter(model, session.renderer, cam, job.config.with_overrides(nrf_lr=job.config.rest_nrf_lr),
                              progress=False)
     dt = fitter.dtype
     total = job.stop - job.fit_start
@@ -734,7 +721,7 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     for k, (start, stop) in enumerate(clips):
         fit_start = max(0, start - options.clip_overlap)
         key = _digest({"shape": shape_key, "fit_start": fit_start, "start": start, "stop": stop,
-                       "rest_nrf_lr": options.rest_nrf_lr})
+                       "rest_nrf_lr": cfg.rest_nrf_lr})
         cache_path = os.path.join(cache_dir, f"clip_{start:07d}_{stop:07d}.npz")
         cached = _load_npz(cache_path, key)
         if cached is not None:
@@ -746,7 +733,7 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
             id=shape.id, tex=shape.tex, model=model_cpu, config=cfg, tar_size=tar_size,
             renderer=session.renderer.backend, device=devices[k], threads=threads, cache_path=cache_path,
             partial_path=os.path.join(cache_dir, f"clip_{start:07d}_{stop:07d}.partial.npz"), key=key,
-            checkpoint_s=options.checkpoint_s, rest_nrf_lr=options.rest_nrf_lr))
+            checkpoint_s=options.checkpoint_s))
     reused = len(clips) - len(jobs)
     if reused:
         log.info("fitting: reusing %d of %d finished clips from %s", reused, len(clips), cache_dir)
@@ -900,7 +887,7 @@ def _info(session, detector, video_path, track, shape, options, timings, nme, n_
                   "landmarks_reused": track.reused, "shape_reused": shape.reused, "clips_reused": reused},
         "renderer": session.renderer.backend,
         "fit_config": session.fitter.cfg.as_dict(),
-        "rest_nrf_lr": options.rest_nrf_lr if options.rest_nrf_lr is not None else session.fitter.cfg.nrf_lr,
+        "rest_nrf_lr": session.fitter.cfg.rest_nrf_lr or session.fitter.cfg.nrf_lr,
         "landmark_nme_interocular": {k: round(v, 5) for k, v in nme.items()},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "fps": {"landmarks": rate(n, "landmarks_s"), "fitting": rate(timings.get("fit_frames", 0), "fit_s"),

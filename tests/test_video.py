@@ -391,13 +391,13 @@ def test_presets_and_defaults():
     assert cfg == PRESETS["original"]
     assert (cfg.first_rf_iters, cfg.first_nrf_iters, cfg.rest_rf_iters, cfg.rest_nrf_iters) == (1000, 500, 50, 30)
     opts = fit_video.video_options(args)
-    assert opts.rest_nrf_lr is None  # = nrf_lr
+    assert cfg.rest_nrf_lr is None  # = nrf_lr
     assert (opts.nframes_shape, opts.nworkers, opts.ngpus, opts.cache_folder) == (16, 1, 1, "fitting_cache")
-    fast = fit_video.video_options(p.parse_args(["--v_path", "x", "--res_folder", "r"]))
-    assert fast.rest_nrf_lr == V.REST_NRF_LR["default"]
+    fast = cli.fit_config_from_args(p.parse_args(["--v_path", "x", "--res_folder", "r"]))
+    assert fast.rest_nrf_lr == PRESETS["default"].rest_nrf_lr
     given = p.parse_args(["--v_path", "x", "--res_folder", "r", "--rest_nrf_lr", "0.02", "--rest_nrf_iters", "7",
                           "--cache_folder", ""])
-    assert fit_video.video_options(given).rest_nrf_lr == 0.02 and fit_video.video_options(given).cache_folder is None
+    assert cli.fit_config_from_args(given).rest_nrf_lr == 0.02 and fit_video.video_options(given).cache_folder is None
     assert cli.fit_config_from_args(given).rest_nrf_iters == 7
 
 
