@@ -6,7 +6,11 @@ close to BFM's 35709 / 70789) on a sphere cap, projected with SPEC §3's camera 
 Reports milliseconds per frame for forward (rasterize + interpolate) and forward+backward
 (backward of the image sum w.r.t. vertices and colours), batch 1 and batch 16.
 
-    python bench/bench_render.py [--batch 1 16] [--repeat 10] [--profile]
+    python bench/bench_render.py [--batch 1 16] [--repeat 10] [--threads N] [--profile]
+
+Times are the best of --repeat runs (wall clock). On a shared machine other processes
+inflate them, with several threads most (a parallel region waits for its slowest
+thread); the load average is printed with the results.
 """
 from __future__ import annotations
 
@@ -58,8 +62,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs (best is kept)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's default)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     verts1, faces = sphere_cap_mesh(image_size=args.size)
     renderer = MeshRenderer(backend="builtin")

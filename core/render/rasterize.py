@@ -23,9 +23,15 @@ Barycentrics
     pixel centre is 1 / sum_j (w_j / z_j). They are differentiable w.r.t. all three
     coordinates of the vertices.
 
-The rasterizer is vectorised: for each triangle it enumerates the pixel centres inside
-its bounding box, tests them, and resolves the z-buffer with one ``scatter_reduce`` over
-an int64 key (float32 bits of the depth in the high word, face index in the low word).
+Implementation (no Python loop over triangles or pixels)
+    rasterize: per triangle, the integer range of pixel centres in its bounding box; the
+    triangles with one candidate centre (most of a dense mesh) are tested in place, the
+    others enumerate their candidates with repeat_interleave; the z-buffer is resolved by
+    one ``scatter_reduce(amin)`` over an int64 key (float32 bits of the depth, monotone for
+    positive floats, in the high word; face index in the low word). Frames are processed
+    in groups and candidates in chunks, which bounds memory.
+    interpolate: only the covered pixels are gathered, weighted and scattered back, in
+    structure-of-arrays form (contiguous (3, M) vectors), with a hand-written backward.
 """
 from __future__ import annotations
 
@@ -175,10 +181,10 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
     if batch > 1:
         offsets = torch.arange(batch, device=verts.device) * num_verts
         gidx = (faces_t.unsqueeze(1) + offsets.view(1, -1, 1)).view(-1)
-    coords = _columns(verts.reshape(-1, 3))  # (3, B*N)
-    xs = coords[0].index_select(0, gidx).view(3, -1)  # (3 corners, B*F)
-    ys = coords[1].index_select(0, gidx).view(3, -1)
-    zs = coords[2].index_select(0, gidx).view(3, -1)
+    coords = verts.reshape(-1, 3)  # gathering from its strided columns beats transposing
+    xs = coords[:, 0].index_select(0, gidx).view(3, -1)  # (3 corners, B*F)
+    ys = coords[:, 1].index_select(0, gidx).view(3, -1)
+    zs = coords[:, 2].index_select(0, gidx).view(3, -1)
 
     # Integer range of pixel centres (i + 0.5) inside the bounding box; clamping before
     # any cast keeps huge coordinates finite.
@@ -359,15 +365,17 @@ def _offset_index(index: torch.Tensor, rows: int, stride: int) -> torch.Tensor:
 
 
 def _gather_corners(table: torch.Tensor, vidx: torch.Tensor) -> torch.Tensor:
-    """table (D, B*N) per-vertex rows, vidx (3, M) -> (D, 3, M), one 1-D gather per row
-    (D is 3 or the few attribute channels)."""
+    """table (B, N, D) per-vertex values, vidx (3, M) -> (D, 3, M), one 1-D gather per
+    channel (D is 3 or the few attribute channels)."""
+    table = table.reshape(-1, table.shape[-1])
     flat = vidx.reshape(-1)
     if torch.is_grad_enabled() and table.requires_grad:
-        return torch.stack([row.index_select(0, flat) for row in table]).view(table.shape[0], 3, -1)
-    out = table.new_empty(table.shape[0], flat.shape[0])
-    for d in range(table.shape[0]):
-        torch.index_select(table[d], 0, flat, out=out[d])
-    return out.view(table.shape[0], 3, -1)
+        return torch.stack([table[:, d].index_select(0, flat) for d in range(table.shape[1])]
+                           ).view(table.shape[1], 3, -1)
+    out = table.new_empty(table.shape[1], flat.shape[0])
+    for d in range(table.shape[1]):
+        torch.index_select(table[:, d], 0, flat, out=out[d])
+    return out.view(table.shape[1], 3, -1)
 
 
 class _Interpolate(torch.autograd.Function):
@@ -382,11 +390,10 @@ class _Interpolate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, attrs, verts, vidx, px, py, idx, image_shape):
-        attrs_t = _columns(attrs.reshape(-1, attrs.shape[2]))  # (C, B*N)
-        x, y, z = _gather_corners(_columns(verts.reshape(-1, 3)), vidx)
+        x, y, z = _gather_corners(verts, vidx)
         rx, ry, u, s = _edge_weights(x, y, z, px, py)
         w = u / s
-        a = _gather_corners(attrs_t, vidx)  # (C, 3, M)
+        a = _gather_corners(attrs, vidx)  # (C, 3, M)
         wa = w.to(a.dtype)
         values = torch.addcmul(torch.addcmul(a[:, 0] * wa[0], a[:, 1], wa[1]), a[:, 2], wa[2])
         channels = values.shape[0]
@@ -466,7 +473,7 @@ def _per_chunk(fn, verts_screen: torch.Tensor, faces: torch.Tensor,
 
 
 def _barycentrics_chunk(idx, vidx, px, py, verts, _, image_shape):
-    x, y, z = _gather_corners(_columns(verts.reshape(-1, 3)), vidx)
+    x, y, z = _gather_corners(verts, vidx)
     _, _, u, s = _edge_weights(x, y, z, px, py)
     return _scatter_image(u / s, idx, *image_shape)
 
