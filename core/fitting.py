@@ -194,7 +194,8 @@ class Fitter:
             return coeffs
         cfg = self.cfg
         if cfg.init_light:
-            coeffs = self.init_appearance(coeffs, images, albedo="tex" in groups and self.model.has_albedo_basis)
+            coeffs = self.init_appearance(coeffs, images, albedo=cfg.init_albedo and "tex" in groups
+                                          and self.model.has_albedo_basis)
         size = self.camera.image_size
         schedule = [(None, images, iters)]
         if 0 < cfg.coarse_size < size and iters > cfg.fine_iters:
@@ -276,6 +277,13 @@ class Fitter:
             faces = frags.pix_to_face[b][frags.pix_to_face[b] >= 0].unique()
             vis[b, self.model.tri[faces].reshape(-1)] = True
         vis &= (self.model.skinmask > 0)[None]
+        # Keep vertices well inside the face: at the silhouette the image colour at a
+        # vertex mixes in the background (or hair), outliers a least-squares fit follows.
+        covered = (frags.pix_to_face >= 0).to(self.dtype)[:, None]
+        inner = -torch.nn.functional.max_pool2d(-covered, 5, stride=1, padding=2)  # 2 px erosion
+        cols = screen[..., 0].floor().long().clamp(0, size - 1)
+        rows = screen[..., 1].floor().long().clamp(0, size - 1)
+        vis &= inner[:, 0].flatten(1).gather(1, rows * size + cols) > 0
         if vis.sum(1).min() < 30:
             return coeffs
         # Image colour at every vertex (bilinear; pixel i spans [i, i + 1)).
