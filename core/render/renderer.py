@@ -1,6 +1,7 @@
 """MeshRenderer: rasterize, then interpolate vertex colours into an RGBA image."""
 from __future__ import annotations
 
+import importlib
 import logging
 
 import torch
@@ -15,7 +16,7 @@ BACKENDS = ("auto", "builtin", "pytorch3d")
 
 def _pytorch3d_available() -> bool:
     try:
-        import pytorch3d.renderer  # noqa: F401
+        importlib.import_module("pytorch3d.renderer")
     except Exception:  # ImportError, or a broken build raising something else
         return False
     return True
