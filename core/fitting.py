@@ -417,7 +417,7 @@ class Fitter:
                 jtj = J.transpose(1, 2) @ J + torch.diag_embed(prior_w.expand(batch, -1))
                 grad = (J.transpose(1, 2) @ r[..., None])[..., 0] + prior_w * (x - prior_mu)
                 damp = lam[:, None, None] * (torch.diagonal(jtj, dim1=1, dim2=2)[:, :, None] * eye + 1e-9 * eye)
-                x_new = x + torch.linalg.solve(jtj + damp, -grad[..., None])[..., 0]
+                x_new = x + _solve_each(jtj + damp, -grad)
                 cost_new, r_new = residual_cost(x_new, kp)
                 better = cost_new < cost
                 x = torch.where(better[:, None], x_new, x)
@@ -432,3 +432,12 @@ class Fitter:
             else:
                 out[g] = v
         return Coeffs(**out)
+
+
+def _solve_each(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve a[i] x[i] = b[i] for (B, P, P) a and (B, P) b, one system at a time.
+
+    A batched torch.linalg.solve on the CPU runs MKL's threaded LU inside torch's own
+    parallel loop over the batch, which can deadlock (seen here with B = 2); P is small,
+    so a loop costs nothing."""
+    return torch.stack([torch.linalg.solve(a[i], b[i]) for i in range(a.shape[0])])
