@@ -21,6 +21,7 @@ from .detect import pick_face
 from .errors import UserError
 from .fitting import FitResult
 from .image_io import read_image
+from .metrics import landmark_nme
 from .outputs import format_obj, write_outputs
 from .session import Session
 
@@ -109,9 +110,7 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
                           rgba[..., 3], photo.box)
     model_lms_crop = cam.project_points(out.vertices[0, kp]).cpu().numpy()
     model_lms_photo = crop_to_photo(model_lms_crop, photo.box, cam.image_size)
-    iod = float(np.linalg.norm(photo.landmarks_photo[36:42].mean(0) - photo.landmarks_photo[42:48].mean(0)))
-    inner = np.r_[8, 17:68]
-    nme = float(np.linalg.norm(model_lms_photo[inner] - photo.landmarks_photo[inner], axis=1).mean() / max(iod, 1e-9))
+    nme = landmark_nme(model_lms_photo, photo.landmarks_photo)
     info = {
         "image": os.path.abspath(photo.path),
         "image_size": [int(photo.image.shape[1]), int(photo.image.shape[0])],

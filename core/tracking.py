@@ -34,6 +34,7 @@ import numpy as np
 
 from .crop import crop_face, square_box
 from .detect import Face
+from .metrics import interocular
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,6 @@ def landmarks_box(landmarks: np.ndarray) -> np.ndarray:
     """(4,) [x0, y0, x1, y1] bounding box of (L, 2) points."""
     p = np.asarray(landmarks, dtype=np.float64)
     return np.array([p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()])
-
-
-def interocular(landmarks: np.ndarray) -> float:
-    """Distance between the two eye centres (iBUG 36-41 and 42-47), pixels."""
-    p = np.asarray(landmarks, dtype=np.float64)
-    return float(np.linalg.norm(p[36:42].mean(0) - p[42:48].mean(0)))
 
 
 def box_relation(landmarks: np.ndarray, face_box) -> np.ndarray:

@@ -53,7 +53,8 @@ from .errors import UserError
 from .fitting import Fitter, PoseRef
 from .model import FaceModel
 from .session import Session
-from .tracking import SOURCE_NONE, FaceTracker, interocular
+from .metrics import landmark_nme
+from .tracking import SOURCE_NONE, FaceTracker
 from .video_io import VideoReader, VideoWriter
 
 log = logging.getLogger(__name__)
@@ -830,7 +831,7 @@ def _render_video(session: Session, video_path: str, track: LandmarkTrack, boxes
                                          rgba[k, ..., 3], boxes[i])
                 p = crop_to_photo(model_lms[k], boxes[i], tar)
                 q = track.landmarks[i]
-                errors.append(float(np.linalg.norm(p - q, axis=1).mean() / max(interocular(q), 1e-6)))
+                errors.append(landmark_nme(p, q, points=None))
         for i, frame in pending:
             writer.write(composed.get(i, frame))
         pending.clear()
