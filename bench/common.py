@@ -252,9 +252,10 @@ class Report:
     failures: Dict[str, str] = field(default_factory=dict)  # section -> error
 
     def header(self) -> List[str]:
-        lines = [f"## {self.title}", "", f"Machine: {machine_line(self.machine)}.", ""]
+        lines = [f"## {self.title}", "", f"Machine: {machine_line(self.machine)}."]
         if self.settings.get("code"):
-            lines[-1:-1] = [f"Code: {self.settings['code']}.", ""]
+            lines.append(f"Code: commit {self.settings['code']}.")
+        lines.append("")
         for k, v in self.settings.items():
             if isinstance(v, str) and k.endswith("_desc"):
                 lines.append(f"- {v}")

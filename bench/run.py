@@ -191,8 +191,11 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
                                     "pytorch3d's rasterizer, default = the built-in one.")
     settings["c_ratio_desc"] = ("ratio > 1 means the default is better: original / default for times, errors and "
                                 "losses, default / original for fps.")
-    settings["d_repeats_desc"] = (f"Repeats: default {plan.repeats}, original {plan.original_repeats} (medians); "
-                                  "the two schedules alternate input by input so they share the machine's load.")
+    settings["d_repeats_desc"] = (f"Repeats: default {plan.repeats}, original {plan.original_repeats} (medians) for "
+                                  "the renderer and photo rows; the synthetic cases and the video runs are fitted once "
+                                  "(their errors do not change between repeats; their times are medians over cases / "
+                                  "rates over frames). The two schedules alternate input by input, so they share "
+                                  "the machine's load.")
     if plan.quick:
         settings["e_quick_desc"] = ("--quick: fewer inputs (shipped photos only, "
                                     f"{plan.synthetic_cases} synthetic cases on a {plan.synthetic_vertices}-vertex "
@@ -240,7 +243,8 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
         from bench.rows_synthetic import synthetic_rows
         m, desc = (synthetic, f"{synthetic.num_vertices}-vertex model") if synthetic is not None \
             else synthetic_model(plan.synthetic_vertices)
-        rows, details = synthetic_rows(m, presets, device, repeats, plan.synthetic_cases, renderer=renderer,
+        once = {name: 1 for name in presets}
+        rows, details = synthetic_rows(m, presets, device, once, plan.synthetic_cases, renderer=renderer,
                                        tar_size=plan.tar_size, noise_px=plan.noise_px, seed=plan.seed,
                                        model_desc=desc)
         report.details["synthetic"] = details
@@ -266,12 +270,12 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
     machine["load_average_end"] = common.load_average()
     # The start value is mostly other processes' load; the end value includes this run's own.
     start, end, cores = machine.get("load_average_start"), machine["load_average_end"], machine["usable_cores"]
-    busy = max(v for v in (start, end, 0.0) if v is not None)
     if device.type == "cpu" and ((start or 0.0) > cores / 2 or (end or 0.0) > cores + 1):
-        notes.append(f"The machine was busy (load average up to {busy:g} on {machine['usable_cores']} usable cores): "
-                     f"absolute times are inflated, and torch's {machine['torch_threads']} threads wait on each other "
-                     "when another process holds a core. Compare the ratios (same run, schedules alternating), "
-                     "or rerun on a quiet machine (--threads 1 is much less sensitive to a busy CPU).")
+        notes.append(f"Other processes shared the CPU (load average {start} at the start, {end} at the end, on "
+                     f"{cores} usable cores). When another process holds a core, torch's "
+                     f"{machine['torch_threads']} threads wait on each other and times can grow several-fold: "
+                     "compare the ratios (same run, schedules alternating), or rerun on a quiet machine "
+                     "(--threads 1 is much less sensitive to a busy CPU).")
     machine["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
     notes.append(f"Whole run: {machine['bench_wall_s']:.0f} s wall.")
     return report
