@@ -68,10 +68,11 @@ class FitConfig:
 
 PRESETS: Dict[str, FitConfig] = {
     "original": FitConfig(),
-    # Measured on a BFM-sized synthetic face with known coefficients (bench/, synthetic
-    # row): LM rigid + landmark init, then 90 Adam steps at 128 px and 10 at the crop size
-    # reach the original's photometric loss and landmark error with a smaller vertex
-    # error. A least-squares light/albedo start (init_light) made those fits worse.
+    # LM rigid + landmark init, then 90 Adam steps at 128 px and 10 at the crop size.
+    # bench/ (docs/performance.md): ~7x faster per photo than "original" at the same
+    # landmark NME on real photos, but a ~3% higher photometric loss and ~20% larger vertex
+    # and landmark errors on synthetic ground truth. A least-squares light/albedo start
+    # (init_light) made fits worse in development.
     "default": FitConfig(
         first_rf_iters=12, first_nrf_iters=100, rest_rf_iters=4, rest_nrf_iters=8,
         rigid_solver="lm", lm_init_iters=10, nrf_lr=3e-2, rest_nrf_lr=5e-3,
