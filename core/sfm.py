@@ -13,9 +13,8 @@ vertex of its side's contour (``sfm_model_contours.json``), the one nearest the 
 point, so they follow the silhouette as the head turns.
 
 :func:`sfm_to_bfm09_arrays` also writes it in the converted BFM09 file layout (bases padded
-to 80 / 64 / 80, fixed keypoints), for tools that expect that file. iBUG points without a vertex in the mapping take the jaw contour (points 1-8
-and 10-17: every second contour vertex from the temple down) and, for the inner mouth
-corners 61 and 65, the outer corners' vertices.
+to 80 / 64 / 80, fixed keypoints), for tools that expect that file. iBUG points the
+mapping lacks are filled by :func:`core.landmark_maps.ibug68_vertices`.
 """
 from __future__ import annotations
 
