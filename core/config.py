@@ -38,6 +38,14 @@ class FitConfig:
     trans_reg_w: float = 1.0
     # Solvers. "adam": the original; "lm": Levenberg-Marquardt on the landmark residuals.
     rigid_solver: str = "adam"
+    # Photometric stage: "adam" (the original) or "gn": Levenberg-Marquardt steps with a
+    # Gauss-Newton model of the full loss (core.gauss_newton); the photometric iteration
+    # counts are then step counts. Used where every group is per-frame (photos, video
+    # frames); a fit with shared groups (the video identity/albedo fit) uses Adam.
+    nonrigid_solver: str = "adam"
+    # Adam iterations of a photometric fit with groups shared by the frames (the video
+    # identity/albedo fit) when nonrigid_solver is "gn" (None: first_nrf_iters).
+    shared_nrf_iters: Optional[int] = None
     # Landmark-only LM on pose + id + exp before the photometric stage (0 = off).
     lm_init_iters: int = 0
     # Photometric stage: learning rate of the light (SH) coefficients, as a multiple of
@@ -53,6 +61,12 @@ class FitConfig:
     fine_iters: int = 0
     # Gradient of the shading through the vertex normals (the original: yes).
     normals_grad: bool = True
+    # Following video frames (warm-started from the previous frame): landmark init
+    # iterations, full-resolution photometric iterations (None: fine_iters) and normals
+    # gradient (None: normals_grad). See following_frames().
+    rest_lm_init_iters: int = 0
+    rest_fine_iters: Optional[int] = None
+    rest_normals_grad: Optional[bool] = None
 
     def with_overrides(self, **kw) -> "FitConfig":
         """A copy with the given fields replaced; ``None`` values are ignored."""
@@ -61,6 +75,12 @@ class FitConfig:
         if unknown:
             raise ValueError(f"Unknown fit settings: {sorted(unknown)}")
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def following_frames(self) -> "FitConfig":
+        """The settings a following video frame is fitted with (its rigid and non-rigid
+        iteration counts are rest_rf_iters / rest_nrf_iters, passed to Fitter.fit)."""
+        return self.with_overrides(nrf_lr=self.rest_nrf_lr, lm_init_iters=self.rest_lm_init_iters,
+                                   fine_iters=self.rest_fine_iters, normals_grad=self.rest_normals_grad)
 
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -74,9 +94,10 @@ PRESETS: Dict[str, FitConfig] = {
     # and landmark errors on synthetic ground truth. A least-squares light/albedo start
     # (init_light) made fits worse in development.
     "default": FitConfig(
-        first_rf_iters=12, first_nrf_iters=100, rest_rf_iters=4, rest_nrf_iters=8,
-        rigid_solver="lm", lm_init_iters=10, nrf_lr=3e-2, rest_nrf_lr=5e-3,
-        coarse_size=128, fine_iters=10,
+        first_rf_iters=12, first_nrf_iters=30, rest_rf_iters=0, rest_nrf_iters=1,
+        rigid_solver="lm", lm_init_iters=10, nonrigid_solver="gn", shared_nrf_iters=100,
+        nrf_lr=3e-2, rest_nrf_lr=5e-3, coarse_size=128, fine_iters=10,
+        rest_lm_init_iters=2, rest_fine_iters=0, rest_normals_grad=False,
     ),
 }
 

@@ -26,6 +26,7 @@ from . import losses as L
 from .camera import Camera
 from .coeffs import Coeffs
 from .config import FitConfig
+from .gauss_newton import PhotometricProblem
 from .geometry import sh_basis
 from .model import FaceModel
 
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 
 POSE = ("angles", "trans")
 NONRIGID = ("id", "exp", "tex", "gamma", "angles", "trans")
+# Levenberg-Marquardt damping of the photometric Gauss-Newton solver: start, and the
+# factors applied after a step that lowered / did not lower a frame's loss.
+GN_LAMBDA0, GN_LAMBDA_DOWN, GN_LAMBDA_UP = 1e-2, 0.3, 10.0
+# A frame's GN stage ends early once a step gains less than GN_RTOL of its loss, or once
+# its damping exceeds GN_LAMBDA_MAX (steps too short to matter).
+GN_RTOL, GN_LAMBDA_MAX = 1e-4, 1e3
 
 
 @dataclass
@@ -186,7 +193,10 @@ class Fitter:
 
     def photometric(self, coeffs: Coeffs, landmarks: torch.Tensor, images: torch.Tensor, iters: int,
                     groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None) -> Coeffs:
-        """Adam on ``groups`` with the full loss, rendering every iteration.
+        """Minimise the full loss over ``groups``, rendering every iteration: Adam, or with
+        ``nonrigid_solver="gn"`` Gauss-Newton / LM steps (``iters`` the most steps) when
+        every group is per-frame; a fit with shared groups takes ``shared_nrf_iters`` Adam
+        iterations then.
 
         With ``coarse_size`` set, the first ``iters - fine_iters`` iterations compare the
         render and the crops at that lower resolution (one Adam state throughout)."""
@@ -196,11 +206,17 @@ class Fitter:
         if cfg.init_light:
             coeffs = self.init_appearance(coeffs, images, albedo=cfg.init_albedo and "tex" in groups
                                           and self.model.has_albedo_basis)
+        shared = any(getattr(coeffs, g).shape[0] == 1 for g in groups) and landmarks.shape[0] > 1
+        gn = cfg.nonrigid_solver == "gn" and not shared
+        if cfg.nonrigid_solver == "gn" and shared and cfg.shared_nrf_iters is not None:
+            iters = cfg.shared_nrf_iters
         size = self.camera.image_size
         schedule = [(None, images, iters)]
         if 0 < cfg.coarse_size < size and iters > cfg.fine_iters:
             cam, small = self.coarse(images, cfg.coarse_size)
             schedule = [(cam, small, iters - cfg.fine_iters), (None, images, cfg.fine_iters)]
+        if gn:
+            return self._gn(coeffs, landmarks, schedule, tuple(groups), pose_ref, desc="non-rigid (GN)")
         return self._adam(coeffs, landmarks, schedule, tuple(groups), self.cfg.nrf_lr, pose_ref,
                           photo=True, desc="non-rigid")
 
@@ -219,13 +235,16 @@ class Fitter:
 
     def fit(self, landmarks: torch.Tensor, images: Optional[torch.Tensor], init: Optional[Coeffs] = None,
             rf_iters: Optional[int] = None, nrf_iters: Optional[int] = None,
-            nonrigid_groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None) -> FitResult:
+            nonrigid_groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None,
+            losses: bool = True) -> FitResult:
         """The whole single-image schedule: rigid, (landmark init), photometric.
 
         Args:
             landmarks: (B, L, 2) target points in crop pixels.
             images: (B, T, T, 3) crops, 0..255 (None: landmark-only fit).
             init: starting coefficients (default all zero, as in the original).
+            losses: evaluate every loss term at the result (one more render) into
+                ``FitResult.losses`` (else it is empty).
         """
         cfg = self.cfg
         batch = landmarks.shape[0]
@@ -246,8 +265,10 @@ class Fitter:
             coeffs = self.photometric(coeffs, landmarks, images, nrf, groups=nonrigid_groups, pose_ref=pose_ref)
         t["nonrigid_s"] = time.perf_counter() - t0
         kp = self.select_keypoints(coeffs, landmarks)
-        with torch.no_grad():
-            terms = self.loss_terms(coeffs, landmarks, images, pose_ref=pose_ref, keypoints=kp)
+        terms = {}
+        if losses:
+            with torch.no_grad():
+                terms = self.loss_terms(coeffs, landmarks, images, pose_ref=pose_ref, keypoints=kp)
         if kp is None:
             kp = self.model.keypoints.expand(batch, -1)
         return FitResult(coeffs=expand(coeffs, batch).detach(),
@@ -342,13 +363,7 @@ class Fitter:
             params.append({"params": [t], "lr": lr * scale})
         opt = torch.optim.Adam(params, lr=lr)
         fixed = {k: v.detach() for k, v in coeffs.as_dict().items() if k not in leaves}
-        cached = {}
-        if photo:  # pieces of the forward model that the fixed groups make constant
-            with torch.no_grad():
-                if "id" in fixed:
-                    cached["identity"] = self.model.identity(fixed["id"])
-                if "tex" in fixed:
-                    cached["albedo"] = self.model.albedo(fixed["tex"])
+        cached = self._fixed_pieces(fixed) if photo else {}
         total_iters = sum(n for _, _, n in schedule)
         bar = tqdm(total=total_iters, desc=desc, disable=not self.progress, leave=False)
         for cam, images, iters in schedule:
@@ -363,6 +378,90 @@ class Fitter:
                 bar.update(1)
         bar.close()
         return Coeffs(**fixed, **{k: v.detach() for k, v in leaves.items()})
+
+    def _fixed_pieces(self, fixed: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The parts of the forward model that fixed id / tex make constant."""
+        cached = {}
+        with torch.no_grad():
+            if "id" in fixed:
+                cached["identity"] = self.model.identity(fixed["id"])
+            if "tex" in fixed:
+                cached["albedo"] = self.model.albedo(fixed["tex"])
+        return cached
+
+    def _active_columns(self, group: str) -> torch.Tensor:
+        """(K,) ids of the coefficients of ``group`` (id, exp or tex) whose basis column is
+        not all zero: the others change the loss only through their prior (whose
+        minimiser is zero)."""
+        cache = self.__dict__.setdefault("_active", {})
+        if group not in cache:
+            base = {"id": self.model.id_base, "exp": self.model.exp_base, "tex": self.model.tex_base}[group]
+            cache[group] = torch.nonzero(base.abs().amax(0) > 0).reshape(-1)
+        return cache[group]
+
+    def _gn(self, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
+            pose_ref: Optional[PoseRef], desc: str) -> Coeffs:
+        """Levenberg-Marquardt on the full per-frame loss with the Gauss-Newton model of
+        :mod:`core.gauss_newton` (IRLS photometric term, exact landmark and prior terms).
+
+        ``schedule``: (photo camera or None, images, steps) stages as for :meth:`_adam`;
+        a step solves the damped normal equations and keeps the result for the frames
+        whose exact loss went down (each frame has its own damping); ``steps`` is the most:
+        a stage stops when every frame has converged (GN_RTOL, GN_LAMBDA_MAX). Every
+        group must be per-frame (frames are independent problems)."""
+        batch = landmarks.shape[0]
+        c = expand(coeffs, batch)
+        fixed = {k: v for k, v in c.as_dict().items() if k not in groups}
+        cached = self._fixed_pieces({k: getattr(coeffs, k) for k in fixed})
+        columns = {g: self._active_columns(g) for g in groups if g in ("id", "exp", "tex")}
+        cols = {g: columns.get(g, torch.arange(getattr(c, g).shape[1], device=self.device)) for g in groups}
+        sizes = [cols[g].numel() for g in groups]
+        x = torch.cat([getattr(c, g)[:, cols[g]] for g in groups], dim=1).detach()
+        # Coefficients outside cols only enter their prior: its minimiser, zero.
+        start = {g: torch.zeros_like(getattr(c, g)) if g in columns else getattr(c, g).detach() for g in groups}
+
+        def unpack(v):
+            parts = dict(zip(groups, torch.split(v, sizes, dim=1)))
+            return Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in groups})
+
+        total = sum(n for _, _, n in schedule)
+        bar = tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+        for cam, images, steps in schedule:
+            if steps <= 0:
+                continue
+            prob = PhotometricProblem(self, landmarks, images, cam or self.camera, groups, pose_ref, cached, columns)
+            kp = self.select_keypoints(unpack(x), landmarks)
+            st = prob.evaluate(unpack(x), kp)
+            hess, grad = prob.linearize(st)
+            lam = torch.full((batch,), GN_LAMBDA0, dtype=torch.float64, device=self.device)
+            done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+            for step in range(steps):
+                h = hess.double()
+                damp = lam[:, None] * torch.diagonal(h, dim1=1, dim2=2) + 1e-12
+                delta = _solve_each(h + torch.diag_embed(damp), -grad.double()).to(x.dtype)
+                delta = torch.where(done[:, None], torch.zeros_like(delta), delta)
+                trial = prob.evaluate(unpack(x + delta), kp)
+                better = (trial.cost < st.cost) & ~done
+                # A frame is done when a step gains less than GN_RTOL of its loss, or when
+                # the damping has grown so large that steps no longer move it.
+                small = better & (st.cost - trial.cost < GN_RTOL * st.cost)
+                lam = torch.where(better, lam * GN_LAMBDA_DOWN, lam * GN_LAMBDA_UP).clamp(1e-8, 1e8)
+                done |= small | (lam > GN_LAMBDA_MAX)
+                bar.update(1)
+                if bool(better.any()):
+                    x = torch.where(better[:, None], x + delta, x)
+                if bool(done.all()) or step == steps - 1:
+                    break
+                if not bool(better.any()):
+                    continue
+                if bool(better.all()) and not self.model.has_contour:
+                    st = trial
+                else:  # some frames kept their old point, or the contour moves: re-evaluate
+                    kp = self.select_keypoints(unpack(x), landmarks)
+                    st = prob.evaluate(unpack(x), kp)
+                hess, grad = prob.linearize(st)
+        bar.close()
+        return Coeffs(**{k: v.detach() for k, v in unpack(x).as_dict().items()})
 
     def _lm(self, coeffs: Coeffs, landmarks: torch.Tensor, groups: Tuple[str, ...], iters: int,
             pose_ref: Optional[PoseRef], desc: str) -> Coeffs:

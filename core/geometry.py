@@ -107,6 +107,25 @@ def sh_basis(normals: torch.Tensor) -> torch.Tensor:
     ], dim=-1)
 
 
+def sh_basis_derivative(normals: torch.Tensor, dnormals: torch.Tensor) -> torch.Tensor:
+    """Directional derivative of :func:`sh_basis` at ``normals`` along ``dnormals``
+    (both (..., 3)) -> (..., 9)."""
+    nx, ny, nz = normals.unbind(-1)
+    dx, dy, dz = dnormals.unbind(-1)
+    c1, c2 = _A1 * _C1, _A2 * _C2
+    return torch.stack([
+        torch.zeros_like(nx),
+        -c1 * dy,
+        c1 * dz,
+        -c1 * dx,
+        c2 * (dx * ny + nx * dy),
+        -c2 * (dy * nz + ny * dz),
+        c2 * _D0 * 6 * nz * dz,
+        -c2 * (dx * nz + nx * dz),
+        c2 * (nx * dx - ny * dy),
+    ], dim=-1)
+
+
 def sh_shade(albedo: torch.Tensor, normals: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """Lit colours: albedo (B, N, 3) 0..255, unit normals (B, N, 3), gamma (B, 27)
     -> (B, N, 3) = albedo ⊙ (Y · gammaᵀ), gamma viewed as (B, 3, 9) with 0.8 added to

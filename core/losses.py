@@ -28,8 +28,14 @@ def landmark_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
         weights: (L,) landmark weights.
         image_size: side of the square image in pixels.
     """
+    return landmark_loss_per_frame(pred, target, weights, image_size).mean()
+
+
+def landmark_loss_per_frame(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                            image_size: int) -> torch.Tensor:
+    """(B,) Σ_k w_k ‖(p_k − q_k) / image_size‖² of each frame (see :func:`landmark_loss`)."""
     d = (pred - target) / image_size
-    return ((d ** 2).sum(-1) * weights).sum(-1).mean()
+    return ((d ** 2).sum(-1) * weights).sum(-1)
 
 
 def photo_loss(rendered: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,9 +46,13 @@ def photo_loss(rendered: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) 
         rendered, image: (B, H, W, 3), 0..255.
         mask: (B, H, W) 0/1 (the rendered face's coverage).
     """
+    return photo_loss_per_frame(rendered, image, mask).mean()
+
+
+def photo_loss_per_frame(rendered: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the masked mean colour distance / 255 of each image (see :func:`photo_loss`)."""
     dist = torch.linalg.vector_norm(rendered - image, dim=-1)  # subgradient 0 where equal
-    per_image = (dist * mask).sum(dim=(1, 2)) / 255.0 / mask.sum(dim=(1, 2)).clamp_min(1.0)
-    return per_image.mean()
+    return (dist * mask).sum(dim=(1, 2)) / 255.0 / mask.sum(dim=(1, 2)).clamp_min(1.0)
 
 
 def reflectance_loss(albedo: torch.Tensor, skinmask: torch.Tensor) -> torch.Tensor:
@@ -52,10 +62,15 @@ def reflectance_loss(albedo: torch.Tensor, skinmask: torch.Tensor) -> torch.Tens
         albedo: (B, N, 3) 0..255.
         skinmask: (N,) 1 on skin vertices.
     """
+    return reflectance_loss_per_frame(albedo, skinmask).mean()
+
+
+def reflectance_loss_per_frame(albedo: torch.Tensor, skinmask: torch.Tensor) -> torch.Tensor:
+    """(B,) Σ((T − mean_skin(T)) · skin / 255)² / Σ skin of each frame."""
     skin = skinmask[None, :, None]
     denom = skinmask.sum().clamp_min(1.0)
     mean = (albedo * skin).sum(dim=1, keepdim=True) / denom
-    return (((albedo - mean) * skin / 255.0) ** 2).sum() / (albedo.shape[0] * denom)
+    return (((albedo - mean) * skin / 255.0) ** 2).sum(dim=(1, 2)) / denom
 
 
 def l2(x: torch.Tensor) -> torch.Tensor:

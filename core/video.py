@@ -469,9 +469,8 @@ def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.nda
                              renderer=job.renderer, progress=False)
     fitter, model, cam = session.fitter, session.model, session.camera
     rest_fitter = fitter
-    if job.config.rest_nrf_lr is not None and job.config.rest_nrf_lr != job.config.nrf_lr:
-        rest_fitter = Fitter(model, session.renderer, cam, job.config.with_overrides(nrf_lr=job.config.rest_nrf_lr),
-                             progress=False)
+    if job.config.following_frames() != job.config:
+        rest_fitter = Fitter(model, session.renderer, cam, job.config.following_frames(), progress=False)
     dt = fitter.dtype
     total = job.stop - job.fit_start
     sizes = model.layout.sizes()
@@ -522,7 +521,7 @@ def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.nda
                     res = stage.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
                                      torch.as_tensor(crop[None], dtype=dt, device=device),
                                      init=init, rf_iters=rf, nrf_iters=nrf,
-                                     nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref)
+                                     nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref, losses=False)
                     for g in PER_FRAME_GROUPS:
                         out[g][j] = getattr(res.coeffs, g)[0].detach().cpu().numpy()
                     fitted[j] = True

@@ -78,3 +78,13 @@ def test_sh_shade_ambient_offset_and_channels():
     gamma[0, 9] = 0.2  # green channel, band 0
     out = G.sh_shade(albedo, normals, gamma)
     assert torch.allclose(out[0, 0], torch.tensor([100 * 0.8, 50 * 1.0, 200 * 0.8]) * a0c0)
+
+
+def test_sh_basis_derivative_matches_forward_mode_autodiff():
+    from core.geometry import sh_basis, sh_basis_derivative
+    g = torch.Generator().manual_seed(3)
+    n = torch.nn.functional.normalize(torch.randn(50, 3, generator=g, dtype=torch.float64), dim=-1)
+    dn = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    _, ref = torch.func.jvp(sh_basis, (n,), (dn,))
+    assert torch.allclose(sh_basis_derivative(n, dn), ref, atol=1e-12)
+    assert ref.abs().max() > 0.1

@@ -4,10 +4,11 @@ Primitives (pure PyTorch, no cameras or lights inside):
     rasterize(verts_screen, faces, image_size) -> Fragments (pix_to_face, zbuf)
     barycentrics(verts_screen, faces, pix_to_face) -> (B, H, W, 3)
     interpolate(attrs, verts_screen, faces, pix_to_face) -> (B, H, W, C)
+    interpolation_jacobian(attrs, verts_screen, faces, pix_to_face) -> PixelJacobian
 and a thin module, MeshRenderer, that composes them into an RGBA image; it can use
 pytorch3d's rasterizer instead where pytorch3d is installed.
 """
-from .rasterize import Fragments, barycentrics, interpolate, rasterize
+from .rasterize import Fragments, PixelJacobian, barycentrics, interpolate, interpolation_jacobian, rasterize
 from .renderer import MeshRenderer
 
-__all__ = ["Fragments", "rasterize", "barycentrics", "interpolate", "MeshRenderer"]
+__all__ = ["Fragments", "PixelJacobian", "rasterize", "barycentrics", "interpolate", "interpolation_jacobian", "MeshRenderer"]

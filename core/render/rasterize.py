@@ -40,7 +40,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["Fragments", "rasterize", "barycentrics", "interpolate"]
+__all__ = ["Fragments", "PixelJacobian", "rasterize", "barycentrics", "interpolate", "interpolation_jacobian"]
 
 # Bound on the number of (triangle, pixel) candidate pairs tested at once (memory).
 _MAX_CANDIDATES = 1 << 20
@@ -358,6 +358,20 @@ def _edge_weights(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, px: torch.T
     return rx, ry, u, u.sum(0)
 
 
+def _corner_grads(gw: torch.Tensor, rx, ry, z, u, s, w):
+    """Chain rule through the perspective-correct weights: gw (3, M) = dL/dw_k and the
+    quantities of :func:`_edge_weights` -> (gx, gy, gz), each (3, M): dL/d(col, row,
+    depth) of corner k."""
+    gu = (gw - (gw * w).sum(0)) / s  # w = u / s
+    ge = gu / z  # u = e / z
+    gz = -ge * u
+    # e_k = cross(r_{k+1}, r_{k+2}): corner j enters e_{j-1} first, e_{j+1} second.
+    ge_prev, ge_next = ge.roll(1, 0), ge.roll(-1, 0)
+    gx = ge_prev * ry.roll(-1, 0) - ge_next * ry.roll(1, 0)
+    gy = ge_next * rx.roll(1, 0) - ge_prev * rx.roll(-1, 0)
+    return gx, gy, gz
+
+
 def _offset_index(index: torch.Tensor, rows: int, stride: int) -> torch.Tensor:
     """index (L,) -> (rows * L,): index + r * stride for r = 0..rows-1, row-major."""
     offsets = torch.arange(rows, device=index.device) * stride
@@ -420,14 +434,7 @@ class _Interpolate(torch.autograd.Function):
             gw = a[0] * grad_values[0]  # dL/dw (3, M)
             for c in range(1, a.shape[0]):
                 gw.addcmul_(a[c], grad_values[c])
-            gw = gw.to(w.dtype)
-            gu = (gw - (gw * w).sum(0)) / s  # w = u / s
-            ge = gu / z  # u = e / z
-            gz = -ge * u
-            # e_k = cross(r_{k+1}, r_{k+2}): corner j enters e_{j-1} first, e_{j+1} second.
-            ge_prev, ge_next = ge.roll(1, 0), ge.roll(-1, 0)
-            gx = ge_prev * ry.roll(-1, 0) - ge_next * ry.roll(1, 0)
-            gy = ge_next * rx.roll(1, 0) - ge_prev * rx.roll(-1, 0)
+            gx, gy, gz = _corner_grads(gw.to(w.dtype), rx, ry, z, u, s, w)
             grad_verts = _scatter_corners([gx, gy, gz], vidx, num).view(verts_shape)
         return grad_attrs, grad_verts, None, None, None, None, None
 
@@ -519,3 +526,49 @@ def interpolate(attrs: torch.Tensor, verts_screen: torch.Tensor, faces: torch.Te
     if not attrs.is_floating_point():
         raise ValueError(f"Expected attrs to be floating point; got {attrs.dtype}")
     return _per_chunk(_interpolate_chunk, verts_screen, faces, pix_to_face, attrs)
+
+
+@dataclass(frozen=True)
+class PixelJacobian:
+    """:func:`interpolate` at the covered pixels, with its derivatives (M covered pixels).
+
+    Members:
+        idx: (M,) flat pixel indices into B*H*W.
+        vidx: (3, M) indices into the flattened B*N vertices of each pixel's corners.
+        weights: (3, M) perspective-correct weights w_k of the corners.
+        values: (C, M) interpolated attributes sum_k w_k attrs[vidx_k].
+        d_verts: (C, 3, 3, M): d values[c] / d (col, row, depth) of corner k, [c, k, d].
+    """
+
+    idx: torch.Tensor
+    vidx: torch.Tensor
+    weights: torch.Tensor
+    values: torch.Tensor
+    d_verts: torch.Tensor
+
+
+def interpolation_jacobian(attrs: torch.Tensor, verts_screen: torch.Tensor, faces: torch.Tensor,
+                           pix_to_face: torch.Tensor) -> PixelJacobian:
+    """What :func:`interpolate` computes at the covered pixels, and how it changes with the
+    corners' screen positions (the same formulas as its backward), for Gauss-Newton
+    solvers that assemble per-pixel Jacobians by the chain rule. The derivative w.r.t.
+    ``attrs[vidx_k]`` is ``weights[k]``. No autograd.
+
+    Args:
+        attrs: (B, N, C), verts_screen: (B, N, 3), faces: (F, 3), pix_to_face: (B, H, W).
+    """
+    _check_inputs(verts_screen, faces)
+    batch, num_verts, _ = verts_screen.shape
+    _check_pix_to_face(pix_to_face, batch)
+    faces_t = _columns(faces.to(device=verts_screen.device, dtype=torch.int64))
+    with torch.no_grad():
+        idx, vidx, px, py = _covered_pixels(pix_to_face.to(verts_screen.device), faces_t, num_verts,
+                                            verts_screen.dtype)
+        x, y, z = _gather_corners(verts_screen, vidx)
+        rx, ry, u, s = _edge_weights(x, y, z, px, py)
+        w = u / s
+        a = _gather_corners(attrs, vidx)  # (C, 3, M)
+        values = (a * w).sum(1)
+        d = torch.stack([torch.stack(_corner_grads(a[c], rx, ry, z, u, s, w)) for c in range(a.shape[0])])
+        d = d.transpose(1, 2)  # (C, 3 coords, 3 corners, M) -> (C, 3 corners, 3 coords, M)
+    return PixelJacobian(idx=idx, vidx=vidx, weights=w, values=values, d_verts=d.contiguous())

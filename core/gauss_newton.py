@@ -1,0 +1,349 @@
+"""Gauss-Newton pieces for the photometric stage: the full loss of SPEC §4, per frame,
+and its Gauss-Newton model (gradient and approximate Hessian) at a point.
+
+The photometric term Σ_pixels ‖render − image‖ / (255 M) is a sum of unsquared norms; its
+Gauss-Newton model is the iteratively-reweighted least-squares one: each covered pixel's
+residual r_m is weighted by 1 / max(‖r_m‖, ``RHO_MIN``), which has the same gradient as
+the loss at the linearisation point. The per-pixel Jacobian is assembled by the chain rule
+from the renderer's :func:`core.render.interpolation_jacobian` (how a pixel moves with its
+triangle's corners and colours) and per-vertex Jacobians of the screen positions and
+colours, written out analytically here, the shading's dependence on the shape through
+the vertex normals included (left out with ``normals_grad=False``, as the Adam path does).
+The LM loop in :class:`core.fitting.Fitter` accepts a step on the exact loss.
+
+Every function is per frame: frames whose groups are all per-frame are independent
+problems (the data terms summed over frames, as ``Fitter.loss_terms`` scales them).
+Shapes: B frames, N vertices, P optimised parameters (the groups' sizes, in order).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from . import losses as L
+from .camera import Camera
+from .coeffs import Coeffs
+from .geometry import AMBIENT_OFFSET, euler_rotation_jacobian, sh_basis, sh_basis_derivative
+from .render import interpolate, interpolation_jacobian
+
+# Smallest colour distance (0..255 units) a pixel's IRLS weight 1/‖r‖ is computed with.
+RHO_MIN = 2.0
+# Covered pixels the Gauss-Newton Hessian is assembled from (evenly spaced; the gradient
+# always uses every pixel).
+HESSIAN_PIXELS = 2048
+
+GEOMETRY = ("id", "exp", "angles", "trans")
+
+
+@dataclass
+class State:
+    """The loss at one point: per-frame totals (B,) and what the linearisation reuses."""
+
+    cost: torch.Tensor
+    coeffs: Coeffs
+    out: object          # FaceOutput
+    screen: torch.Tensor  # (B, N, 3)
+    pix_to_face: torch.Tensor  # (B, S, S)
+    keypoints: Optional[torch.Tensor]
+
+
+class PhotometricProblem:
+    """SPEC §4's loss of B independent frames and its Gauss-Newton model.
+
+    Args:
+        fitter: the :class:`core.fitting.Fitter` (model, renderer, crop camera, weights).
+        landmarks: (B, L, 2) target points in crop pixels.
+        images: (B, S, S, 3) 0..255 targets at the photometric camera's size.
+        camera: the photometric camera (the crop camera or a coarse one).
+        groups: optimised groups, in the order of the parameter vector.
+        pose_ref: optional reference pose (temporal regulariser).
+        cached: optional ``identity`` / ``albedo`` for fixed id / tex.
+        columns: optional {group: (K_g,) long} the optimised coefficients of a group (by
+            default all); the others keep their values (used to skip coefficients whose
+            basis column is zero, as in a model padded to a larger layout).
+    """
+
+    def __init__(self, fitter, landmarks: torch.Tensor, images: torch.Tensor, camera: Camera,
+                 groups: Sequence[str], pose_ref=None, cached: Optional[Dict[str, torch.Tensor]] = None,
+                 columns: Optional[Dict[str, torch.Tensor]] = None):
+        self.f = fitter
+        self.model = fitter.model
+        self.cfg = fitter.cfg
+        self.landmarks = landmarks
+        self.images = images
+        self.camera = camera
+        self.groups = tuple(groups)
+        self.pose_ref = pose_ref
+        self.cached = cached or {}
+        self.columns = columns or {}
+
+    # -- the loss ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, c: Coeffs, keypoints: Optional[torch.Tensor]) -> State:
+        """Per-frame total loss at ``c`` (B frames) with the given landmark vertex ids."""
+        cfg, model = self.cfg, self.model
+        out = model(c, albedo=self.cached.get("albedo"), identity=self.cached.get("identity"))
+        screen = self.camera.project(out.vertices)
+        size = self.camera.image_size
+        p2f = self.f.renderer.rasterize(screen, model.tri, (size, size)).pix_to_face
+        rgb = interpolate(out.colors, screen, model.tri, p2f).clamp(0.0, 255.0)
+        mask = (p2f >= 0).to(rgb.dtype)
+        verts = out.landmarks if keypoints is None else out.vertices.gather(1, keypoints[..., None].expand(-1, -1, 3))
+        lms = self.f.camera.project_points(verts)
+        cost = cfg.lm_loss_w * L.landmark_loss_per_frame(lms, self.landmarks, self.f.lm_weights, self.f.camera.image_size)
+        cost = cost + cfg.rgb_loss_w * L.photo_loss_per_frame(rgb, self.images, mask)
+        cost = cost + cfg.tex_w * L.reflectance_loss_per_frame(out.albedo, model.skinmask)
+        cost = cost + cfg.id_reg_w * (c.id ** 2).sum(1) + cfg.exp_reg_w * (c.exp ** 2).sum(1) \
+            + cfg.tex_reg_w * (c.tex ** 2).sum(1)
+        if self.pose_ref is not None:
+            cost = cost + cfg.rot_reg_w * ((c.angles - self.pose_ref.angles) ** 2).sum(1) \
+                + cfg.trans_reg_w * ((c.trans - self.pose_ref.trans) ** 2).sum(1)
+        return State(cost=cost, coeffs=c, out=out, screen=screen, pix_to_face=p2f, keypoints=keypoints)
+
+    # -- the Gauss-Newton model ------------------------------------------------------------
+    def cols(self, c: Coeffs, g: str) -> torch.Tensor:
+        """(K,) the optimised coefficient ids of group ``g``."""
+        if g in self.columns:
+            return self.columns[g]
+        return torch.arange(getattr(c, g).shape[1], device=c.angles.device)
+
+    def sizes(self, c: Coeffs):
+        return [self.cols(c, g).numel() for g in self.groups]
+
+    @torch.no_grad()
+    def linearize(self, st: State) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Gauss-Newton Hessian (B, P, P) and gradient (B, P) of the per-frame loss at ``st``."""
+        c, cfg = st.coeffs, self.cfg
+        sizes = self.sizes(c)
+        offs = dict(zip(self.groups, _offsets(sizes)))
+        batch, p = c.angles.shape[0], sum(sizes)
+        hess = c.angles.new_zeros(batch, p, p)
+        grad = c.angles.new_zeros(batch, p)
+        for b in range(batch):
+            hb, gb = self._photo_frame(st, b, offs, p)
+            hess[b] += hb
+            grad[b] += gb
+        self._landmarks(st, offs, hess, grad)
+        # Quadratic terms: regularisers, the albedo smoothness, the temporal pose prior.
+        priors = {"id": (cfg.id_reg_w, None), "exp": (cfg.exp_reg_w, None), "tex": (cfg.tex_reg_w, None)}
+        if self.pose_ref is not None:
+            priors["angles"] = (cfg.rot_reg_w, self.pose_ref.angles)
+            priors["trans"] = (cfg.trans_reg_w, self.pose_ref.trans)
+        for g, (w, ref) in priors.items():
+            if g not in offs or w == 0:
+                continue
+            sl = offs[g]
+            x = getattr(c, g) if ref is None else getattr(c, g) - ref
+            x = x[:, self.cols(c, g)]
+            idx = torch.arange(sl.start, sl.stop, device=hess.device)
+            hess[:, idx, idx] += 2 * w
+            grad[:, sl] += 2 * w * x
+        if "tex" in offs and cfg.tex_w != 0 and self.model.has_albedo_basis:
+            qtq, qtq0 = self._reflectance_quadratic()
+            sl, cols = offs["tex"], self.cols(c, "tex")
+            hess[:, sl, sl] += 2 * cfg.tex_w * qtq[cols][:, cols]
+            grad[:, sl] += 2 * cfg.tex_w * (c.tex @ qtq[:, cols] + qtq0[cols])
+        return hess, grad
+
+    def _photo_frame(self, st: State, b: int, offs: Dict[str, slice], p: int):
+        """IRLS Gauss-Newton model of frame ``b``'s photometric term: (P, P), (P,).
+
+        The gradient is exact: the per-pixel residuals are splatted onto per-vertex
+        adjoints of the colours and screen positions, then contracted with the
+        per-vertex Jacobians. The Hessian JᵀQJ is assembled from at most
+        ``HESSIAN_PIXELS`` evenly spaced covered pixels (each standing for ``stride``
+        pixels): it only shapes the step, which the LM loop accepts on the exact loss."""
+        cfg, model = self.cfg, self.model
+        n = model.num_vertices
+        pj = interpolation_jacobian(st.out.colors[b:b + 1], st.screen[b:b + 1], model.tri,
+                                    st.pix_to_face[b:b + 1])
+        dtype, device = st.screen.dtype, st.screen.device
+        hess = torch.zeros(p, p, dtype=dtype, device=device)
+        m = pj.idx.shape[0]
+        if m == 0:
+            return hess, torch.zeros(p, dtype=dtype, device=device)
+        target = self.images[b].reshape(-1, 3).index_select(0, pj.idx).T  # (3, M)
+        r = pj.values.clamp(0.0, 255.0) - target
+        live = ((pj.values > 0) & (pj.values < 255)).to(r.dtype)  # clamped channels: no slope
+        rho = torch.linalg.vector_norm(r, dim=0).clamp_min(RHO_MIN)
+        q = cfg.rgb_loss_w / (255.0 * m) / rho  # (M,) IRLS weights
+        # Gradient: adjoint of each pixel value, splatted to its corners' colours / screen.
+        adj = r * live * q  # (3, M)
+        u_color = torch.einsum("km,cm->kmc", pj.weights, adj)
+        u_screen = torch.einsum("ckdm,cm->kmd", pj.d_verts, adj)
+        u = torch.zeros(n, 6, dtype=dtype, device=device)
+        u.index_add_(0, pj.vidx.reshape(-1), torch.cat([u_color, u_screen], dim=-1).reshape(-1, 6))
+        touched = torch.unique(pj.vidx)
+        table = self._vertex_jacobians(st, b, offs, p, touched)           # (U, 6, P)
+        grad = torch.einsum("nr,nrp->p", u.index_select(0, touched), table)
+        # Hessian from a subset of the pixels.
+        stride = -(-m // HESSIAN_PIXELS)
+        sel = torch.arange(0, m, stride, device=device)
+        k = sel.numel()
+        corners = torch.searchsorted(touched, pj.vidx[:, sel].T.reshape(-1))  # rows of table
+        rows = table.index_select(0, corners).view(k, 18, p)             # corner-major, 6 rows each
+        coef = torch.zeros(k, 3, 3, 6, dtype=dtype, device=device)       # pixel, channel, corner, row
+        w = pj.weights[:, sel].T                                         # (K, 3)
+        for ch in range(3):
+            coef[:, ch, :, ch] = w
+        coef[:, :, :, 3:] = pj.d_verts[..., sel].permute(3, 0, 1, 2)
+        jac = torch.bmm(coef.view(k, 3, 18), rows)                       # (K, 3, P)
+        jac *= (live[:, sel].T * (q[sel] * stride).sqrt()[:, None])[..., None]
+        jac2 = jac.view(-1, p)
+        hess += jac2.T @ jac2
+        return hess, grad
+
+    def _vertex_jacobians(self, st: State, b: int, offs: Dict[str, slice], p: int,
+                          vids: torch.Tensor) -> torch.Tensor:
+        """Derivatives of frame ``b``'s colours (rows 0-2) and screen (col, row, depth)
+        (rows 3-5) at the vertices ``vids`` (U,) w.r.t. the parameters: (U, 6, P).
+        With ``normals_grad`` off, the normals are held fixed in model space."""
+        model, cam, c = self.model, self.camera, st.coeffs
+        n = model.num_vertices
+        rot = st.out.rotation[b]
+        verts = st.out.vertices[b].index_select(0, vids)
+        u = vids.numel()
+        dverts = verts.new_zeros(u, 3, p)
+        dcolor = verts.new_zeros(u, 3, p)
+        if any(g in offs for g in ("angles", "tex", "gamma")):
+            normals = st.out.normals[b].index_select(0, vids)
+            albedo = st.out.albedo[min(b, st.out.albedo.shape[0] - 1)].index_select(0, vids)
+            y = sh_basis(normals)  # (U, 9)
+            gam = c.gamma[b].reshape(3, 9).clone()
+            gam[:, 0] += AMBIENT_OFFSET
+        for g, sl in offs.items():
+            if g in ("id", "exp"):
+                base = (model.id_base if g == "id" else model.exp_base).view(n, 3, -1).index_select(0, vids)
+                base = base[..., self.cols(c, g)]
+                dverts[:, :, sl] = torch.einsum("ij,njk->nik", rot, base)
+            elif g == "trans":
+                dverts[:, :, sl] = torch.eye(3, dtype=verts.dtype, device=verts.device)
+            elif g == "angles":
+                drot = euler_rotation_jacobian(c.angles[b:b + 1])[0]  # (3, 3, 3): [k] = dM/dangle_k
+                shape = (verts - c.trans[b]) @ rot  # model-space shape, S = (V - t) M
+                dverts[:, :, sl] = torch.einsum("kij,nj->nik", drot, shape)
+                model_normals = normals @ rot
+                for k in range(3):
+                    dn = model_normals @ drot[k].T
+                    dy = sh_basis_derivative(normals, dn)  # (U, 9)
+                    dcolor[:, :, sl.start + k] = albedo * (dy @ gam.T)
+            elif g == "tex":
+                light = y @ gam.T  # (U, 3)
+                tex = model.tex_base.view(n, 3, -1).index_select(0, vids)[..., self.cols(c, "tex")]
+                dcolor[:, :, sl] = tex * light[:, :, None]
+            elif g == "gamma":
+                for ch in range(3):
+                    dcolor[:, ch, sl.start + 9 * ch: sl.start + 9 * ch + 9] = albedo[:, ch:ch + 1] * y
+        shape_groups = [g for g in ("id", "exp") if g in offs]
+        if self.cfg.normals_grad and shape_groups:  # the shading through the normals
+            dn = self._normal_derivative(st, b, vids, shape_groups)  # (U, 3, K_id + K_exp), world
+            dy = sh_basis_derivative(normals[:, None, :].expand(-1, dn.shape[2], -1), dn.transpose(1, 2))
+            dshade = albedo[:, :, None] * torch.einsum("ukj,cj->uck", dy, gam)
+            start = 0
+            for g in shape_groups:
+                sl = offs[g]
+                dcolor[:, :, sl] += dshade[:, :, start:start + sl.stop - sl.start]
+                start += sl.stop - sl.start
+        # Screen (col, row, depth) of world (x, y, z): see core.camera.Camera.project.
+        x, yy, z = verts.unbind(-1)
+        inv = 1.0 / (cam.distance - z)
+        f = cam.focal * inv
+        out = torch.empty(u, 6, p, dtype=verts.dtype, device=verts.device)
+        out[:, :3] = dcolor
+        out[:, 3] = f[:, None] * dverts[:, 0] + (f * x * inv)[:, None] * dverts[:, 2]
+        out[:, 4] = -f[:, None] * dverts[:, 1] - (f * yy * inv)[:, None] * dverts[:, 2]
+        out[:, 5] = -dverts[:, 2]
+        return out
+
+    def _normal_derivative(self, st: State, b: int, vids: torch.Tensor, groups) -> torch.Tensor:
+        """d(unit world normal)/d(coefficients of ``groups``, concatenated) at the vertices
+        ``vids``: (U, 3, K). The normal is the normalised sum m of the adjacent triangles'
+        (v1 − v2) × (v2 − v3) (core.geometry.vertex_normals); dm is linear in the vertex
+        displacements, dm = A · d(shape), with A sparse (3U, 3N): a triangle with edges
+        e1 = v1 − v2, e2 = v2 − v3 contributes −[e2]× at v1, [e2]× + [e1]× at v2 and −[e1]×
+        at v3 ([a]× b = a × b)."""
+        model, c = self.model, st.coeffs
+        n, nf = model.num_vertices, model.tri.shape[0]
+        rot = st.out.rotation[b]
+        u = vids.numel()
+        pb = model.point_buf.index_select(0, vids)                     # (U, Kb)
+        valid = (pb < nf).to(rot.dtype)
+        corners = model.tri.index_select(0, pb.clamp(max=nf - 1).reshape(-1)).view(u, -1, 3)
+        shape = (st.out.vertices[b] - c.trans[b]) @ rot                # model space (N, 3)
+        pts = shape.index_select(0, corners.reshape(-1)).view(u, -1, 3, 3)
+        e1, e2 = pts[:, :, 0] - pts[:, :, 1], pts[:, :, 1] - pts[:, :, 2]
+        m = (torch.cross(e1, e2, dim=-1) * valid[..., None]).sum(1)    # (U, 3)
+        k1, k2 = _skew(e1), _skew(e2)                                  # (U, Kb, 3, 3)
+        blocks = torch.stack([-k2, k2 + k1, -k1], dim=2) * valid[..., None, None, None]  # (U, Kb, 3 corners, 3, 3)
+        # CSR, row 3u + i holding the Kb * 3 * 3 entries (triangle, corner, l) of vertex u.
+        kb = pb.shape[1]
+        cols = (3 * corners[..., None] + torch.arange(3, device=vids.device))         # (U, Kb, 3, 3 l)
+        cols = cols[:, None].expand(-1, 3, -1, -1, -1).reshape(-1)                     # (U, 3 i, Kb, 3, 3)
+        vals = blocks.permute(0, 3, 1, 2, 4).reshape(-1)
+        crow = torch.arange(0, 3 * u + 1, device=vids.device) * (kb * 9)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": not the user's business
+            warnings.simplefilter("ignore", UserWarning)
+            a = torch.sparse_csr_tensor(crow, cols, vals, (3 * u, 3 * n), check_invariants=False)
+        base = torch.cat([(model.id_base if g == "id" else model.exp_base)[:, self.cols(c, g)] for g in groups], 1)
+        dm = (a @ base).view(u, 3, -1)                                 # (U, 3, K)
+        norm = m.norm(dim=-1).clamp_min(1e-12)
+        unit = m / norm[:, None]
+        dunit = (dm - unit[..., None] * (unit[..., None] * dm).sum(1, keepdim=True)) / norm[:, None, None]
+        return torch.einsum("ij,ujk->uik", rot, dunit)
+
+    def _landmarks(self, st: State, offs: Dict[str, slice], hess: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add the landmark term's Gauss-Newton model (exact Jacobian) to every frame."""
+        geo = [g for g in GEOMETRY if g in offs]
+        if not geo:
+            return
+        c, cam = st.coeffs, self.f.camera
+        jac = self.model.landmarks_3d_jacobian(c, geo, st.keypoints)
+        dproj = cam.project_points_jacobian(jac["value"])  # (B, L, 2, 3)
+        w = (torch.sqrt(self.cfg.lm_loss_w * self.f.lm_weights) / cam.image_size)[None, :, None]
+        r = ((cam.project_points(jac["value"]) - self.landmarks) * w).reshape(c.angles.shape[0], -1)
+        batch, p = grad.shape
+        full = r.new_zeros(batch, r.shape[1], p)
+        for g in geo:
+            jg = torch.einsum("blij,bljk->blik", dproj, jac[g][..., self.cols(c, g)]) * w[..., None]
+            full[:, :, offs[g]] = jg.reshape(batch, r.shape[1], -1)
+        hess += 2 * full.transpose(1, 2) @ full
+        grad += 2 * (full.transpose(1, 2) @ r[..., None])[..., 0]
+
+    def _reflectance_quadratic(self):
+        """The albedo smoothness as a quadratic in tex: (QᵀQ (K, K), Qᵀq0 (K,)) with the
+        per-frame residual Q·tex + q0 (see losses.reflectance_loss_per_frame); cached on
+        the fitter, it depends only on the model."""
+        cache = getattr(self.f, "_reflectance_quadratic", None)
+        if cache is None:
+            model = self.model
+            n = model.num_vertices
+            skin = model.skinmask[:, None, None]
+            denom = model.skinmask.sum().clamp_min(1.0)
+            scale = skin / 255.0 / denom.sqrt()
+
+            def centred(x):  # (N, 3, K) -> the smoothness residual's linear map
+                return (x - (x * skin).sum(0, keepdim=True) / denom) * scale
+
+            q = centred(model.tex_base.view(n, 3, -1)).reshape(3 * n, -1)
+            q0 = centred(model.meantex.view(n, 3, 1)).reshape(-1)
+            cache = (q.T @ q, q.T @ q0)
+            self.f._reflectance_quadratic = cache
+        return cache
+
+
+def _skew(v: torch.Tensor) -> torch.Tensor:
+    """(..., 3) -> (..., 3, 3) cross-product matrices: _skew(a) @ b = a × b."""
+    x, y, z = v.unbind(-1)
+    o = torch.zeros_like(x)
+    return torch.stack([torch.stack([o, -z, y], -1), torch.stack([z, o, -x], -1), torch.stack([-y, x, o], -1)], -2)
+
+
+def _offsets(sizes):
+    out, start = [], 0
+    for n in sizes:
+        out.append(slice(start, start + n))
+        start += n
+    return out

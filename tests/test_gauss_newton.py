@@ -1,0 +1,163 @@
+"""Gauss-Newton photometric solver: exact loss, exact gradient, per-vertex Jacobians,
+pixel Jacobians, and fits that recover known coefficients."""
+import pytest
+import torch
+
+from core.camera import Camera
+from core.coeffs import Coeffs
+from core.config import get_preset
+from core.fitting import Fitter
+from core.gauss_newton import PhotometricProblem
+from core.model_io import model_from_arrays
+from core.render import MeshRenderer, interpolate, interpolation_jacobian
+from tests.helpers import synthetic_arrays
+
+GROUPS = ("id", "exp", "tex", "gamma", "angles", "trans")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return model_from_arrays(synthetic_arrays(1500), name="synthetic")
+
+
+def fitter(model, size=128, **over):
+    return Fitter(model, MeshRenderer("builtin"), Camera(image_size=size), get_preset("default").with_overrides(**over),
+                  progress=False)
+
+
+def truth(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return model.layout.zeros(1).replace(
+        id=torch.randn(1, 80, generator=g) * 0.2, exp=torch.randn(1, 64, generator=g) * 0.2,
+        tex=torch.randn(1, 80, generator=g) * 0.5, gamma=torch.randn(1, 27, generator=g) * 0.1,
+        angles=torch.tensor([[0.1, 0.3, 0.05]]), trans=torch.tensor([[0.02, -0.03, 0.1]]))
+
+
+def perturbed(gt):
+    return gt.replace(id=gt.id * 0.8, exp=gt.exp * 0.5, tex=gt.tex * 0.7, gamma=gt.gamma * 0.5,
+                      angles=gt.angles + 0.02, trans=gt.trans + 0.01)
+
+
+def scene(f, gt):
+    with torch.no_grad():
+        rgba, _ = f.render(gt)
+    return rgba[..., :3], f.project_landmarks(gt) + 0.5
+
+
+@pytest.mark.parametrize("normals_grad", [True, False])
+def test_loss_and_gradient_match_autograd(model, normals_grad):
+    """evaluate() is Fitter.loss_terms' total; linearize()'s gradient is autograd's of it
+    (the shading through the normals included or not, as in the Adam path)."""
+    f = fitter(model, normals_grad=normals_grad)
+    gt = truth(model)
+    img, lms = scene(f, gt)
+    x0 = perturbed(gt)
+    prob = PhotometricProblem(f, lms, img, f.camera, GROUPS)
+    st = prob.evaluate(x0, None)
+    hess, grad = prob.linearize(st)
+    leaves = {k: getattr(x0, k).clone().requires_grad_(True) for k in GROUPS}
+    total = f.loss_terms(Coeffs(**leaves), lms, img)["total"]
+    total.backward()
+    assert float(st.cost[0]) == pytest.approx(float(total.detach()), rel=1e-5)
+    ref = torch.cat([leaves[k].grad for k in GROUPS], 1)[0]
+    assert ref.norm() > 1e-2
+    for k, sl in zip(GROUPS, torch.split(torch.arange(ref.numel()), [getattr(x0, k).shape[1] for k in GROUPS])):
+        assert torch.allclose(grad[0, sl], ref[sl], rtol=1e-3, atol=1e-4 * ref[sl].norm() + 1e-9), k
+    # The Gauss-Newton Hessian is symmetric positive semi-definite.
+    assert torch.allclose(hess, hess.transpose(1, 2), atol=1e-5 * hess.abs().max())
+    assert torch.linalg.eigvalsh(hess[0].double()).min() > -1e-6 * hess.abs().max()
+
+
+def test_vertex_jacobians_match_forward_mode_autodiff(model):
+    """The analytic d(colour, screen)/d(parameters) at a few vertices, normals included."""
+    f = fitter(model)
+    x0 = perturbed(truth(model))
+    prob = PhotometricProblem(f, torch.zeros(1, 68, 2), torch.zeros(1, 128, 128, 3), f.camera, GROUPS)
+    st = prob.evaluate(x0, None)
+    vids = torch.tensor([3, 100, 700, 1200])
+    sizes = [getattr(x0, g).shape[1] for g in GROUPS]
+    offs = {}
+    start = 0
+    for g, n in zip(GROUPS, sizes):
+        offs[g] = slice(start, start + n)
+        start += n
+    table = prob._vertex_jacobians(st, 0, offs, start, vids)  # (U, 6, P)
+
+    def fn(x):
+        c = Coeffs(**dict(zip(GROUPS, torch.split(x[None], sizes, dim=1))))
+        out = model(c)
+        return torch.cat([out.colors[0, vids], f.camera.project(out.vertices)[0, vids]], dim=1)  # (U, 6)
+
+    x = torch.cat([getattr(x0, g) for g in GROUPS], 1)[0]
+    ref = torch.func.jacfwd(fn)(x)  # (U, 6, P)
+    assert torch.allclose(table, ref, rtol=1e-3, atol=1e-3 * ref.abs().max())
+
+
+def test_interpolation_jacobian_matches_autograd():
+    g = torch.Generator().manual_seed(0)
+    verts = torch.tensor([[[2.0, 3.0, 5.0], [14.0, 4.0, 6.0], [6.0, 13.0, 4.0]]], dtype=torch.float64)
+    verts = verts + 0.1 * torch.randn(verts.shape, generator=g, dtype=torch.float64)
+    faces = torch.tensor([[0, 1, 2]])
+    attrs = torch.rand(1, 3, 3, generator=g, dtype=torch.float64) * 255
+    from core.render import rasterize
+    p2f = rasterize(verts, faces, (16, 16)).pix_to_face
+    pj = interpolation_jacobian(attrs, verts, faces, p2f)
+    assert pj.idx.numel() > 20
+    image = interpolate(attrs, verts, faces, p2f).reshape(-1, 3)
+    assert torch.allclose(pj.values, image[pj.idx].T)
+    for ch in range(3):
+        v = verts.clone().requires_grad_(True)
+        a = attrs.clone().requires_grad_(True)
+        m = pj.idx[len(pj.idx) // 2]
+        interpolate(a, v, faces, p2f).reshape(-1, 3)[m, ch].backward()
+        k = (pj.idx == m).nonzero()[0, 0]
+        corners = pj.vidx[:, k]
+        assert torch.allclose(v.grad[0, corners], pj.d_verts[ch, :, :, k])
+        assert torch.allclose(a.grad[0, corners, ch], pj.weights[:, k])
+
+
+def test_gn_fit_recovers_a_render_and_beats_adam_on_the_loss(model):
+    f = fitter(model, first_nrf_iters=8, fine_iters=0)
+    gt = truth(model, seed=2)
+    img, lms = scene(f, gt)
+    res = f.fit(lms, img)
+    adam = fitter(model, nonrigid_solver="adam", first_nrf_iters=100, fine_iters=0).fit(lms, img)
+    assert res.losses["total"] < adam.losses["total"]
+    assert res.losses["photo"] < 0.01  # mean colour error under 2.6 / 255
+    assert (res.coeffs.angles - gt.angles).abs().max() < 0.01  # radians
+    assert (f.project_landmarks(res.coeffs) - lms).norm(dim=-1).mean() < 1.0
+
+
+def test_gn_batch_frames_are_independent(model):
+    f = fitter(model, first_nrf_iters=4, fine_iters=0)
+    a, b = truth(model, seed=3), truth(model, seed=4)
+    img_a, lms_a = scene(f, a)
+    img_b, lms_b = scene(f, b)
+    both = f.fit(torch.cat([lms_a, lms_b]), torch.cat([img_a, img_b]))
+    alone = f.fit(lms_b, img_b)
+    assert torch.allclose(both.coeffs.exp[1], alone.coeffs.exp[0], atol=1e-4)
+    assert torch.allclose(both.coeffs.angles[1], alone.coeffs.angles[0], atol=1e-5)
+
+
+def test_gn_leaves_zero_basis_columns_at_zero():
+    arrays = synthetic_arrays(1500)
+    arrays["exBase"] = arrays["exBase"].copy()
+    arrays["exBase"][:, 10:] = 0  # a model padded to a larger layout
+    m = model_from_arrays(arrays, name="padded")
+    f = fitter(m, first_nrf_iters=4, fine_iters=0)
+    gt = truth(m, seed=5)
+    gt = gt.replace(exp=torch.cat([gt.exp[:, :10], torch.zeros(1, 54)], 1))
+    img, lms = scene(f, gt)
+    init = f.zeros(1).replace(exp=torch.full((1, 64), 0.3))
+    res = f.fit(lms, img, init=init)
+    assert torch.all(res.coeffs.exp[0, 10:] == 0)
+    assert res.coeffs.exp[0, :10].abs().max() > 0.01
+
+
+def test_following_frames_settings():
+    cfg = get_preset("default")
+    rest = cfg.following_frames()
+    assert rest.lm_init_iters == cfg.rest_lm_init_iters
+    assert rest.fine_iters == cfg.rest_fine_iters and rest.normals_grad == cfg.rest_normals_grad
+    original = get_preset("original")
+    assert original.following_frames() == original  # the original fits every frame alike
