@@ -60,6 +60,10 @@ def add_fit_flags(parser: argparse.ArgumentParser, video: bool = False) -> None:
         typ = int if name.endswith("iters") else float
         g.add_argument(f"--{name}", type=_positive(typ) if name.endswith("lr") else _non_negative(typ), default=None,
                        help=f"{text} (original: {getattr(ref, name)})")
+    g.add_argument("--nonrigid_solver", choices=["adam", "gn"], default=None,
+                   help="photometric stage: 'adam' (the original) or 'gn' (Gauss-Newton / Levenberg-Marquardt "
+                        "steps; the non-rigid iteration counts are then the most steps) "
+                        f"(original: {ref.nonrigid_solver}; default preset: {PRESETS['default'].nonrigid_solver})")
 
 
 def _positive(typ):

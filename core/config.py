@@ -2,10 +2,12 @@
 
 ``original`` is exactly the original scripts' schedule (Adam everywhere, 1000 rigid and
 500 non-rigid iterations for a photo or a clip's first frame, 50 / 30 for the following
-video frames). ``default`` is several times faster at comparable accuracy (bench/): the
-rigid stage and a landmark-driven initialisation of identity and expression are solved by
-Levenberg-Marquardt on the 68 landmark vertices, and the photometric refinement takes 100
-Adam steps, most of them at 128 px.
+video frames). ``default`` reaches the same loss far sooner (bench/): the rigid stage and
+a landmark-driven initialisation of identity and expression are solved by
+Levenberg-Marquardt on the 68 landmark vertices, and the photometric stage by
+Gauss-Newton / Levenberg-Marquardt steps on the full loss (core.gauss_newton), most of
+them at 128 px; a following video frame, warm-started from the previous one, takes two
+landmark LM iterations and one photometric step at 128 px.
 """
 from __future__ import annotations
 
@@ -88,11 +90,11 @@ class FitConfig:
 
 PRESETS: Dict[str, FitConfig] = {
     "original": FitConfig(),
-    # LM rigid + landmark init, then 90 Adam steps at 128 px and 10 at the crop size.
-    # bench/ (docs/performance.md): ~7x faster per photo than "original" at the same
-    # landmark NME on real photos, but a ~3% higher photometric loss and ~20% larger vertex
-    # and landmark errors on synthetic ground truth. A least-squares light/albedo start
-    # (init_light) made fits worse in development.
+    # LM rigid + landmark init, then at most 20 Gauss-Newton steps at 128 px and 10 at the
+    # crop size (each stage stops when the loss no longer moves); the video identity/albedo
+    # fit (shared groups) keeps Adam, 100 iterations. See docs/performance.md for what the
+    # bench measured. A least-squares light/albedo start (init_light) made fits worse in
+    # development.
     "default": FitConfig(
         first_rf_iters=12, first_nrf_iters=30, rest_rf_iters=0, rest_nrf_iters=1,
         rigid_solver="lm", lm_init_iters=10, nonrigid_solver="gn", shared_nrf_iters=100,

@@ -287,12 +287,21 @@ class PhotometricProblem:
         with warnings.catch_warnings():  # "sparse CSR support is in beta": not the user's business
             warnings.simplefilter("ignore", UserWarning)
             a = torch.sparse_csr_tensor(crow, cols, vals, (3 * u, 3 * n), check_invariants=False)
-        base = torch.cat([(model.id_base if g == "id" else model.exp_base)[:, self.cols(c, g)] for g in groups], 1)
-        dm = (a @ base).view(u, 3, -1)                                 # (U, 3, K)
+        dm = (a @ self._shape_bases(groups)).view(u, 3, -1)              # (U, 3, K)
         norm = m.norm(dim=-1).clamp_min(1e-12)
         unit = m / norm[:, None]
         dunit = (dm - unit[..., None] * (unit[..., None] * dm).sum(1, keepdim=True)) / norm[:, None, None]
         return torch.einsum("ij,ujk->uik", rot, dunit)
+
+    def _shape_bases(self, groups) -> torch.Tensor:
+        """(3N, K) the optimised columns of the ``groups`` bases side by side (cached)."""
+        key = tuple(groups)
+        cache = self.__dict__.setdefault("_bases", {})
+        if key not in cache:
+            c = self.f.zeros(1)
+            cache[key] = torch.cat([(self.model.id_base if g == "id" else self.model.exp_base)[:, self.cols(c, g)]
+                                    for g in groups], 1)
+        return cache[key]
 
     def _landmarks(self, st: State, offs: Dict[str, slice], hess: torch.Tensor, grad: torch.Tensor) -> None:
         """Add the landmark term's Gauss-Newton model (exact Jacobian) to every frame."""
