@@ -154,12 +154,23 @@ def photo_model(model_path: Optional[str], shared: str, fallback_vertices: int =
 
 def describe_preset(cfg) -> str:
     """One line of a FitConfig's schedule (fields that an older config lacks are skipped)."""
-    photo = f"{cfg.first_nrf_iters} photometric"
+    gn = getattr(cfg, "nonrigid_solver", "adam") == "gn"
+    unit = "Gauss-Newton steps (at most)" if gn else "Adam iterations"
+
+    def photometric(iters, coarse, fine):
+        if coarse and iters > fine:
+            return f"{iters - fine} photometric {unit} at {coarse} px + {fine} at the crop size"
+        return f"{iters} photometric {unit}"
+
     coarse, fine = getattr(cfg, "coarse_size", 0), getattr(cfg, "fine_iters", 0)
-    if coarse and cfg.first_nrf_iters > fine:
-        photo = f"{cfg.first_nrf_iters - fine} photometric at {coarse} px + {fine} at the crop size"
-    return (f"{cfg.first_rf_iters} rigid ({cfg.rigid_solver}) + {cfg.lm_init_iters} landmark-init + {photo} "
-            f"iterations per photo, {cfg.rest_rf_iters} + {cfg.rest_nrf_iters} per following video frame")
+    rest_fine = fine if getattr(cfg, "rest_fine_iters", None) is None else cfg.rest_fine_iters
+    rest_lm = getattr(cfg, "rest_lm_init_iters", 0)
+    text = (f"{cfg.first_rf_iters} rigid ({cfg.rigid_solver}) + {cfg.lm_init_iters} landmark-init + "
+            f"{photometric(cfg.first_nrf_iters, coarse, fine)} per photo; per following video frame "
+            f"{cfg.rest_rf_iters} rigid + {rest_lm} landmark-init + {photometric(cfg.rest_nrf_iters, coarse, rest_fine)}")
+    if gn and getattr(cfg, "shared_nrf_iters", None):
+        text += f"; video identity/albedo fit: {cfg.shared_nrf_iters} Adam iterations"
+    return text
 
 
 def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], renderer: str = "auto",
