@@ -459,7 +459,11 @@ class Fitter:
                 else:  # some frames kept their old point, or the contour moves: re-evaluate
                     kp = self.select_keypoints(unpack(x), landmarks)
                     st = prob.evaluate(unpack(x), kp)
-                hess, grad = prob.linearize(st)
+                # Frames that did not move (or are done) keep their Gauss-Newton model.
+                moved = better & ~done
+                h_new, g_new = prob.linearize(st, frames=moved)
+                hess = torch.where(moved[:, None, None], h_new, hess)
+                grad = torch.where(moved[:, None], g_new, grad)
         bar.close()
         return Coeffs(**{k: v.detach() for k, v in unpack(x).as_dict().items()})
 

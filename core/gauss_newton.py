@@ -114,8 +114,11 @@ class PhotometricProblem:
         return [self.cols(c, g).numel() for g in self.groups]
 
     @torch.no_grad()
-    def linearize(self, st: State) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Gauss-Newton Hessian (B, P, P) and gradient (B, P) of the per-frame loss at ``st``."""
+    def linearize(self, st: State, frames: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Gauss-Newton Hessian (B, P, P) and gradient (B, P) of the per-frame loss at ``st``.
+
+        ``frames``: optional (B,) bool, the frames whose photometric term is needed (the
+        others get only the cheap landmark and prior terms, e.g. frames already converged)."""
         c, cfg = st.coeffs, self.cfg
         sizes = self.sizes(c)
         offs = dict(zip(self.groups, _offsets(sizes)))
@@ -123,6 +126,8 @@ class PhotometricProblem:
         hess = c.angles.new_zeros(batch, p, p)
         grad = c.angles.new_zeros(batch, p)
         for b in range(batch):
+            if frames is not None and not bool(frames[b]):
+                continue
             hb, gb = self._photo_frame(st, b, offs, p)
             hess[b] += hb
             grad[b] += gb
