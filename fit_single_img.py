@@ -59,7 +59,7 @@ def main(argv: Sequence[str]) -> int:
                                      model.name, model.num_vertices, session.device, session.renderer.backend, args.preset)
     report = run_photos(session, detector, paths, args.res_folder, padding_ratio=args.padding_ratio,
                         face_index=face_index, batch_size=args.batch_size,
-                        info_extra={"detector": detector.name, "preset": args.preset})
+                        info_extra={"detector": detector.name, "preset": args.preset, "fit_config": cfg.as_dict()})
     for path, why in report.failed.items():
         print(f"skipped: {why}", file=sys.stderr)
     if not report.written:

@@ -84,6 +84,19 @@ def test_cli_real_photo_end_to_end(tmp_path, synth_model):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     check_outputs(out, "grace_hopper", synth_model, max_nme=0.12)
+    info = json.load(open(out / "grace_hopper_info.json"))
+    assert info["preset"] == "default" and info["fit_config"]["nonrigid_solver"] == "gn"
+
+
+def test_cli_solver_flag_is_applied_and_recorded(tmp_path, synth_model):
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "fit_single_img.py", "--img_path", "data/grace_hopper.jpg",
+                           "--res_folder", str(out), "--model_path", synth_model, *FAST,
+                           "--nonrigid_solver", "adam", "--first_nrf_iters", "3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.load(open(out / "grace_hopper_info.json"))["fit_config"]
+    assert cfg["nonrigid_solver"] == "adam" and cfg["first_nrf_iters"] == 3
 
 
 def test_real_shape_model_on_real_photos(tmp_path):
