@@ -170,7 +170,7 @@ def test_tiny_run_has_every_row_with_both_schedules(tmp_path):
     _dlib_or_skip()
     from bench.run import Plan, run_bench
     model = _tiny_model()
-    plan = Plan(sections=("renderer", "photo", "synthetic"), repeats=1, original_repeats=1, render_size=48,
+    plan = Plan(sections=("renderer", "photo", "synthetic"), repeats=1, original_repeats=1, render_size=48, render_repeats=2,
                 render_batches=(1, 2), photos=[os.path.join(REPO, "data", "astronaut.jpg")], synthetic_cases=1,
                 tar_size=64)
     report = run_bench(plan, torch.device("cpu"), _tiny_presets(), renderer="builtin", lm_detector="dlib",
