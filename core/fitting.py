@@ -194,9 +194,7 @@ class Fitter:
     def photometric(self, coeffs: Coeffs, landmarks: torch.Tensor, images: torch.Tensor, iters: int,
                     groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None) -> Coeffs:
         """Minimise the full loss over ``groups``, rendering every iteration: Adam, or with
-        ``nonrigid_solver="gn"`` Gauss-Newton / LM steps (``iters`` the most steps) when
-        every group is per-frame; a fit with shared groups takes ``shared_nrf_iters`` Adam
-        iterations then.
+        ``nonrigid_solver="gn"`` Gauss-Newton / LM steps (``iters`` the most steps).
 
         With ``coarse_size`` set, the first ``iters - fine_iters`` iterations compare the
         render and the crops at that lower resolution (one Adam state throughout)."""
@@ -207,15 +205,15 @@ class Fitter:
             coeffs = self.init_appearance(coeffs, images, albedo=cfg.init_albedo and "tex" in groups
                                           and self.model.has_albedo_basis)
         shared = any(getattr(coeffs, g).shape[0] == 1 for g in groups) and landmarks.shape[0] > 1
-        gn = cfg.nonrigid_solver == "gn" and not shared
-        if cfg.nonrigid_solver == "gn" and shared and cfg.shared_nrf_iters is not None:
-            iters = cfg.shared_nrf_iters
         size = self.camera.image_size
         schedule = [(None, images, iters)]
         if 0 < cfg.coarse_size < size and iters > cfg.fine_iters:
             cam, small = self.coarse(images, cfg.coarse_size)
             schedule = [(cam, small, iters - cfg.fine_iters), (None, images, cfg.fine_iters)]
-        if gn:
+        if cfg.nonrigid_solver == "gn":
+            if shared:
+                return self._gn_shared(coeffs, landmarks, schedule, tuple(groups), pose_ref,
+                                       desc="non-rigid, shared groups (GN)")
             return self._gn(coeffs, landmarks, schedule, tuple(groups), pose_ref, desc="non-rigid (GN)")
         return self._adam(coeffs, landmarks, schedule, tuple(groups), self.cfg.nrf_lr, pose_ref,
                           photo=True, desc="non-rigid")
@@ -466,6 +464,113 @@ class Fitter:
                 grad = torch.where(moved[:, None], g_new, grad)
         bar.close()
         return Coeffs(**{k: v.detach() for k, v in unpack(x).as_dict().items()})
+
+    def _gn_shared(self, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
+                   pose_ref: Optional[PoseRef], desc: str) -> Coeffs:
+        """Levenberg-Marquardt with the Gauss-Newton model when some groups are shared by
+        the B frames (batch 1 in ``coeffs``; the video identity/albedo fit).
+
+        The loss is Fitter.loss_terms' for shared groups: the mean over the frames of the
+        data terms plus every prior once (a shared group's once, a per-frame group's for
+        every frame). One system over [shared | frame 1 | ... | frame B] parameters: the
+        frames' Gauss-Newton models (data terms) averaged into the shared block and its
+        couplings, the priors added on the diagonal; one damping for the whole fit."""
+        batch = landmarks.shape[0]
+        shared = [g for g in groups if getattr(coeffs, g).shape[0] == 1]
+        order = tuple(shared + [g for g in groups if g not in shared])
+        c = expand(coeffs, batch)
+        fixed = {k: v for k, v in c.as_dict().items() if k not in order}
+        cached = self._fixed_pieces({k: getattr(coeffs, k) for k in fixed})
+        columns = {g: self._active_columns(g) for g in order if g in ("id", "exp", "tex")}
+        cols = {g: columns.get(g, torch.arange(getattr(c, g).shape[1], device=self.device)) for g in order}
+        start = {g: torch.zeros_like(getattr(c, g)) if g in columns else getattr(c, g).detach() for g in order}
+        ks = sum(cols[g].numel() for g in shared)
+        kf = sum(cols[g].numel() for g in order if g not in shared)
+        xs = torch.cat([getattr(c, g)[:1, cols[g]] for g in shared], dim=1).detach()          # (1, ks)
+        xf = torch.cat([getattr(c, g)[:, cols[g]] for g in order if g not in shared], dim=1).detach()  # (B, kf)
+
+        def unpack(vs, vf):
+            full = torch.cat([vs.expand(batch, -1), vf], dim=1)
+            parts = dict(zip(order, torch.split(full, [cols[g].numel() for g in order], dim=1)))
+            return Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in order})
+
+        def total(st):  # the shared-mode loss (see the docstring)
+            return st.data.mean() + sum(v[0] if g in shared else v.sum() for g, v in st.priors.items())
+
+        def system(st, prob):
+            hb, gb = prob.linearize(st, with_priors=False)  # (B, P, P), (B, P), data terms of each frame
+            n = ks + batch * kf
+            h = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+            g = torch.zeros(n, dtype=torch.float64, device=self.device)
+            hb, gb = hb.double() / batch, gb.double() / batch
+            h[:ks, :ks] = hb[:, :ks, :ks].sum(0)
+            g[:ks] = gb[:, :ks].sum(0)
+            for b in range(batch):
+                blk = slice(ks + b * kf, ks + (b + 1) * kf)
+                h[:ks, blk] = hb[b, :ks, ks:]
+                h[blk, :ks] = hb[b, ks:, :ks]
+                h[blk, blk] = hb[b, ks:, ks:]
+                g[blk] = gb[b, ks:]
+            # The priors, each once per coefficient of the system.
+            x = torch.cat([xs[0], xf.reshape(-1)]).double()
+            diag, ref = torch.zeros(n, dtype=torch.float64, device=self.device), torch.zeros_like(x)
+            weights = prob._priors()
+            pos = 0
+            for grp in shared:
+                k = cols[grp].numel()
+                diag[pos:pos + k] = weights.get(grp, (0.0, None))[0]
+                pos += k
+            off = 0
+            for grp in (g2 for g2 in order if g2 not in shared):
+                k = cols[grp].numel()
+                w, r = weights.get(grp, (0.0, None))
+                for b in range(batch):
+                    i = ks + b * kf + off
+                    diag[i:i + k] = w
+                    if r is not None:
+                        ref[i:i + k] = r[b, cols[grp]].double()
+                off += k
+            idx = torch.arange(n, device=self.device)
+            h[idx, idx] += 2 * diag
+            g += 2 * diag * (x - ref)
+            return h, g
+
+        lam = GN_LAMBDA0
+        steps_total = sum(n for _, _, n in schedule)
+        bar = tqdm(total=steps_total, desc=desc, disable=not self.progress, leave=False)
+        for cam, images, steps in schedule:
+            if steps <= 0:
+                continue
+            prob = PhotometricProblem(self, landmarks, images, cam or self.camera, order, pose_ref, cached, columns)
+            kp = self.select_keypoints(unpack(xs, xf), landmarks)
+            st = prob.evaluate(unpack(xs, xf), kp)
+            cost = total(st)
+            h, g = system(st, prob)
+            lam = GN_LAMBDA0
+            for step in range(steps):
+                delta = torch.linalg.solve(h + torch.diag(lam * torch.diagonal(h) + 1e-12), -g).to(xs.dtype)
+                ts, tf = xs + delta[:ks][None], xf + delta[ks:].view(batch, kf)
+                trial = prob.evaluate(unpack(ts, tf), kp)
+                new = total(trial)
+                bar.update(1)
+                if not bool(new < cost):
+                    lam *= GN_LAMBDA_UP
+                    if lam > GN_LAMBDA_MAX:
+                        break
+                    continue
+                gain = float(cost - new)
+                xs, xf, cost, st = ts, tf, new, trial
+                lam *= GN_LAMBDA_DOWN
+                if gain < GN_RTOL * float(cost) or step == steps - 1:
+                    break
+                if self.model.has_contour:
+                    kp = self.select_keypoints(unpack(xs, xf), landmarks)
+                    st = prob.evaluate(unpack(xs, xf), kp)
+                    cost = total(st)
+                h, g = system(st, prob)
+        bar.close()
+        out = unpack(xs, xf).as_dict()
+        return Coeffs(**{k: (v[:1] if k in shared else v).detach() for k, v in out.items()})
 
     def _lm(self, coeffs: Coeffs, landmarks: torch.Tensor, groups: Tuple[str, ...], iters: int,
             pose_ref: Optional[PoseRef], desc: str) -> Coeffs:

@@ -43,6 +43,8 @@ class State:
     """The loss at one point: per-frame totals (B,) and what the linearisation reuses."""
 
     cost: torch.Tensor
+    data: torch.Tensor    # (B,) the data terms (landmarks, photometric, albedo smoothness)
+    priors: Dict[str, torch.Tensor]  # group -> (B,) its weighted prior
     coeffs: Coeffs
     out: object          # FaceOutput
     screen: torch.Tensor  # (B, N, 3)
@@ -93,15 +95,22 @@ class PhotometricProblem:
         mask = (p2f >= 0).to(rgb.dtype)
         verts = out.landmarks if keypoints is None else out.vertices.gather(1, keypoints[..., None].expand(-1, -1, 3))
         lms = self.f.camera.project_points(verts)
-        cost = cfg.lm_loss_w * L.landmark_loss_per_frame(lms, self.landmarks, self.f.lm_weights, self.f.camera.image_size)
-        cost = cost + cfg.rgb_loss_w * L.photo_loss_per_frame(rgb, self.images, mask)
-        cost = cost + cfg.tex_w * L.reflectance_loss_per_frame(out.albedo, model.skinmask)
-        cost = cost + cfg.id_reg_w * (c.id ** 2).sum(1) + cfg.exp_reg_w * (c.exp ** 2).sum(1) \
-            + cfg.tex_reg_w * (c.tex ** 2).sum(1)
+        data = cfg.lm_loss_w * L.landmark_loss_per_frame(lms, self.landmarks, self.f.lm_weights, self.f.camera.image_size)
+        data = data + cfg.rgb_loss_w * L.photo_loss_per_frame(rgb, self.images, mask)
+        data = data + cfg.tex_w * L.reflectance_loss_per_frame(out.albedo, model.skinmask)
+        priors = {g: w * (((getattr(c, g) if ref is None else getattr(c, g) - ref)) ** 2).sum(1)
+                  for g, (w, ref) in self._priors().items()}
+        return State(cost=data + sum(priors.values()), data=data, priors=priors, coeffs=c, out=out, screen=screen,
+                     pix_to_face=p2f, keypoints=keypoints)
+
+    def _priors(self) -> Dict[str, Tuple[float, Optional[torch.Tensor]]]:
+        """group -> (weight, reference or None) of the quadratic priors of SPEC §4."""
+        cfg = self.cfg
+        priors = {"id": (cfg.id_reg_w, None), "exp": (cfg.exp_reg_w, None), "tex": (cfg.tex_reg_w, None)}
         if self.pose_ref is not None:
-            cost = cost + cfg.rot_reg_w * ((c.angles - self.pose_ref.angles) ** 2).sum(1) \
-                + cfg.trans_reg_w * ((c.trans - self.pose_ref.trans) ** 2).sum(1)
-        return State(cost=cost, coeffs=c, out=out, screen=screen, pix_to_face=p2f, keypoints=keypoints)
+            priors["angles"] = (cfg.rot_reg_w, self.pose_ref.angles)
+            priors["trans"] = (cfg.trans_reg_w, self.pose_ref.trans)
+        return priors
 
     # -- the Gauss-Newton model ------------------------------------------------------------
     def cols(self, c: Coeffs, g: str) -> torch.Tensor:
@@ -114,11 +123,13 @@ class PhotometricProblem:
         return [self.cols(c, g).numel() for g in self.groups]
 
     @torch.no_grad()
-    def linearize(self, st: State, frames: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def linearize(self, st: State, frames: Optional[torch.Tensor] = None,
+                  with_priors: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Gauss-Newton Hessian (B, P, P) and gradient (B, P) of the per-frame loss at ``st``.
 
         ``frames``: optional (B,) bool, the frames whose photometric term is needed (the
-        others get only the cheap landmark and prior terms, e.g. frames already converged)."""
+        others get only the cheap landmark and prior terms, e.g. frames already converged).
+        ``with_priors``: False leaves out the quadratic priors (the data terms only)."""
         c, cfg = st.coeffs, self.cfg
         sizes = self.sizes(c)
         offs = dict(zip(self.groups, _offsets(sizes)))
@@ -132,12 +143,8 @@ class PhotometricProblem:
             hess[b] += hb
             grad[b] += gb
         self._landmarks(st, offs, hess, grad)
-        # Quadratic terms: regularisers, the albedo smoothness, the temporal pose prior.
-        priors = {"id": (cfg.id_reg_w, None), "exp": (cfg.exp_reg_w, None), "tex": (cfg.tex_reg_w, None)}
-        if self.pose_ref is not None:
-            priors["angles"] = (cfg.rot_reg_w, self.pose_ref.angles)
-            priors["trans"] = (cfg.trans_reg_w, self.pose_ref.trans)
-        for g, (w, ref) in priors.items():
+        # Quadratic terms: regularisers and the temporal pose prior, the albedo smoothness.
+        for g, (w, ref) in (self._priors() if with_priors else {}).items():
             if g not in offs or w == 0:
                 continue
             sl = offs[g]
