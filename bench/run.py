@@ -171,8 +171,6 @@ def describe_preset(cfg) -> str:
     text = (f"{cfg.first_rf_iters} rigid ({cfg.rigid_solver}) + {cfg.lm_init_iters} landmark-init + "
             f"{photometric(cfg.first_nrf_iters, coarse, fine)} per photo; per following video frame "
             f"{cfg.rest_rf_iters} rigid + {rest_lm} landmark-init + {photometric(cfg.rest_nrf_iters, coarse, rest_fine)}")
-    if gn and getattr(cfg, "shared_nrf_iters", None):
-        text += f"; video identity/albedo fit: {cfg.shared_nrf_iters} Adam iterations"
     return text
 
 

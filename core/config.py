@@ -42,12 +42,8 @@ class FitConfig:
     rigid_solver: str = "adam"
     # Photometric stage: "adam" (the original) or "gn": Levenberg-Marquardt steps with a
     # Gauss-Newton model of the full loss (core.gauss_newton); the photometric iteration
-    # counts are then step counts. Used where every group is per-frame (photos, video
-    # frames); a fit with shared groups (the video identity/albedo fit) uses Adam.
+    # counts are then the most steps (a stage stops once the loss no longer moves).
     nonrigid_solver: str = "adam"
-    # Adam iterations of a photometric fit with groups shared by the frames (the video
-    # identity/albedo fit) when nonrigid_solver is "gn" (None: first_nrf_iters).
-    shared_nrf_iters: Optional[int] = None
     # Landmark-only LM on pose + id + exp before the photometric stage (0 = off).
     lm_init_iters: int = 0
     # Photometric stage: learning rate of the light (SH) coefficients, as a multiple of
@@ -91,13 +87,13 @@ class FitConfig:
 PRESETS: Dict[str, FitConfig] = {
     "original": FitConfig(),
     # LM rigid + landmark init, then at most 20 Gauss-Newton steps at 128 px and 10 at the
-    # crop size (each stage stops when the loss no longer moves); the video identity/albedo
-    # fit (shared groups) keeps Adam, 100 iterations. See docs/performance.md for what the
-    # bench measured. A least-squares light/albedo start (init_light) made fits worse in
+    # crop size (each stage stops when the loss no longer moves), for a photo, a clip's
+    # first frame and the video identity/albedo fit alike. See docs/performance.md for
+    # what the bench measured. A least-squares light/albedo start (init_light) made fits worse in
     # development.
     "default": FitConfig(
         first_rf_iters=12, first_nrf_iters=30, rest_rf_iters=0, rest_nrf_iters=1,
-        rigid_solver="lm", lm_init_iters=10, nonrigid_solver="gn", shared_nrf_iters=100,
+        rigid_solver="lm", lm_init_iters=10, nonrigid_solver="gn",
         nrf_lr=3e-2, rest_nrf_lr=5e-3, coarse_size=128, fine_iters=10,
         rest_lm_init_iters=2, rest_fine_iters=0, rest_normals_grad=False,
     ),
