@@ -397,6 +397,20 @@ class Fitter:
             cache[group] = torch.nonzero(base.abs().amax(0) > 0).reshape(-1)
         return cache[group]
 
+    def _gn_setup(self, coeffs: Coeffs, groups: Sequence[str], batch: int):
+        """What both Gauss-Newton solvers start from: the coefficients expanded to the
+        batch, the fixed groups and the model pieces they make constant, the optimised
+        columns of id / exp / tex (``columns``) and of every group (``cols``), and the
+        full group values the optimised columns are written into (``start``)."""
+        c = expand(coeffs, batch)
+        fixed = {k: v for k, v in c.as_dict().items() if k not in groups}
+        cached = self._fixed_pieces({k: getattr(coeffs, k) for k in fixed})
+        columns = {g: self._active_columns(g) for g in groups if g in ("id", "exp", "tex")}
+        cols = {g: columns.get(g, torch.arange(getattr(c, g).shape[1], device=self.device)) for g in groups}
+        # Coefficients outside cols only enter their prior: its minimiser, zero.
+        start = {g: torch.zeros_like(getattr(c, g)) if g in columns else getattr(c, g).detach() for g in groups}
+        return c, fixed, cached, columns, cols, start
+
     def _gn(self, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
             pose_ref: Optional[PoseRef], desc: str) -> Coeffs:
         """Levenberg-Marquardt on the full per-frame loss with the Gauss-Newton model of
@@ -408,15 +422,9 @@ class Fitter:
         a stage stops when every frame has converged (GN_RTOL, GN_LAMBDA_MAX). Every
         group must be per-frame (frames are independent problems)."""
         batch = landmarks.shape[0]
-        c = expand(coeffs, batch)
-        fixed = {k: v for k, v in c.as_dict().items() if k not in groups}
-        cached = self._fixed_pieces({k: getattr(coeffs, k) for k in fixed})
-        columns = {g: self._active_columns(g) for g in groups if g in ("id", "exp", "tex")}
-        cols = {g: columns.get(g, torch.arange(getattr(c, g).shape[1], device=self.device)) for g in groups}
+        c, fixed, cached, columns, cols, start = self._gn_setup(coeffs, groups, batch)
         sizes = [cols[g].numel() for g in groups]
         x = torch.cat([getattr(c, g)[:, cols[g]] for g in groups], dim=1).detach()
-        # Coefficients outside cols only enter their prior: its minimiser, zero.
-        start = {g: torch.zeros_like(getattr(c, g)) if g in columns else getattr(c, g).detach() for g in groups}
 
         def unpack(v):
             parts = dict(zip(groups, torch.split(v, sizes, dim=1)))
@@ -478,12 +486,7 @@ class Fitter:
         batch = landmarks.shape[0]
         shared = [g for g in groups if getattr(coeffs, g).shape[0] == 1]
         order = tuple(shared + [g for g in groups if g not in shared])
-        c = expand(coeffs, batch)
-        fixed = {k: v for k, v in c.as_dict().items() if k not in order}
-        cached = self._fixed_pieces({k: getattr(coeffs, k) for k in fixed})
-        columns = {g: self._active_columns(g) for g in order if g in ("id", "exp", "tex")}
-        cols = {g: columns.get(g, torch.arange(getattr(c, g).shape[1], device=self.device)) for g in order}
-        start = {g: torch.zeros_like(getattr(c, g)) if g in columns else getattr(c, g).detach() for g in order}
+        c, fixed, cached, columns, cols, start = self._gn_setup(coeffs, order, batch)
         ks = sum(cols[g].numel() for g in shared)
         kf = sum(cols[g].numel() for g in order if g not in shared)
         xs = torch.cat([getattr(c, g)[:1, cols[g]] for g in shared], dim=1).detach()          # (1, ks)
