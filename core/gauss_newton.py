@@ -164,8 +164,8 @@ class PhotometricProblem:
         """IRLS Gauss-Newton model of frame ``b``'s photometric term: (P, P), (P,).
 
         The gradient is exact: the per-pixel residuals are splatted onto per-vertex
-        adjoints of the colours and screen positions, then contracted with the
-        per-vertex Jacobians. The Hessian JᵀQJ is assembled from at most
+        adjoints of the colours and screen positions, then taken back to the parameters
+        (:meth:`_gradient`). The Hessian JᵀQJ is assembled from at most
         ``HESSIAN_PIXELS`` evenly spaced covered pixels (each standing for ``stride``
         pixels): it only shapes the step, which the LM loop accepts on the exact loss."""
         cfg, model = self.cfg, self.model
@@ -188,14 +188,13 @@ class PhotometricProblem:
         u_screen = torch.einsum("ckdm,cm->kmd", pj.d_verts, adj)
         u = torch.zeros(n, 6, dtype=dtype, device=device)
         u.index_add_(0, pj.vidx.reshape(-1), torch.cat([u_color, u_screen], dim=-1).reshape(-1, 6))
-        touched = torch.unique(pj.vidx)
-        table = self._vertex_jacobians(st, b, offs, p, touched)           # (U, 6, P)
-        grad = torch.einsum("nr,nrp->p", u.index_select(0, touched), table)
+        grad = self._gradient(st, b, offs, p, u)
         # Hessian from a subset of the pixels.
         stride = -(-m // HESSIAN_PIXELS)
         sel = torch.arange(0, m, stride, device=device)
         k = sel.numel()
-        corners = torch.searchsorted(touched, pj.vidx[:, sel].T.reshape(-1))  # rows of table
+        vids, corners = torch.unique(pj.vidx[:, sel].T.reshape(-1), return_inverse=True)
+        table = self._vertex_jacobians(st, b, offs, p, vids)              # (U, 6, P)
         rows = table.index_select(0, corners).view(k, 18, p)             # corner-major, 6 rows each
         coef = torch.zeros(k, 3, 3, 6, dtype=dtype, device=device)       # pixel, channel, corner, row
         w = pj.weights[:, sel].T                                         # (K, 3)
@@ -207,6 +206,80 @@ class PhotometricProblem:
         jac2 = jac.view(-1, p)
         hess += jac2.T @ jac2
         return hess, grad
+
+    def _gradient(self, st: State, b: int, offs: Dict[str, slice], p: int, u: torch.Tensor) -> torch.Tensor:
+        """(P,) Σ_v u_vᵀ J_v for per-vertex adjoints u (N, 6) of the colours (0-2) and
+        screen positions (3-5) of frame ``b``, J_v the rows of :meth:`_vertex_jacobians`:
+        the same chain rule, run backwards, so no per-vertex Jacobian is formed."""
+        model, cam, c, cfg = self.model, self.camera, st.coeffs, self.cfg
+        n = model.num_vertices
+        rot, verts = st.out.rotation[b], st.out.vertices[b]
+        grad = verts.new_zeros(p)
+        u_color, u_screen = u[:, :3], u[:, 3:]
+        # Screen -> world vertices (see _vertex_jacobians).
+        x, yy, z = verts.unbind(-1)
+        inv = 1.0 / (cam.distance - z)
+        f = cam.focal * inv
+        u_verts = torch.stack([f * u_screen[:, 0], -f * u_screen[:, 1],
+                               f * x * inv * u_screen[:, 0] - f * yy * inv * u_screen[:, 1] - u_screen[:, 2]], -1)
+        shape = (verts - c.trans[b]) @ rot  # model space
+        u_shape = u_verts @ rot              # adjoint of the model-space shape (V = S Mᵀ + t)
+        normals = st.out.normals[b]
+        albedo = st.out.albedo[min(b, st.out.albedo.shape[0] - 1)]
+        gam = c.gamma[b].reshape(3, 9).clone()
+        gam[:, 0] += AMBIENT_OFFSET
+        y = sh_basis(normals)
+        # Adjoint of the world normals: C_c = A_c Σ_k g_ck Y_k(n).
+        w = (u_color * albedo) @ gam  # (N, 9)
+        eye = torch.eye(3, dtype=verts.dtype, device=verts.device)
+        u_normals = torch.stack([(sh_basis_derivative(normals, eye[i].expand(n, 3)) * w).sum(1) for i in range(3)], -1)
+        if "trans" in offs:
+            grad[offs["trans"]] = u_verts.sum(0)
+        if "angles" in offs:
+            drot = euler_rotation_jacobian(c.angles[b:b + 1])[0]
+            model_normals = normals @ rot
+            grad[offs["angles"]] = torch.stack([(u_verts * (shape @ drot[k].T)).sum() + (u_normals * (model_normals @ drot[k].T)).sum()
+                                                for k in range(3)])
+        if "gamma" in offs:
+            grad[offs["gamma"]] = ((u_color * albedo).T @ y).reshape(-1)
+        if "tex" in offs:
+            light = y @ gam.T
+            grad[offs["tex"]] = (u_color * light).reshape(-1) @ model.tex_base[:, self.cols(c, "tex")]
+        shape_groups = [g for g in ("id", "exp") if g in offs]
+        if shape_groups:
+            u_s = u_shape
+            if cfg.normals_grad:
+                u_s = u_s + self._normal_adjoint(st, b, u_normals @ rot)
+            flat = u_s.reshape(-1)
+            for g in shape_groups:
+                grad[offs[g]] = flat @ (model.id_base if g == "id" else model.exp_base)[:, self.cols(c, g)]
+        return grad
+
+    def _normal_adjoint(self, st: State, b: int, u_model_normals: torch.Tensor) -> torch.Tensor:
+        """(N, 3) adjoint of the model-space shape for the adjoint (N, 3) of the unit
+        model-space normals (the transpose of :meth:`_normal_derivative`)."""
+        model, c = self.model, st.coeffs
+        n, nf = model.num_vertices, model.tri.shape[0]
+        rot = st.out.rotation[b]
+        shape = (st.out.vertices[b] - c.trans[b]) @ rot
+        p = shape[model.tri]                                   # (F, 3, 3)
+        e1, e2 = p[:, 0] - p[:, 1], p[:, 1] - p[:, 2]
+        fn = torch.cross(e1, e2, dim=-1)
+        fn = torch.cat([fn, fn.new_zeros(1, 3)])               # point_buf's "no triangle"
+        m = fn[model.point_buf].sum(1)                        # (N, 3) unnormalised normals
+        norm = m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = m / norm
+        u_m = (u_model_normals - unit * (unit * u_model_normals).sum(-1, keepdim=True)) / norm
+        u_fn = torch.zeros(nf + 1, 3, dtype=shape.dtype, device=shape.device)
+        u_fn.index_add_(0, model.point_buf.reshape(-1), u_m.repeat_interleave(model.point_buf.shape[1], 0))
+        u_fn = u_fn[:nf]
+        u_a = torch.cross(e2, u_fn, dim=-1)                    # fn = a × b: ∂/∂a = b × u, ∂/∂b = u × a
+        u_b = torch.cross(u_fn, e1, dim=-1)
+        out = torch.zeros(n, 3, dtype=shape.dtype, device=shape.device)
+        out.index_add_(0, model.tri[:, 0], u_a)
+        out.index_add_(0, model.tri[:, 1], u_b - u_a)
+        out.index_add_(0, model.tri[:, 2], -u_b)
+        return out
 
     def _vertex_jacobians(self, st: State, b: int, offs: Dict[str, slice], p: int,
                           vids: torch.Tensor) -> torch.Tensor:

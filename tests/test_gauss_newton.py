@@ -181,3 +181,24 @@ def test_gn_with_shared_identity_and_albedo(model):
     assert res.losses["total"] < adam.losses["total"]
     assert (res.coeffs.angles - gt.angles).abs().max() < 0.02
     assert not torch.equal(res.coeffs.exp[0], res.coeffs.exp[1])
+
+
+@pytest.mark.parametrize("normals_grad", [True, False])
+def test_adjoint_gradient_is_the_transpose_of_the_vertex_jacobians(model, normals_grad):
+    """_gradient(u) == Σ_v u_vᵀ J_v for arbitrary per-vertex adjoints u: the backward chain
+    rule equals the forward one (checked against jacfwd above)."""
+    f = fitter(model, normals_grad=normals_grad)
+    x0 = perturbed(truth(model))
+    prob = PhotometricProblem(f, torch.zeros(1, 68, 2), torch.zeros(1, 128, 128, 3), f.camera, GROUPS)
+    st = prob.evaluate(x0, None)
+    sizes = [getattr(x0, g).shape[1] for g in GROUPS]
+    offs, start = {}, 0
+    for g, n in zip(GROUPS, sizes):
+        offs[g] = slice(start, start + n)
+        start += n
+    u = torch.randn(model.num_vertices, 6, generator=torch.Generator().manual_seed(1))
+    table = prob._vertex_jacobians(st, 0, offs, start, torch.arange(model.num_vertices))
+    ref = torch.einsum("nr,nrp->p", u, table)
+    got = prob._gradient(st, 0, offs, start, u)
+    for g, sl in offs.items():
+        assert torch.allclose(got[sl], ref[sl], rtol=1e-4, atol=1e-4 * ref[sl].abs().max() + 1e-6), g
