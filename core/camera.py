@@ -45,15 +45,20 @@ class Camera:
         """World vertices (..., 3) -> image points (..., 2) = (col, row) in pixels."""
         return self.project(vertices)[..., :2]
 
-    def project_points_jacobian(self, vertices: torch.Tensor) -> torch.Tensor:
-        """∂(col, row)/∂(x, y, z) of :meth:`project_points`: (..., 3) -> (..., 2, 3)."""
+    def project_jacobian(self, vertices: torch.Tensor) -> torch.Tensor:
+        """∂(col, row, depth)/∂(x, y, z) of :meth:`project`: (..., 3) -> (..., 3, 3)."""
         x, y, z = vertices.unbind(-1)
         inv = 1.0 / (self.distance - z)
         f = self.focal * inv
         zero = torch.zeros_like(x)
         du = torch.stack([f, zero, f * x * inv], dim=-1)
         drow = torch.stack([zero, -f, -f * y * inv], dim=-1)
-        return torch.stack([du, drow], dim=-2)
+        ddepth = torch.stack([zero, zero, -torch.ones_like(x)], dim=-1)
+        return torch.stack([du, drow, ddepth], dim=-2)
+
+    def project_points_jacobian(self, vertices: torch.Tensor) -> torch.Tensor:
+        """∂(col, row)/∂(x, y, z) of :meth:`project_points`: (..., 3) -> (..., 2, 3)."""
+        return self.project_jacobian(vertices)[..., :2, :]
 
     def fov_degrees(self) -> float:
         """Full field of view (pytorch3d's FoVPerspectiveCameras ``fov``)."""

@@ -538,7 +538,6 @@ class Fitter:
             g += 2 * diag * (x - ref)
             return h, g
 
-        lam = GN_LAMBDA0
         steps_total = sum(n for _, _, n in schedule)
         bar = tqdm(total=steps_total, desc=desc, disable=not self.progress, leave=False)
         for cam, images, steps in schedule:

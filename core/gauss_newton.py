@@ -52,6 +52,21 @@ class State:
     keypoints: Optional[torch.Tensor]
 
 
+@dataclass
+class _Frame:
+    """One frame at the linearisation point: rotation (3, 3) and its angle derivatives
+    drot (3, 3, 3), world vertices / model-space shape / world normals / albedo (N, 3),
+    SH light gamma (3, 9) with the ambient offset added."""
+
+    rot: torch.Tensor
+    drot: torch.Tensor
+    verts: torch.Tensor
+    shape: torch.Tensor
+    normals: torch.Tensor
+    albedo: torch.Tensor
+    gamma: torch.Tensor
+
+
 class PhotometricProblem:
     """SPEC §4's loss of B independent frames and its Gauss-Newton model.
 
@@ -160,6 +175,16 @@ class PhotometricProblem:
             grad[:, sl] += 2 * cfg.tex_w * (c.tex @ qtq[:, cols] + qtq0[cols])
         return hess, grad
 
+    def _frame(self, st: State, b: int) -> "_Frame":
+        """The pieces of frame ``b`` every Jacobian below needs."""
+        c = st.coeffs
+        rot, verts = st.out.rotation[b], st.out.vertices[b]
+        gam = c.gamma[b].reshape(3, 9).clone()
+        gam[:, 0] += AMBIENT_OFFSET
+        return _Frame(rot=rot, verts=verts, shape=(verts - c.trans[b]) @ rot, normals=st.out.normals[b],
+                      albedo=st.out.albedo[min(b, st.out.albedo.shape[0] - 1)], gamma=gam,
+                      drot=euler_rotation_jacobian(c.angles[b:b + 1])[0])
+
     def _photo_frame(self, st: State, b: int, offs: Dict[str, slice], p: int):
         """IRLS Gauss-Newton model of frame ``b``'s photometric term: (P, P), (P,).
 
@@ -188,13 +213,14 @@ class PhotometricProblem:
         u_screen = torch.einsum("ckdm,cm->kmd", pj.d_verts, adj)
         u = torch.zeros(n, 6, dtype=dtype, device=device)
         u.index_add_(0, pj.vidx.reshape(-1), torch.cat([u_color, u_screen], dim=-1).reshape(-1, 6))
-        grad = self._gradient(st, b, offs, p, u)
+        fr = self._frame(st, b)
+        grad = self._gradient(st, fr, offs, p, u)
         # Hessian from a subset of the pixels.
         stride = -(-m // HESSIAN_PIXELS)
         sel = torch.arange(0, m, stride, device=device)
         k = sel.numel()
         vids, corners = torch.unique(pj.vidx[:, sel].T.reshape(-1), return_inverse=True)
-        table = self._vertex_jacobians(st, b, offs, p, vids)              # (U, 6, P)
+        table = self._vertex_jacobians(st, fr, offs, p, vids)             # (U, 6, P)
         rows = table.index_select(0, corners).view(k, 18, p)             # corner-major, 6 rows each
         coef = torch.zeros(k, 3, 3, 6, dtype=dtype, device=device)       # pixel, channel, corner, row
         w = pj.weights[:, sel].T                                         # (K, 3)
@@ -207,61 +233,50 @@ class PhotometricProblem:
         hess += jac2.T @ jac2
         return hess, grad
 
-    def _gradient(self, st: State, b: int, offs: Dict[str, slice], p: int, u: torch.Tensor) -> torch.Tensor:
+    def _gradient(self, st: State, fr: "_Frame", offs: Dict[str, slice], p: int, u: torch.Tensor) -> torch.Tensor:
         """(P,) Σ_v u_vᵀ J_v for per-vertex adjoints u (N, 6) of the colours (0-2) and
-        screen positions (3-5) of frame ``b``, J_v the rows of :meth:`_vertex_jacobians`:
+        screen positions (3-5) of the frame ``fr``, J_v the rows of :meth:`_vertex_jacobians`:
         the same chain rule, run backwards, so no per-vertex Jacobian is formed."""
-        model, cam, c, cfg = self.model, self.camera, st.coeffs, self.cfg
+        model, c, cfg = self.model, st.coeffs, self.cfg
         n = model.num_vertices
-        rot, verts = st.out.rotation[b], st.out.vertices[b]
-        grad = verts.new_zeros(p)
+        grad = fr.verts.new_zeros(p)
         u_color, u_screen = u[:, :3], u[:, 3:]
-        # Screen -> world vertices (see _vertex_jacobians).
-        x, yy, z = verts.unbind(-1)
-        inv = 1.0 / (cam.distance - z)
-        f = cam.focal * inv
-        u_verts = torch.stack([f * u_screen[:, 0], -f * u_screen[:, 1],
-                               f * x * inv * u_screen[:, 0] - f * yy * inv * u_screen[:, 1] - u_screen[:, 2]], -1)
-        shape = (verts - c.trans[b]) @ rot  # model space
-        u_shape = u_verts @ rot              # adjoint of the model-space shape (V = S Mᵀ + t)
-        normals = st.out.normals[b]
-        albedo = st.out.albedo[min(b, st.out.albedo.shape[0] - 1)]
-        gam = c.gamma[b].reshape(3, 9).clone()
-        gam[:, 0] += AMBIENT_OFFSET
-        y = sh_basis(normals)
+        # Screen -> world vertices -> the model-space shape (V = S Mᵀ + t).
+        u_verts = (self.camera.project_jacobian(fr.verts) * u_screen[..., None]).sum(1)
+        u_shape = u_verts @ fr.rot
+        y = sh_basis(fr.normals)
         # Adjoint of the world normals: C_c = A_c Σ_k g_ck Y_k(n).
-        w = (u_color * albedo) @ gam  # (N, 9)
-        eye = torch.eye(3, dtype=verts.dtype, device=verts.device)
-        u_normals = torch.stack([(sh_basis_derivative(normals, eye[i].expand(n, 3)) * w).sum(1) for i in range(3)], -1)
+        w = (u_color * fr.albedo) @ fr.gamma  # (N, 9)
+        eye = torch.eye(3, dtype=u.dtype, device=u.device)
+        u_normals = torch.stack([(sh_basis_derivative(fr.normals, eye[i].expand(n, 3)) * w).sum(1)
+                                 for i in range(3)], -1)
         if "trans" in offs:
             grad[offs["trans"]] = u_verts.sum(0)
         if "angles" in offs:
-            drot = euler_rotation_jacobian(c.angles[b:b + 1])[0]
-            model_normals = normals @ rot
-            grad[offs["angles"]] = torch.stack([(u_verts * (shape @ drot[k].T)).sum() + (u_normals * (model_normals @ drot[k].T)).sum()
+            model_normals = fr.normals @ fr.rot
+            grad[offs["angles"]] = torch.stack([(u_verts * (fr.shape @ fr.drot[k].T)).sum()
+                                                + (u_normals * (model_normals @ fr.drot[k].T)).sum()
                                                 for k in range(3)])
         if "gamma" in offs:
-            grad[offs["gamma"]] = ((u_color * albedo).T @ y).reshape(-1)
+            grad[offs["gamma"]] = ((u_color * fr.albedo).T @ y).reshape(-1)
         if "tex" in offs:
-            light = y @ gam.T
+            light = y @ fr.gamma.T
             grad[offs["tex"]] = (u_color * light).reshape(-1) @ model.tex_base[:, self.cols(c, "tex")]
         shape_groups = [g for g in ("id", "exp") if g in offs]
         if shape_groups:
             u_s = u_shape
             if cfg.normals_grad:
-                u_s = u_s + self._normal_adjoint(st, b, u_normals @ rot)
+                u_s = u_s + self._normal_adjoint(fr, u_normals @ fr.rot)
             flat = u_s.reshape(-1)
             for g in shape_groups:
                 grad[offs[g]] = flat @ (model.id_base if g == "id" else model.exp_base)[:, self.cols(c, g)]
         return grad
 
-    def _normal_adjoint(self, st: State, b: int, u_model_normals: torch.Tensor) -> torch.Tensor:
+    def _normal_adjoint(self, fr: "_Frame", u_model_normals: torch.Tensor) -> torch.Tensor:
         """(N, 3) adjoint of the model-space shape for the adjoint (N, 3) of the unit
         model-space normals (the transpose of :meth:`_normal_derivative`)."""
-        model, c = self.model, st.coeffs
+        model, shape = self.model, fr.shape
         n, nf = model.num_vertices, model.tri.shape[0]
-        rot = st.out.rotation[b]
-        shape = (st.out.vertices[b] - c.trans[b]) @ rot
         p = shape[model.tri]                                   # (F, 3, 3)
         e1, e2 = p[:, 0] - p[:, 1], p[:, 1] - p[:, 2]
         fn = torch.cross(e1, e2, dim=-1)
@@ -281,42 +296,36 @@ class PhotometricProblem:
         out.index_add_(0, model.tri[:, 2], -u_b)
         return out
 
-    def _vertex_jacobians(self, st: State, b: int, offs: Dict[str, slice], p: int,
+    def _vertex_jacobians(self, st: State, fr: "_Frame", offs: Dict[str, slice], p: int,
                           vids: torch.Tensor) -> torch.Tensor:
-        """Derivatives of frame ``b``'s colours (rows 0-2) and screen (col, row, depth)
+        """Derivatives of the frame ``fr``'s colours (rows 0-2) and screen (col, row, depth)
         (rows 3-5) at the vertices ``vids`` (U,) w.r.t. the parameters: (U, 6, P).
         With ``normals_grad`` off, the normals are held fixed in model space."""
-        model, cam, c = self.model, self.camera, st.coeffs
+        model, c = self.model, st.coeffs
         n = model.num_vertices
-        rot = st.out.rotation[b]
-        verts = st.out.vertices[b].index_select(0, vids)
+        verts = fr.verts.index_select(0, vids)
         u = vids.numel()
         dverts = verts.new_zeros(u, 3, p)
         dcolor = verts.new_zeros(u, 3, p)
-        if any(g in offs for g in ("angles", "tex", "gamma")):
-            normals = st.out.normals[b].index_select(0, vids)
-            albedo = st.out.albedo[min(b, st.out.albedo.shape[0] - 1)].index_select(0, vids)
-            y = sh_basis(normals)  # (U, 9)
-            gam = c.gamma[b].reshape(3, 9).clone()
-            gam[:, 0] += AMBIENT_OFFSET
+        normals = fr.normals.index_select(0, vids)
+        albedo = fr.albedo.index_select(0, vids)
+        y = sh_basis(normals)  # (U, 9)
         for g, sl in offs.items():
             if g in ("id", "exp"):
                 base = (model.id_base if g == "id" else model.exp_base).view(n, 3, -1).index_select(0, vids)
                 base = base[..., self.cols(c, g)]
-                dverts[:, :, sl] = torch.einsum("ij,njk->nik", rot, base)
+                dverts[:, :, sl] = torch.einsum("ij,njk->nik", fr.rot, base)
             elif g == "trans":
                 dverts[:, :, sl] = torch.eye(3, dtype=verts.dtype, device=verts.device)
             elif g == "angles":
-                drot = euler_rotation_jacobian(c.angles[b:b + 1])[0]  # (3, 3, 3): [k] = dM/dangle_k
-                shape = (verts - c.trans[b]) @ rot  # model-space shape, S = (V - t) M
-                dverts[:, :, sl] = torch.einsum("kij,nj->nik", drot, shape)
-                model_normals = normals @ rot
+                dverts[:, :, sl] = torch.einsum("kij,nj->nik", fr.drot, fr.shape.index_select(0, vids))
+                model_normals = normals @ fr.rot
                 for k in range(3):
-                    dn = model_normals @ drot[k].T
+                    dn = model_normals @ fr.drot[k].T
                     dy = sh_basis_derivative(normals, dn)  # (U, 9)
-                    dcolor[:, :, sl.start + k] = albedo * (dy @ gam.T)
+                    dcolor[:, :, sl.start + k] = albedo * (dy @ fr.gamma.T)
             elif g == "tex":
-                light = y @ gam.T  # (U, 3)
+                light = y @ fr.gamma.T  # (U, 3)
                 tex = model.tex_base.view(n, 3, -1).index_select(0, vids)[..., self.cols(c, "tex")]
                 dcolor[:, :, sl] = tex * light[:, :, None]
             elif g == "gamma":
@@ -324,41 +333,33 @@ class PhotometricProblem:
                     dcolor[:, ch, sl.start + 9 * ch: sl.start + 9 * ch + 9] = albedo[:, ch:ch + 1] * y
         shape_groups = [g for g in ("id", "exp") if g in offs]
         if self.cfg.normals_grad and shape_groups:  # the shading through the normals
-            dn = self._normal_derivative(st, b, vids, shape_groups)  # (U, 3, K_id + K_exp), world
+            dn = self._normal_derivative(fr, vids, shape_groups)  # (U, 3, K_id + K_exp), world
             dy = sh_basis_derivative(normals[:, None, :].expand(-1, dn.shape[2], -1), dn.transpose(1, 2))
-            dshade = albedo[:, :, None] * torch.einsum("ukj,cj->uck", dy, gam)
+            dshade = albedo[:, :, None] * torch.einsum("ukj,cj->uck", dy, fr.gamma)
             start = 0
             for g in shape_groups:
                 sl = offs[g]
                 dcolor[:, :, sl] += dshade[:, :, start:start + sl.stop - sl.start]
                 start += sl.stop - sl.start
-        # Screen (col, row, depth) of world (x, y, z): see core.camera.Camera.project.
-        x, yy, z = verts.unbind(-1)
-        inv = 1.0 / (cam.distance - z)
-        f = cam.focal * inv
         out = torch.empty(u, 6, p, dtype=verts.dtype, device=verts.device)
         out[:, :3] = dcolor
-        out[:, 3] = f[:, None] * dverts[:, 0] + (f * x * inv)[:, None] * dverts[:, 2]
-        out[:, 4] = -f[:, None] * dverts[:, 1] - (f * yy * inv)[:, None] * dverts[:, 2]
-        out[:, 5] = -dverts[:, 2]
+        out[:, 3:] = torch.bmm(self.camera.project_jacobian(verts), dverts)  # world -> screen
         return out
 
-    def _normal_derivative(self, st: State, b: int, vids: torch.Tensor, groups) -> torch.Tensor:
+    def _normal_derivative(self, fr: "_Frame", vids: torch.Tensor, groups) -> torch.Tensor:
         """d(unit world normal)/d(coefficients of ``groups``, concatenated) at the vertices
         ``vids``: (U, 3, K). The normal is the normalised sum m of the adjacent triangles'
         (v1 − v2) × (v2 − v3) (core.geometry.vertex_normals); dm is linear in the vertex
         displacements, dm = A · d(shape), with A sparse (3U, 3N): a triangle with edges
         e1 = v1 − v2, e2 = v2 − v3 contributes −[e2]× at v1, [e2]× + [e1]× at v2 and −[e1]×
         at v3 ([a]× b = a × b)."""
-        model, c = self.model, st.coeffs
+        model, rot = self.model, fr.rot
         n, nf = model.num_vertices, model.tri.shape[0]
-        rot = st.out.rotation[b]
         u = vids.numel()
         pb = model.point_buf.index_select(0, vids)                     # (U, Kb)
         valid = (pb < nf).to(rot.dtype)
         corners = model.tri.index_select(0, pb.clamp(max=nf - 1).reshape(-1)).view(u, -1, 3)
-        shape = (st.out.vertices[b] - c.trans[b]) @ rot                # model space (N, 3)
-        pts = shape.index_select(0, corners.reshape(-1)).view(u, -1, 3, 3)
+        pts = fr.shape.index_select(0, corners.reshape(-1)).view(u, -1, 3, 3)
         e1, e2 = pts[:, :, 0] - pts[:, :, 1], pts[:, :, 1] - pts[:, :, 2]
         m = (torch.cross(e1, e2, dim=-1) * valid[..., None]).sum(1)    # (U, 3)
         k1, k2 = _skew(e1), _skew(e2)                                  # (U, Kb, 3, 3)

@@ -23,6 +23,10 @@ def test_projection_jacobian_matches_autograd():
     for i in range(5):
         ref = torch.autograd.functional.jacobian(lambda p: cam.project_points(p), v[i])
         assert torch.allclose(jac[i], ref, atol=1e-10)
+    full = cam.project_jacobian(v)
+    for i in range(5):
+        ref = torch.autograd.functional.jacobian(lambda p: cam.project(p), v[i])
+        assert torch.allclose(full[i], ref, atol=1e-10)
 
 
 def test_fov_matches_pytorch3d_setting():

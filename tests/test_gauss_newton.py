@@ -81,7 +81,7 @@ def test_vertex_jacobians_match_forward_mode_autodiff(model):
     for g, n in zip(GROUPS, sizes):
         offs[g] = slice(start, start + n)
         start += n
-    table = prob._vertex_jacobians(st, 0, offs, start, vids)  # (U, 6, P)
+    table = prob._vertex_jacobians(st, prob._frame(st, 0), offs, start, vids)  # (U, 6, P)
 
     def fn(x):
         c = Coeffs(**dict(zip(GROUPS, torch.split(x[None], sizes, dim=1))))
@@ -197,8 +197,8 @@ def test_adjoint_gradient_is_the_transpose_of_the_vertex_jacobians(model, normal
         offs[g] = slice(start, start + n)
         start += n
     u = torch.randn(model.num_vertices, 6, generator=torch.Generator().manual_seed(1))
-    table = prob._vertex_jacobians(st, 0, offs, start, torch.arange(model.num_vertices))
+    table = prob._vertex_jacobians(st, prob._frame(st, 0), offs, start, torch.arange(model.num_vertices))
     ref = torch.einsum("nr,nrp->p", u, table)
-    got = prob._gradient(st, 0, offs, start, u)
+    got = prob._gradient(st, prob._frame(st, 0), offs, start, u)
     for g, sl in offs.items():
         assert torch.allclose(got[sl], ref[sl], rtol=1e-4, atol=1e-4 * ref[sl].abs().max() + 1e-6), g
