@@ -25,8 +25,9 @@ Barycentrics
 
 Implementation (no Python loop over triangles or pixels)
     rasterize: per triangle, the integer range of pixel centres in its bounding box; the
-    triangles with one candidate centre (most of a dense mesh) are tested in place, the
-    others enumerate their candidates with repeat_interleave; the z-buffer is resolved by
+    first candidate centre of every triangle and the second of those with two (together
+    nearly all of a dense mesh) are tested in place, triangles with more candidates
+    enumerate them with repeat_interleave; the z-buffer is resolved by
     one ``scatter_reduce(amin)`` over an int64 key (float32 bits of the depth, monotone for
     positive floats, in the high word; face index in the low word). Frames are processed
     in groups and candidates in chunks, which bounds memory.
@@ -171,8 +172,9 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
     """Min-reduce the key (depth bits << 32 | face id) of every covered (face, pixel)
     pair into ``keys`` (B*H*W,) int64. verts (B, N, 3) float32/64, faces_t (3, F) long.
 
-    Every per-face quantity is a contiguous (B*F,) vector in batch-major order (element
-    b*F + f): elementwise work on contiguous vectors is what the CPU does fastest.
+    Every per-face quantity is a contiguous (..., B*F) tensor in batch-major order
+    (element b*F + f): elementwise work on contiguous vectors is what the CPU does
+    fastest, and fewer, larger operations beat many small ones.
     """
     batch, num_verts, _ = verts.shape
     num_faces = faces_t.shape[1]
@@ -181,68 +183,86 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
     if batch > 1:
         offsets = torch.arange(batch, device=verts.device) * num_verts
         gidx = (faces_t.unsqueeze(1) + offsets.view(1, -1, 1)).view(-1)
-    coords = verts.reshape(-1, 3)  # gathering from its strided columns beats transposing
-    xs = coords[:, 0].index_select(0, gidx).view(3, -1)  # (3 corners, B*F)
-    ys = coords[:, 1].index_select(0, gidx).view(3, -1)
-    zs = coords[:, 2].index_select(0, gidx).view(3, -1)
+    # (col/row/depth, corner, B*F); a gather along dim 1 of a 2-D tensor is the fastest
+    # form (the same along the last dim of a 3-D tensor is many times slower).
+    corners = _columns(verts.reshape(-1, 3)).index_select(1, gidx).view(3, 3, -1)
+    xy, zs = corners[:2], corners[2]
 
-    # Integer range of pixel centres (i + 0.5) inside the bounding box; clamping before
-    # any cast keeps huge coordinates finite.
-    col0 = torch.ceil(xs.amin(0) - 0.5).clamp_(0, width)
-    col1 = torch.floor(xs.amax(0) - 0.5).clamp_(-1, width - 1)
-    row0 = torch.ceil(ys.amin(0) - 0.5).clamp_(0, height)
-    row1 = torch.floor(ys.amax(0) - 0.5).clamp_(-1, height - 1)
-    ncol = (col1 - col0 + 1).clamp_(min=0)
-    nrow = (row1 - row0 + 1).clamp_(min=0)
-
-    # Vertices relative to the first candidate pixel centre p0 (small numbers: accurate).
-    # The screen weight of vertex k at p, unnormalised, is the edge function
-    # e_k(p) = cross(v_{k+1} - p, v_{k+2} - p); p is inside iff all three have the sign
-    # of the area, and twice the signed area is e_0 + e_1 + e_2 (0 exactly when two
-    # vertices coincide).
-    rx0, rx1, rx2 = xs - (col0 + 0.5)
-    ry0, ry1, ry2 = ys - (row0 + 0.5)
-    ec0 = torch.addcmul(rx1 * ry2, rx2, ry1, value=-1)
-    ec1 = torch.addcmul(rx2 * ry0, rx0, ry2, value=-1)
-    ec2 = torch.addcmul(rx0 * ry1, rx1, ry0, value=-1)
-    area2 = ec0 + ec1 + ec2
+    # Integer range of pixel centres (i + 0.5) inside the bounding box, (column, row);
+    # clamping before any cast keeps huge coordinates finite. lo is the first candidate
+    # p0, span the number of candidate columns and rows.
+    lo = (xy.amin(1) - 0.5).ceil_()
+    hi = (xy.amax(1) - 0.5).floor_()
+    if height == width:
+        lo.clamp_(0, width)
+        hi.clamp_(-1, width - 1)
+    else:
+        for i, size in enumerate((width, height)):
+            lo[i].clamp_(0, size)
+            hi[i].clamp_(-1, size - 1)
+    span = (hi - lo).add_(1).clamp_(min=0)
+    count = span[0] * span[1]  # float: exact for the small counts it is compared with
     zmin = zs.amin(0)
-    valid = torch.isfinite(area2) & (area2 != 0) & (zmin > znear) & (zmin <= zfar)
-    count = (ncol.long() * nrow.long()).masked_fill_(~valid, 0)  # int64: exact for any size
-    iz0, iz1, iz2 = zs.reciprocal()
-    inv_area = area2.reciprocal()
-    # Inverse perspective-correct depth at p0: 1/z = sum_k (e_k / 2A) / z_k.
-    inv_depth0 = (ec0 * iz0 + ec1 * iz1 + ec2 * iz2) * inv_area
+    count.mul_((zmin > znear) & (zmin <= zfar))
+
+    # Vertices relative to p0 (small numbers: accurate). The screen weight of vertex k
+    # at p, unnormalised, is the edge function e_k(p) = cross(v_{k+1} - p, v_{k+2} - p);
+    # twice the signed area is e_0 + e_1 + e_2 (0 exactly when two vertices coincide).
+    # p is inside iff the three screen weights w_k = e_k / (2A) are > 0 (NaN, from a
+    # zero or infinite area, compares False).
+    rel = xy - (lo + 0.5).unsqueeze(1)  # (2, 3, B*F)
+    edges = _edge_functions(rel[0], rel[1])  # (3, B*F) at p0
+    inv_area = edges.sum(0).reciprocal_()
+    weights = edges * inv_area
+    inv_z = zs.reciprocal()
 
     pix_parts, key_parts = [], []
 
-    # Faces with a single candidate pixel centre (most faces of a dense mesh): test p0.
-    one = (count == 1) & (ec0 * area2 > 0) & (ec1 * area2 > 0) & (ec2 * area2 > 0)
-    hit = torch.nonzero(one).squeeze(1)
+    # The first candidate p0 of every face with a candidate, tested in place (faces with
+    # more candidates test it again when they are enumerated: an equal key is harmless).
+    hit = torch.nonzero((weights.amin(0) > 0) & (count > 0)).squeeze(1)
     if hit.numel() > 0:
-        pix_parts.append(_first_pixel(hit, col0, row0, num_faces, height, width))
-        key_parts.append(_key(inv_depth0.index_select(0, hit), hit % num_faces))
+        # Inverse perspective-correct depth: 1/z = sum_k w_k / z_k.
+        inv_depth = (weights.index_select(1, hit) * inv_z.index_select(1, hit)).sum(0)
+        pix_parts.append(_pixel(hit, lo, num_faces, height, width))
+        key_parts.append(_key(inv_depth, _face_id(hit, num_faces, batch)))
 
-    # Faces with several candidates: enumerate them, in chunks of whole faces.
-    many = torch.nonzero(count >= 2).squeeze(1)
+    # The second candidate of faces with two: p0 + (1, 0) in a box two columns wide, else
+    # p0 + (0, 1); the edge functions there are those of the vertices moved by -step.
+    two = torch.nonzero(count == 2).squeeze(1)
+    if two.numel() > 0:
+        right = (span[0].index_select(0, two) == 2).to(rel.dtype)  # 1: next column, 0: next row
+        rel2 = _select_last(rel, two)
+        rel2[0] -= right
+        rel2[1] -= 1 - right
+        w2 = _edge_functions(rel2[0], rel2[1]).mul_(inv_area.index_select(0, two))
+        ok = torch.nonzero(w2.amin(0) > 0).squeeze(1)
+        if ok.numel() > 0:
+            sel = two.index_select(0, ok)
+            inv_depth = (w2.index_select(1, ok) * inv_z.index_select(1, sel)).sum(0)
+            offset = torch.where(right.index_select(0, ok) > 0, 1, width)
+            pix_parts.append(_pixel(sel, lo, num_faces, height, width) + offset)
+            key_parts.append(_key(inv_depth, _face_id(sel, num_faces, batch)))
+
+    # Faces with more candidates: enumerate them, in chunks of whole faces.
+    many = torch.nonzero(count >= 3).squeeze(1)
     if many.numel() > 0:
-        def pick(*ts):
-            return [t.index_select(0, many) for t in ts]
-
-        rx0, rx1, rx2, ry0, ry1, ry2, iz0, iz1, iz2 = pick(
-            rx0, rx1, rx2, ry0, ry1, ry2, iz0, iz1, iz2)
-        ec0, ec1, ec2, inv_area = pick(ec0, ec1, ec2, inv_area)
+        many = many[torch.isfinite(inv_area.index_select(0, many))]  # zero/infinite area: none inside
+    if many.numel() > 0:
+        inv_area = inv_area.index_select(0, many)
+        rx, ry = _select_last(rel, many).unbind(0)
         # e_k(p0 + (dx, dy)) = ea_k dx + eb_k dy + ec_k, times the sign of the area so
         # that inside means all positive.
         sign = torch.sign(inv_area)
-        ea = [(ry1 - ry2) * sign, (ry2 - ry0) * sign, (ry0 - ry1) * sign]
-        eb = [(rx2 - rx1) * sign, (rx0 - rx2) * sign, (rx1 - rx0) * sign]
-        ec = [ec0 * sign, ec1 * sign, ec2 * sign]
-        coefs = ea + eb + ec + [iz0, iz1, iz2, inv_area.abs()]
-        counts = count.index_select(0, many)
-        widths = ncol.index_select(0, many).long()
-        first = _first_pixel(many, col0, row0, num_faces, height, width)
-        face_id = many % num_faces
+        ea = (ry.roll(-1, 0) - ry.roll(-2, 0)) * sign
+        eb = (rx.roll(-2, 0) - rx.roll(-1, 0)) * sign
+        ec = edges.index_select(1, many) * sign
+        coefs = [*ea, *eb, *ec, *inv_z.index_select(1, many), inv_area.abs()]
+        sp = span.index_select(1, many).long()
+        counts = sp[0] * sp[1]
+        widths = sp[0]
+        first = _pixel(many, lo, num_faces, height, width)
+        face_id = _face_id(many, num_faces, batch)
         ends = torch.cumsum(counts, 0)
         start, done = 0, 0
         while start < counts.shape[0]:
@@ -263,14 +283,37 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
         keys.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
 
 
-def _first_pixel(sel: torch.Tensor, col0: torch.Tensor, row0: torch.Tensor, num_faces: int,
-                 height: int, width: int) -> torch.Tensor:
-    """Flat pixel index b*H*W + row0*W + col0 of the first candidate of the faces sel (K,)
-    (indices into B*F)."""
-    b = torch.div(sel, num_faces, rounding_mode="floor")
-    row = row0.index_select(0, sel).long()
-    col = col0.index_select(0, sel).long()
-    return (b * height + row) * width + col
+def _select_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t (..., L) contiguous, index (K,) -> t[..., index] (..., K), as a gather along dim 1
+    of a 2-D view (several times faster than index_select on the last dim of a 3-D tensor)."""
+    return t.view(-1, t.shape[-1]).index_select(1, index).view(*t.shape[:-1], -1)
+
+
+def _edge_functions(rx: torch.Tensor, ry: torch.Tensor) -> torch.Tensor:
+    """Corners relative to a point p, rx, ry (3, K) -> the edge functions (3, K)
+    e_k = cross(r_{k+1}, r_{k+2})."""
+    e = rx.new_empty(rx.shape)
+    for k in range(3):
+        i, j = (k + 1) % 3, (k + 2) % 3
+        torch.mul(rx[i], ry[j], out=e[k])
+        e[k].addcmul_(rx[j], ry[i], value=-1)
+    return e
+
+
+def _pixel(sel: torch.Tensor, lo: torch.Tensor, num_faces: int, height: int,
+           width: int) -> torch.Tensor:
+    """Flat pixel index b*H*W + row0*W + col0 of the first candidate lo (2, B*F) (column,
+    row) of the faces sel (K,) (sorted indices into B*F)."""
+    col, row = lo.index_select(1, sel).long()
+    pix = row.mul_(width).add_(col)
+    if sel.numel() and int(sel[-1]) >= num_faces:  # some face of a frame b > 0
+        pix += torch.div(sel, num_faces, rounding_mode="floor") * (height * width)
+    return pix
+
+
+def _face_id(sel: torch.Tensor, num_faces: int, batch: int) -> torch.Tensor:
+    """Indices sel (K,) into B*F -> face ids (K,) into F."""
+    return sel % num_faces if batch > 1 else sel
 
 
 def _key(inv_depth: torch.Tensor, face_id: torch.Tensor) -> torch.Tensor:
