@@ -27,7 +27,7 @@ from . import losses as L
 from .camera import Camera
 from .coeffs import Coeffs
 from .geometry import AMBIENT_OFFSET, euler_rotation_jacobian, sh_basis, sh_basis_derivative
-from .render import interpolate, interpolation_jacobian
+from .render import interpolation_jacobian
 
 # Smallest colour distance (0..255 units) a pixel's IRLS weight 1/‖r‖ is computed with.
 RHO_MIN = 2.0
@@ -106,8 +106,8 @@ class PhotometricProblem:
         screen = self.camera.project(out.vertices)
         size = self.camera.image_size
         p2f = self.f.renderer.rasterize(screen, model.tri, (size, size)).pix_to_face
-        rgb = interpolate(out.colors, screen, model.tri, p2f).clamp(0.0, 255.0)
-        mask = (p2f >= 0).to(rgb.dtype)
+        rgba = self.f.renderer.shade(screen, model.tri, out.colors, p2f)
+        rgb, mask = rgba[..., :3], rgba[..., 3]
         verts = out.landmarks if keypoints is None else out.vertices.gather(1, keypoints[..., None].expand(-1, -1, 3))
         lms = self.f.camera.project_points(verts)
         data = cfg.lm_loss_w * L.landmark_loss_per_frame(lms, self.landmarks, self.f.lm_weights, self.f.camera.image_size)

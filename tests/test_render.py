@@ -95,6 +95,33 @@ def test_matches_reference_dense_mesh():
     np.testing.assert_allclose(frags.zbuf.numpy(), ref_z, rtol=1e-6)
 
 
+@pytest.mark.parametrize("in_place", [1, 2, 4, 9])
+def test_in_place_candidates_match_reference(monkeypatch, in_place):
+    # A jittered grid at 1.6 px spacing: boxes of 1 to 6 candidate centres. Whatever the
+    # split between candidates tested in place and enumerated, the result is the reference.
+    g = torch.Generator().manual_seed(4)
+    n = 12
+    t = torch.linspace(1.0, 18.6, n, dtype=torch.float64)
+    rows, cols = torch.meshgrid(t, t, indexing="ij")
+    jitter = (torch.rand(2, n, n, generator=g, dtype=torch.float64) - 0.5) * 0.9
+    depth = 3 + torch.rand(n, n, generator=g, dtype=torch.float64)
+    verts = torch.stack([cols + jitter[0], rows + jitter[1], depth], -1).view(1, -1, 3)
+    i = torch.arange(n - 1)
+    a = (i[:, None] * n + i[None, :]).reshape(-1)
+    faces = torch.cat([torch.stack([a, a + 1, a + n], 1), torch.stack([a + 1, a + n + 1, a + n], 1)])
+    tri = verts[0][faces]
+    span = [(torch.floor(tri[..., d].amax(1) - 0.5) - torch.ceil(tri[..., d].amin(1) - 0.5) + 1).clamp(min=0)
+            for d in (0, 1)]
+    counts = set((span[0] * span[1]).long().tolist())
+    assert {1, 2, 3, 4} <= counts and max(counts) > 4  # every path is exercised
+    monkeypatch.setattr(rast, "_IN_PLACE", in_place)
+    frags = rasterize(verts, faces, (20, 20))
+    ref_p2f, ref_z = reference_rasterize(verts.numpy(), faces.numpy(), 20, 20)
+    assert (frags.pix_to_face.numpy() == ref_p2f).all()
+    assert (ref_p2f >= 0).mean() > 0.7
+    np.testing.assert_allclose(frags.zbuf.numpy(), ref_z, rtol=1e-6)
+
+
 def test_matches_reference_float32_up_to_edge_pixels():
     verts, faces = random_mesh(7, batch=3)
     verts = verts.float()
@@ -324,6 +351,47 @@ def test_gradcheck_interpolate_both_float32_path_matches_autograd():
     (image * weights).sum().backward()
     assert torch.allclose(grads[0], verts.grad, atol=1e-4)
     assert torch.allclose(grads[1], attrs.grad, atol=1e-5)
+
+
+def test_interpolate_clamp_and_alpha():
+    verts, faces, p2f = small_scene()
+    attrs = (torch.rand(2, 4, 3, dtype=torch.float64) * 2 - 0.5).requires_grad_(True)  # some outside [0, 1]
+    out = interpolate(attrs, verts, faces, p2f, clamp=(0.0, 1.0), alpha=True)
+    plain = interpolate(attrs, verts, faces, p2f)
+    covered = p2f >= 0
+    assert out.shape == (2, 8, 9, 4)
+    assert torch.equal(out[..., 3], covered.to(out.dtype))
+    assert torch.equal(out[..., :3], plain.clamp(0.0, 1.0))
+    assert ((plain < 0) | (plain > 1)).any() and ((plain > 0) & (plain < 1)).any()  # both cases
+    weights = torch.rand(2, 8, 9, 4, dtype=torch.float64)
+    grad, = torch.autograd.grad((out * weights).sum(), attrs)
+    expected, = torch.autograd.grad((plain.clamp(0.0, 1.0) * weights[..., :3]).sum(), attrs)
+    assert torch.allclose(grad, expected, rtol=0, atol=1e-12)
+    # All inside: no mask needed, the same gradient as without clamping.
+    inside = attrs.detach().clamp(0.1, 0.9).requires_grad_(True)
+    g1, = torch.autograd.grad((interpolate(inside, verts, faces, p2f, clamp=(0.0, 1.0)) * weights[..., :3]).sum(), inside)
+    g2, = torch.autograd.grad((interpolate(inside, verts, faces, p2f) * weights[..., :3]).sum(), inside)
+    assert torch.allclose(g1, g2, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="clamp"):
+        interpolate(attrs, verts, faces, p2f, clamp=(1.0, 2.0))
+
+
+def test_gradcheck_interpolate_clamped_verts():
+    verts, faces, p2f = small_scene()
+    attrs = torch.rand(2, 4, 2, dtype=torch.float64) * 2 - 0.5
+    verts = verts.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: interpolate(attrs, v, faces, p2f, clamp=(0.0, 1.0), alpha=True),
+                                    (verts,))
+
+
+def test_face_list_cache_sees_in_place_changes():
+    verts, faces, _ = small_scene()
+    first = rasterize(verts, faces, (8, 9)).pix_to_face
+    faces[1] = torch.tensor([0, 1, 2])  # both faces now the same triangle
+    second = rasterize(verts, faces, (8, 9)).pix_to_face
+    assert (first == 1).any() and not (second == 1).any()  # face 0 wins the equal-depth tie
+    ref, _ = reference_rasterize(verts.numpy(), faces.numpy(), 8, 9)
+    assert (second.numpy() == ref).all()
 
 
 # --------------------------------------------------------------------------- renderer

@@ -36,8 +36,11 @@ Implementation (no Python loop over triangles or pixels)
 """
 from __future__ import annotations
 
+import functools
+import sys
+import weakref
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -50,6 +53,10 @@ _MAX_CANDIDATES = 1 << 20
 # large-block path, so the time per frame does not grow with the batch.
 _CHUNK_ELEMENTS = 1 << 18
 _EMPTY_KEY = torch.iinfo(torch.int64).max
+_LOW_WORD = 0 if sys.byteorder == "little" else 1  # int32 word of an int64 holding its low 32 bits
+# Faces with at most this many candidate pixel centres (nearly all of a dense mesh) test
+# them in place, one vectorised pass per candidate; faces with more enumerate them.
+_IN_PLACE = 4
 
 
 @dataclass(frozen=True)
@@ -146,19 +153,36 @@ def _rasterize(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int
     num_faces = faces.shape[0]
     device = verts.device
     dtype = verts.dtype if verts.dtype in (torch.float32, torch.float64) else torch.float32
-    faces_t = _columns(faces.to(device=device, dtype=torch.int64))  # (3, F)
+    faces_t = _face_columns(faces, device)  # (3, F)
     p2f_parts, zbuf_parts = [], []
     for sl in _batch_chunks(batch, max(num_faces, height * width)):
         frames = sl.stop - sl.start
         keys = torch.full((frames * height * width,), _EMPTY_KEY, dtype=torch.int64, device=device)
         if num_faces > 0 and num_verts > 0:
             _rasterize_into(keys, verts[sl].to(dtype), faces_t, height, width, znear, zfar)
-        covered = keys != _EMPTY_KEY
-        pix_to_face = (keys & 0xFFFFFFFF).masked_fill_(~covered, -1)
-        zbuf = (keys >> 32).to(torch.int32).view(torch.float32).masked_fill_(~covered, -1.0)
+        # The key's words as int32: the face id (the empty key's low word 0xFFFFFFFF reads
+        # -1) and the depth's float32 bits (the empty key's high word 0x7FFFFFFF is a NaN).
+        words = keys.view(torch.int32).view(-1, 2)
+        pix_to_face = words[:, _LOW_WORD].long()
+        zbuf = words[:, 1 - _LOW_WORD].view(torch.float32).nan_to_num(nan=-1.0, posinf=float("inf"))
         p2f_parts.append(pix_to_face.view(frames, height, width))
         zbuf_parts.append(zbuf.view(frames, height, width))
     return Fragments(pix_to_face=_cat(p2f_parts), zbuf=_cat(zbuf_parts).to(verts.dtype))
+
+
+_FACES_CACHE = (None, -1, None, None)  # (weakref to faces, its version, device, columns)
+
+
+def _face_columns(faces: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """faces (F, 3) int -> (3, F) int64 on ``device``. The last result is kept while the
+    same faces tensor comes back unmodified (a face model renders one face list)."""
+    global _FACES_CACHE
+    ref, version, dev, cols = _FACES_CACHE
+    if ref is not None and ref() is faces and version == faces._version and dev == device:
+        return cols
+    cols = _columns(faces.to(device=device, dtype=torch.int64))
+    _FACES_CACHE = (weakref.ref(faces), faces._version, device, cols)
+    return cols
 
 
 def _columns(t: torch.Tensor) -> torch.Tensor:
@@ -227,27 +251,38 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
         pix_parts.append(_pixel(hit, lo, num_faces, height, width))
         key_parts.append(_key(inv_depth, _face_id(hit, num_faces, batch)))
 
-    # The second candidate of faces with two: p0 + (1, 0) in a box two columns wide, else
-    # p0 + (0, 1); the edge functions there are those of the vertices moved by -step.
-    two = torch.nonzero(count == 2).squeeze(1)
-    if two.numel() > 0:
-        right = (span[0].index_select(0, two) == 2).to(rel.dtype)  # 1: next column, 0: next row
-        rel2 = _select_last(rel, two)
-        rel2[0] -= right
-        rel2[1] -= 1 - right
-        w2 = _edge_functions(rel2[0], rel2[1]).mul_(inv_area.index_select(0, two))
-        ok = torch.nonzero(w2.amin(0) > 0).squeeze(1)
-        if ok.numel() > 0:
-            sel = two.index_select(0, ok)
-            inv_depth = (w2.index_select(1, ok) * inv_z.index_select(1, sel)).sum(0)
-            offset = torch.where(right.index_select(0, ok) > 0, 1, width)
-            pix_parts.append(_pixel(sel, lo, num_faces, height, width) + offset)
-            key_parts.append(_key(inv_depth, _face_id(sel, num_faces, batch)))
+    # Candidates 1..3 of faces with 2 to 4 (boxes up to 2 x 2, 1 x 4 or 4 x 1), also in
+    # place: candidate j is p0 + (dx, dy) = (j mod ncol, j div ncol); the edge functions
+    # there are those of the vertices moved by -(dx, dy).
+    multi = torch.nonzero(count >= 2).squeeze(1)
+    if multi.numel() > 0:  # zero or infinite area: nothing inside
+        multi = multi[torch.isfinite(inv_area.index_select(0, multi))]
+    if multi.numel() > 0:
+        counts = count.index_select(0, multi)
+        ncol = span[0].index_select(0, multi)
+        for j in range(1, _IN_PLACE):
+            local = torch.nonzero((counts > j) & (counts <= _IN_PLACE)).squeeze(1)
+            if local.numel() == 0:
+                break
+            sel = multi.index_select(0, local)
+            dy = ncol.index_select(0, local).reciprocal_().mul_(j).floor_()  # exact: small integers
+            dx = dy.mul(ncol.index_select(0, local)).neg_().add_(j)
+            rel_j = _select_last(rel, sel)
+            rel_j[0] -= dx
+            rel_j[1] -= dy
+            w_j = _edge_functions(rel_j[0], rel_j[1]).mul_(inv_area.index_select(0, sel))
+            ok = torch.nonzero(w_j.amin(0) > 0).squeeze(1)
+            if ok.numel() > 0:
+                hit = sel.index_select(0, ok)
+                inv_depth = (w_j.index_select(1, ok) * inv_z.index_select(1, hit)).sum(0)
+                offset = dy.index_select(0, ok).mul_(width).add_(dx.index_select(0, ok)).long()
+                pix_parts.append(_pixel(hit, lo, num_faces, height, width) + offset)
+                key_parts.append(_key(inv_depth, _face_id(hit, num_faces, batch)))
+        many = multi[counts > _IN_PLACE]
+    else:
+        many = multi
 
     # Faces with more candidates: enumerate them, in chunks of whole faces.
-    many = torch.nonzero(count >= 3).squeeze(1)
-    if many.numel() > 0:
-        many = many[torch.isfinite(inv_area.index_select(0, many))]  # zero/infinite area: none inside
     if many.numel() > 0:
         inv_area = inv_area.index_select(0, many)
         rx, ry = _select_last(rel, many).unbind(0)
@@ -291,7 +326,10 @@ def _select_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _edge_functions(rx: torch.Tensor, ry: torch.Tensor) -> torch.Tensor:
     """Corners relative to a point p, rx, ry (3, K) -> the edge functions (3, K)
-    e_k = cross(r_{k+1}, r_{k+2})."""
+    e_k = cross(r_{k+1}, r_{k+2}) (differentiable when the inputs require grad)."""
+    if torch.is_grad_enabled() and (rx.requires_grad or ry.requires_grad):
+        return torch.stack([rx[(k + 1) % 3] * ry[(k + 2) % 3] - rx[(k + 2) % 3] * ry[(k + 1) % 3]
+                            for k in range(3)])
     e = rx.new_empty(rx.shape)
     for k in range(3):
         i, j = (k + 1) % 3, (k + 2) % 3
@@ -379,7 +417,7 @@ def _covered_pixels(pix_to_face: torch.Tensor, faces_t: torch.Tensor, num_verts:
     row = torch.div(rem, width, rounding_mode="floor")
     col = rem - row * width
     vidx = idx.new_empty(3, idx.shape[0])
-    for k in range(3):
+    for k in range(3):  # three 1-D gathers: an int64 gather along dim 1 is several times slower
         torch.index_select(faces_t[k], 0, face, out=vidx[k])
     if batch > 1:
         vidx += (b * num_verts).unsqueeze(0)
@@ -394,24 +432,22 @@ def _edge_weights(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, px: torch.T
     sum_k u_k (M,). The perspective-correct weights are u / s (the area cancels)."""
     rx = x - px
     ry = y - py
-    e = torch.stack([rx[1] * ry[2] - rx[2] * ry[1],
-                     rx[2] * ry[0] - rx[0] * ry[2],
-                     rx[0] * ry[1] - rx[1] * ry[0]])
-    u = e / z
+    u = _edge_functions(rx, ry) / z
     return rx, ry, u, u.sum(0)
 
 
 def _corner_grads(gw: torch.Tensor, rx, ry, z, u, s, w):
     """Chain rule through the perspective-correct weights: gw (3, M) = dL/dw_k and the
     quantities of :func:`_edge_weights` -> (gx, gy, gz), each (3, M): dL/d(col, row,
-    depth) of corner k."""
-    gu = (gw - (gw * w).sum(0)) / s  # w = u / s
-    ge = gu / z  # u = e / z
-    gz = -ge * u
+    depth) of corner k. No autograd."""
+    ge = (gw - (gw * w).sum(0)).div_(s).div_(z)  # dL/de_k: w = u / s, u = e / z
+    gz = (ge * u).neg_()
     # e_k = cross(r_{k+1}, r_{k+2}): corner j enters e_{j-1} first, e_{j+1} second.
-    ge_prev, ge_next = ge.roll(1, 0), ge.roll(-1, 0)
-    gx = ge_prev * ry.roll(-1, 0) - ge_next * ry.roll(1, 0)
-    gy = ge_next * rx.roll(1, 0) - ge_prev * rx.roll(-1, 0)
+    gx, gy = torch.empty_like(ge), torch.empty_like(ge)
+    for j in range(3):
+        prev, nxt = (j - 1) % 3, (j + 1) % 3
+        torch.mul(ge[prev], ry[nxt], out=gx[j]).addcmul_(ge[nxt], ry[prev], value=-1)
+        torch.mul(ge[nxt], rx[prev], out=gy[j]).addcmul_(ge[prev], rx[nxt], value=-1)
     return gx, gy, gz
 
 
@@ -422,23 +458,18 @@ def _offset_index(index: torch.Tensor, rows: int, stride: int) -> torch.Tensor:
 
 
 def _gather_corners(table: torch.Tensor, vidx: torch.Tensor) -> torch.Tensor:
-    """table (B, N, D) per-vertex values, vidx (3, M) -> (D, 3, M), one 1-D gather per
-    channel (D is 3 or the few attribute channels)."""
-    table = table.reshape(-1, table.shape[-1])
-    flat = vidx.reshape(-1)
-    if torch.is_grad_enabled() and table.requires_grad:
-        return torch.stack([table[:, d].index_select(0, flat) for d in range(table.shape[1])]
-                           ).view(table.shape[1], 3, -1)
-    out = table.new_empty(table.shape[1], flat.shape[0])
-    for d in range(table.shape[1]):
-        torch.index_select(table[:, d], 0, flat, out=out[d])
-    return out.view(table.shape[1], 3, -1)
+    """table (B, N, D) per-vertex values, vidx (3, M) -> (D, 3, M): one gather along dim 1
+    of the (D, B*N) columns (the fastest layout for the elementwise work that follows)."""
+    columns = _columns(table.reshape(-1, table.shape[-1]))
+    return columns.index_select(1, vidx.reshape(-1)).view(table.shape[-1], 3, -1)
 
 
 class _Interpolate(torch.autograd.Function):
-    """image (B, H, W, C): at the covered pixels idx (M,), sum_k w_k attrs[vidx_k] with the
-    perspective-correct weights w; 0 elsewhere. Inputs: attrs (B, N, C), verts (B, N, 3)
-    (col, row, depth), vidx (3, M), pixel centres px, py (M,), idx (M,) flat pixel indices.
+    """image (B, H, W, C [+ 1]): at the covered pixels idx (M,), sum_k w_k attrs[vidx_k]
+    with the perspective-correct weights w, clamped to ``clamp`` = (lo, hi) if given; 0
+    elsewhere; with ``alpha``, one more channel, 1 at the covered pixels. Inputs: attrs
+    (B, N, C), verts (B, N, 3) (col, row, depth), vidx (3, M), pixel centres px, py (M,),
+    idx (M,) flat pixel indices.
 
     The backward is written out by hand so that everything stays in contiguous (3, M)
     vectors, 1-D gathers and 1-D scatter-adds: several times faster on a CPU than
@@ -446,52 +477,72 @@ class _Interpolate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, attrs, verts, vidx, px, py, idx, image_shape):
+    def forward(ctx, attrs, verts, vidx, px, py, idx, image_shape, clamp, alpha):
         x, y, z = _gather_corners(verts, vidx)
         rx, ry, u, s = _edge_weights(x, y, z, px, py)
         w = u / s
         a = _gather_corners(attrs, vidx)  # (C, 3, M)
         wa = w.to(a.dtype)
         values = torch.addcmul(torch.addcmul(a[:, 0] * wa[0], a[:, 1], wa[1]), a[:, 2], wa[2])
-        channels = values.shape[0]
+        inside = None
+        if clamp is not None:
+            if _needs_clamp(values, *clamp):
+                inside = (values >= clamp[0]) & (values <= clamp[1])  # torch.clamp's gradient mask
+            values.clamp_(*clamp)
+        channels = values.shape[0] + int(alpha)
+        if alpha:
+            values = torch.cat([values, values.new_ones(1, values.shape[1])])
         pos = _offset_index(idx * channels, channels, 1)  # channel-last image positions
         image = values.new_zeros(int(torch.Size(image_shape).numel()) * channels)
         image.scatter_(0, pos, values.view(-1))
-        ctx.save_for_backward(vidx, rx, ry, z, u, s, w, a, pos)
+        ctx.save_for_backward(vidx, rx, ry, z, u, s, w, a, pos[:a.shape[0] * idx.shape[0]], inside)
         ctx.shapes = (attrs.shape, verts.shape)
         return image.view(*image_shape, channels)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_image):
-        vidx, rx, ry, z, u, s, w, a, pos = ctx.saved_tensors
+        vidx, rx, ry, z, u, s, w, a, pos, inside = ctx.saved_tensors
         attrs_shape, verts_shape = ctx.shapes
         num = attrs_shape[0] * attrs_shape[1]
-        grad_values = grad_image.reshape(-1).index_select(0, pos).view(a.shape[0], -1)  # (C, M)
+        channels = a.shape[0]
+        # (C, M) at the colour channels' positions (the alpha channel has no gradient)
+        grad_values = grad_image.reshape(-1).index_select(0, pos).view(channels, -1)
+        if inside is not None:
+            grad_values = grad_values * inside
         grad_attrs = grad_verts = None
         if ctx.needs_input_grad[0]:
             wg = w.to(grad_values.dtype)
-            grad_attrs = _scatter_corners([wg * gc for gc in grad_values], vidx, num)
-            grad_attrs = grad_attrs.view(attrs_shape)
+            grad_attrs = _scatter_corners([wg * gc for gc in grad_values], vidx, num, attrs_shape)
         if ctx.needs_input_grad[1]:
             gw = a[0] * grad_values[0]  # dL/dw (3, M)
-            for c in range(1, a.shape[0]):
+            for c in range(1, channels):
                 gw.addcmul_(a[c], grad_values[c])
             gx, gy, gz = _corner_grads(gw.to(w.dtype), rx, ry, z, u, s, w)
-            grad_verts = _scatter_corners([gx, gy, gz], vidx, num).view(verts_shape)
-        return grad_attrs, grad_verts, None, None, None, None, None
+            grad_verts = _scatter_corners([gx, gy, gz], vidx, num, verts_shape)
+        return grad_attrs, grad_verts, None, None, None, None, None, None, None
 
 
-def _scatter_corners(values, vidx: torch.Tensor, num: int) -> torch.Tensor:
-    """Sum values (D, 3, M) (a tensor or D tensors (3, M)) into per-vertex rows at vidx
-    (3, M) -> (B*N, D)."""
+def _needs_clamp(values: torch.Tensor, lo: float, hi: float) -> bool:
+    """False when every value is known to lie in [lo, hi] (then clamping changes nothing
+    and needs no gradient mask). Checked on a CPU only: elsewhere it would wait for the
+    device, so the mask is always built there."""
+    if values.device.type != "cpu":
+        return True
+    if values.numel() == 0:
+        return False
+    vmin, vmax = torch.aminmax(values)
+    return not (lo <= float(vmin) and float(vmax) <= hi)  # NaN: needs the mask
+
+
+def _scatter_corners(values, vidx: torch.Tensor, num: int, shape) -> torch.Tensor:
+    """Sum D tensors (3, M) into per-vertex rows at vidx (3, M) -> (B, N, D) = shape (a
+    channel-last view of a (D, B*N) tensor: one contiguous 1-D scatter-add per channel)."""
     flat = vidx.reshape(-1)
-    out = values[0].new_zeros(num, len(values))
-    row = values[0].new_empty(num)
+    out = values[0].new_zeros(len(values), num)
     for d, v in enumerate(values):
-        row.zero_().scatter_add_(0, flat, v.reshape(-1))
-        out[:, d].copy_(row)
-    return out
+        out[d].scatter_add_(0, flat, v.reshape(-1))
+    return out.t().unflatten(0, tuple(shape[:2]))
 
 
 def _scatter_image(values: torch.Tensor, idx: torch.Tensor, batch: int, height: int,
@@ -511,7 +562,7 @@ def _per_chunk(fn, verts_screen: torch.Tensor, faces: torch.Tensor,
     batch, num_verts, _ = verts_screen.shape
     _check_pix_to_face(pix_to_face, batch)
     device = verts_screen.device
-    faces_t = _columns(faces.to(device=device, dtype=torch.int64))  # (3, F)
+    faces_t = _face_columns(faces, device)  # (3, F)
     pix_to_face = pix_to_face.to(device)
     parts = []
     for sl in _batch_chunks(batch, pix_to_face[0].numel()):
@@ -528,8 +579,8 @@ def _barycentrics_chunk(idx, vidx, px, py, verts, _, image_shape):
     return _scatter_image(u / s, idx, *image_shape)
 
 
-def _interpolate_chunk(idx, vidx, px, py, verts, attrs, image_shape):
-    return _Interpolate.apply(attrs, verts, vidx, px, py, idx, tuple(image_shape))
+def _interpolate_chunk(idx, vidx, px, py, verts, attrs, image_shape, clamp=None, alpha=False):
+    return _Interpolate.apply(attrs, verts, vidx, px, py, idx, tuple(image_shape), clamp, alpha)
 
 
 def barycentrics(verts_screen: torch.Tensor, faces: torch.Tensor,
@@ -549,7 +600,8 @@ def barycentrics(verts_screen: torch.Tensor, faces: torch.Tensor,
 
 
 def interpolate(attrs: torch.Tensor, verts_screen: torch.Tensor, faces: torch.Tensor,
-                pix_to_face: torch.Tensor) -> torch.Tensor:
+                pix_to_face: torch.Tensor, clamp: Optional[Tuple[float, float]] = None,
+                alpha: bool = False) -> torch.Tensor:
     """Interpolate per-vertex attributes at the pixel centres.
 
     Args:
@@ -557,18 +609,28 @@ def interpolate(attrs: torch.Tensor, verts_screen: torch.Tensor, faces: torch.Te
         verts_screen: (B, N, 3) float, screen-space vertices (col, row, depth).
         faces: (F, 3) long, 0-based.
         pix_to_face: (B, H, W) long, from :func:`rasterize` (-1 for background).
+        clamp: optional (lo, hi): the interpolated values are clamped to [lo, hi], with
+            torch.clamp's gradient (zero where a value is outside); done at the covered
+            pixels only (the same as clamping the image when 0 is in [lo, hi]).
+        alpha: append one channel, 1 where a triangle covers the pixel, 0 elsewhere.
 
     Returns:
-        (B, H, W, C): the perspective-correct interpolation of ``attrs`` over the covering
-        triangle, 0 on background. Differentiable (once) w.r.t. attrs and verts_screen,
-        through a hand-written backward that tests/test_render.py checks with gradcheck.
+        (B, H, W, C) (C + 1 with ``alpha``): the perspective-correct interpolation of
+        ``attrs`` over the covering triangle, 0 on background. Differentiable (once)
+        w.r.t. attrs and verts_screen, through a hand-written backward that
+        tests/test_render.py checks with gradcheck.
     """
     if attrs.dim() != 3 or attrs.shape[:2] != verts_screen.shape[:2]:
         raise ValueError(f"Expected attrs to have shape ({verts_screen.shape[0]}, "
                          f"{verts_screen.shape[1]}, C); got {tuple(attrs.shape)}")
     if not attrs.is_floating_point():
         raise ValueError(f"Expected attrs to be floating point; got {attrs.dtype}")
-    return _per_chunk(_interpolate_chunk, verts_screen, faces, pix_to_face, attrs)
+    if clamp is not None:
+        clamp = (float(clamp[0]), float(clamp[1]))
+        if not clamp[0] <= 0.0 <= clamp[1]:
+            raise ValueError(f"Expected clamp = (lo, hi) with lo <= 0 <= hi; got {clamp}")
+    chunk = functools.partial(_interpolate_chunk, clamp=clamp, alpha=bool(alpha))
+    return _per_chunk(chunk, verts_screen, faces, pix_to_face, attrs)
 
 
 @dataclass(frozen=True)
@@ -603,7 +665,7 @@ def interpolation_jacobian(attrs: torch.Tensor, verts_screen: torch.Tensor, face
     _check_inputs(verts_screen, faces)
     batch, num_verts, _ = verts_screen.shape
     _check_pix_to_face(pix_to_face, batch)
-    faces_t = _columns(faces.to(device=verts_screen.device, dtype=torch.int64))
+    faces_t = _face_columns(faces, verts_screen.device)
     with torch.no_grad():
         idx, vidx, px, py = _covered_pixels(pix_to_face.to(verts_screen.device), faces_t, num_verts,
                                             verts_screen.dtype)

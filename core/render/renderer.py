@@ -75,6 +75,11 @@ class MeshRenderer(nn.Module):
             pixel and 0 elsewhere. Differentiable w.r.t. verts_screen and colors.
         """
         pix_to_face = self.rasterize(verts_screen, faces, image_size).pix_to_face
-        rgb = interpolate(colors, verts_screen, faces, pix_to_face).clamp(0.0, 255.0)
-        alpha = (pix_to_face >= 0).unsqueeze(-1).to(rgb.dtype)
-        return torch.cat([rgb, alpha], dim=-1)
+        return self.shade(verts_screen, faces, colors, pix_to_face)
+
+    @staticmethod
+    def shade(verts_screen: torch.Tensor, faces: torch.Tensor, colors: torch.Tensor,
+              pix_to_face: torch.Tensor) -> torch.Tensor:
+        """The RGBA image of :meth:`forward` from a rasterization already done:
+        pix_to_face (B, H, W) -> (B, H, W, 4)."""
+        return interpolate(colors, verts_screen, faces, pix_to_face, clamp=(0.0, 255.0), alpha=True)
