@@ -225,20 +225,21 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
             lo[i].clamp_(0, size)
             hi[i].clamp_(-1, size - 1)
     span = (hi - lo).add_(1).clamp_(min=0)
-    count = span[0] * span[1]  # float: exact for the small counts it is compared with
-    zmin = zs.amin(0)
-    count.mul_((zmin > znear) & (zmin <= zfar))
 
     # Vertices relative to p0 (small numbers: accurate). The screen weight of vertex k
     # at p, unnormalised, is the edge function e_k(p) = cross(v_{k+1} - p, v_{k+2} - p);
     # twice the signed area is e_0 + e_1 + e_2 (0 exactly when two vertices coincide).
-    # p is inside iff the three screen weights w_k = e_k / (2A) are > 0 (NaN, from a
-    # zero or infinite area, compares False).
+    # p is inside iff the three screen weights w_k = e_k / (2A) are > 0.
     rel = xy - (lo + 0.5).unsqueeze(1)  # (2, 3, B*F)
     edges = _edge_functions(rel[0], rel[1])  # (3, B*F) at p0
     inv_area = edges.sum(0).reciprocal_()
     weights = edges * inv_area
     inv_z = zs.reciprocal()
+    # Candidates per face; 0 for the skipped ones: a vertex at depth <= znear, all beyond
+    # zfar, or a zero (or non-finite) area.
+    count = span[0] * span[1]  # float: exact for the small counts it is compared with
+    zmin = zs.amin(0)
+    count.mul_((zmin > znear) & (zmin <= zfar) & torch.isfinite(inv_area))
 
     pix_parts, key_parts = [], []
 
@@ -255,13 +256,13 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
     # place: candidate j is p0 + (dx, dy) = (j mod ncol, j div ncol); the edge functions
     # there are those of the vertices moved by -(dx, dy).
     multi = torch.nonzero(count >= 2).squeeze(1)
-    if multi.numel() > 0:  # zero or infinite area: nothing inside
-        multi = multi[torch.isfinite(inv_area.index_select(0, multi))]
     if multi.numel() > 0:
         counts = count.index_select(0, multi)
         ncol = span[0].index_select(0, multi)
+        local = torch.nonzero(counts <= _IN_PLACE).squeeze(1)  # into multi
         for j in range(1, _IN_PLACE):
-            local = torch.nonzero((counts > j) & (counts <= _IN_PLACE)).squeeze(1)
+            if j > 1:  # the faces with more than j candidates
+                local = local[counts.index_select(0, local) > j]
             if local.numel() == 0:
                 break
             sel = multi.index_select(0, local)
