@@ -24,15 +24,16 @@ Barycentrics
     coordinates of the vertices.
 
 Implementation (no Python loop over triangles or pixels)
-    rasterize: per triangle, the integer range of pixel centres in its bounding box; the
-    first candidate centre of every triangle and the second of those with two (together
-    nearly all of a dense mesh) are tested in place, triangles with more candidates
-    enumerate them with repeat_interleave; the z-buffer is resolved by
+    rasterize: per triangle, the integer range of pixel centres in its bounding box;
+    triangles with at most four candidate centres (nearly all of a dense mesh) test them
+    in place, one vectorised pass per candidate, triangles with more enumerate them with
+    repeat_interleave; the z-buffer is resolved by
     one ``scatter_reduce(amin)`` over an int64 key (float32 bits of the depth, monotone for
     positive floats, in the high word; face index in the low word). Frames are processed
     in groups and candidates in chunks, which bounds memory.
-    interpolate: only the covered pixels are gathered, weighted and scattered back, in
-    structure-of-arrays form (contiguous (3, M) vectors), with a hand-written backward.
+    interpolate: only the covered pixels are gathered, weighted (and clamped, for the
+    renderer's RGBA) and scattered back, in structure-of-arrays form (contiguous (3, M)
+    vectors), with a hand-written backward.
 """
 from __future__ import annotations
 
