@@ -3,7 +3,7 @@
 Primitives (pure PyTorch, no cameras or lights inside):
     rasterize(verts_screen, faces, image_size) -> Fragments (pix_to_face, zbuf)
     barycentrics(verts_screen, faces, pix_to_face) -> (B, H, W, 3)
-    interpolate(attrs, verts_screen, faces, pix_to_face) -> (B, H, W, C)
+    interpolate(attrs, verts_screen, faces, pix_to_face, clamp=None, alpha=False) -> (B, H, W, C [+1])
     interpolation_jacobian(attrs, verts_screen, faces, pix_to_face) -> PixelJacobian
 and a thin module, MeshRenderer, that composes them into an RGBA image; it can use
 pytorch3d's rasterizer instead where pytorch3d is installed.
