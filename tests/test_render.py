@@ -75,19 +75,24 @@ def test_matches_reference_float64(seed):
     np.testing.assert_allclose(frags.zbuf.numpy(), ref_z, rtol=1e-6)
 
 
-def test_matches_reference_dense_mesh():
-    # A jittered grid of small triangles, as on a face mesh: most have 0, 1 or 2
-    # candidate pixel centres.
-    g = torch.Generator().manual_seed(2)
-    n = 14
-    t = torch.linspace(2.0, 19.0, n, dtype=torch.float64)
+def jittered_grid(seed, n, lo, hi, jitter):
+    """An n x n grid over [lo, hi]^2 (pixels) with uniform jitter of +-jitter/2 px and
+    depths in [3, 4], cut into 2 (n-1)^2 triangles: a dense mesh like a face model's."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(lo, hi, n, dtype=torch.float64)
     rows, cols = torch.meshgrid(t, t, indexing="ij")
-    jitter = (torch.rand(2, n, n, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    shift = (torch.rand(2, n, n, generator=g, dtype=torch.float64) - 0.5) * jitter
     depth = 3 + torch.rand(n, n, generator=g, dtype=torch.float64)
-    verts = torch.stack([cols + jitter[0], rows + jitter[1], depth], -1).view(1, -1, 3)
+    verts = torch.stack([cols + shift[0], rows + shift[1], depth], -1).view(1, -1, 3)
     i = torch.arange(n - 1)
     a = (i[:, None] * n + i[None, :]).reshape(-1)
     faces = torch.cat([torch.stack([a, a + 1, a + n], 1), torch.stack([a + 1, a + n + 1, a + n], 1)])
+    return verts, faces
+
+
+def test_matches_reference_dense_mesh():
+    # Small triangles, as on a face mesh: most have 0, 1 or 2 candidate pixel centres.
+    verts, faces = jittered_grid(2, 14, 2.0, 19.0, 0.8)
     frags = rasterize(verts, faces, (20, 22))
     ref_p2f, ref_z = reference_rasterize(verts.numpy(), faces.numpy(), 20, 22)
     assert (frags.pix_to_face.numpy() == ref_p2f).all()
@@ -99,16 +104,7 @@ def test_matches_reference_dense_mesh():
 def test_in_place_candidates_match_reference(monkeypatch, in_place):
     # A jittered grid at 1.6 px spacing: boxes of 1 to 6 candidate centres. Whatever the
     # split between candidates tested in place and enumerated, the result is the reference.
-    g = torch.Generator().manual_seed(4)
-    n = 12
-    t = torch.linspace(1.0, 18.6, n, dtype=torch.float64)
-    rows, cols = torch.meshgrid(t, t, indexing="ij")
-    jitter = (torch.rand(2, n, n, generator=g, dtype=torch.float64) - 0.5) * 0.9
-    depth = 3 + torch.rand(n, n, generator=g, dtype=torch.float64)
-    verts = torch.stack([cols + jitter[0], rows + jitter[1], depth], -1).view(1, -1, 3)
-    i = torch.arange(n - 1)
-    a = (i[:, None] * n + i[None, :]).reshape(-1)
-    faces = torch.cat([torch.stack([a, a + 1, a + n], 1), torch.stack([a + 1, a + n + 1, a + n], 1)])
+    verts, faces = jittered_grid(4, 12, 1.0, 18.6, 0.9)
     tri = verts[0][faces]
     span = [(torch.floor(tri[..., d].amax(1) - 0.5) - torch.ceil(tri[..., d].amin(1) - 0.5) + 1).clamp(min=0)
             for d in (0, 1)]
