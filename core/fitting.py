@@ -411,6 +411,20 @@ class Fitter:
         start = {g: torch.zeros_like(getattr(c, g)) if g in columns else getattr(c, g).detach() for g in groups}
         return c, fixed, cached, columns, cols, start
 
+    def _gn_bar(self, schedule, desc: str):
+        """The progress bar of a Gauss-Newton fit: one tick per step of ``schedule``."""
+        return tqdm(total=sum(n for _, _, n in schedule), desc=desc, disable=not self.progress, leave=False)
+
+    def _gn_stages(self, schedule, landmarks: torch.Tensor, groups: Sequence[str],
+                   pose_ref: Optional[PoseRef], cached, columns):
+        """(PhotometricProblem, steps) of each stage of ``schedule`` that has steps, both
+        Gauss-Newton solvers' stage loop: the stage's camera (the photo camera when None)
+        and images, the optimised groups in their order and the fixed model pieces."""
+        for cam, images, steps in schedule:
+            if steps > 0:
+                yield PhotometricProblem(self, landmarks, images, cam or self.camera, groups, pose_ref, cached,
+                                         columns), steps
+
     def _gn(self, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
             pose_ref: Optional[PoseRef], desc: str) -> Coeffs:
         """Levenberg-Marquardt on the full per-frame loss with the Gauss-Newton model of
@@ -430,12 +444,8 @@ class Fitter:
             parts = dict(zip(groups, torch.split(v, sizes, dim=1)))
             return Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in groups})
 
-        total = sum(n for _, _, n in schedule)
-        bar = tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
-        for cam, images, steps in schedule:
-            if steps <= 0:
-                continue
-            prob = PhotometricProblem(self, landmarks, images, cam or self.camera, groups, pose_ref, cached, columns)
+        bar = self._gn_bar(schedule, desc)
+        for prob, steps in self._gn_stages(schedule, landmarks, groups, pose_ref, cached, columns):
             kp = self.select_keypoints(unpack(x), landmarks)
             st = prob.evaluate(unpack(x), kp)
             hess, grad = prob.linearize(st)
@@ -538,12 +548,8 @@ class Fitter:
             g += 2 * diag * (x - ref)
             return h, g
 
-        steps_total = sum(n for _, _, n in schedule)
-        bar = tqdm(total=steps_total, desc=desc, disable=not self.progress, leave=False)
-        for cam, images, steps in schedule:
-            if steps <= 0:
-                continue
-            prob = PhotometricProblem(self, landmarks, images, cam or self.camera, order, pose_ref, cached, columns)
+        bar = self._gn_bar(schedule, desc)
+        for prob, steps in self._gn_stages(schedule, landmarks, order, pose_ref, cached, columns):
             kp = self.select_keypoints(unpack(xs, xf), landmarks)
             st = prob.evaluate(unpack(xs, xf), kp)
             cost = total(st)
