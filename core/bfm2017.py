@@ -11,7 +11,7 @@ colours (0..1) become 0..255; millimetres become decimetres and the shape is cen
 Landmarks: eos's iBUG-68 mapping ``ibug_to_bfm2017-1_bfm_nomouth.txt`` and contour
 definition ``bfm2017-1_bfm_nomouth_model_contours.json`` (the ``bfm_nomouth`` topology, also
 used by BFM 2019's ``model2019_bfm.h5``). They are looked up beside the h5 file, then in the
-user cache, and downloaded from eos's ``share/`` folder when missing.
+copy bundled with the project (``BFM/landmarks``, see :mod:`core.resources`).
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from typing import Optional
 import numpy as np
 
 from .errors import UserError
-from .landmark_maps import contour_definition, fetch_files, ibug68_vertices, read_ibug_mapping, user_cache
+from .landmark_maps import contour_definition, ibug68_vertices, read_ibug_mapping
+from .resources import BFM_FOLDER, BUNDLED_LANDMARKS
 
 log = logging.getLogger(__name__)
 
 MAPPING_FILE = "ibug_to_bfm2017-1_bfm_nomouth.txt"
 CONTOUR_FILE = "bfm2017-1_bfm_nomouth_model_contours.json"
-DEFAULT_PATH = os.path.join("BFM", "model2017-1_bfm_nomouth.h5")
+DEFAULT_PATH = os.path.join(BFM_FOLDER, "model2017-1_bfm_nomouth.h5")
 
 
 def _unit_scale(mean: np.ndarray) -> float:
@@ -58,16 +59,14 @@ def _pca(f, group: str):
     return mean, basis * np.sqrt(np.clip(var, 0, None))[None, :]
 
 
-def _landmark_files(h5_path: str):
-    """Paths of the mapping and contour files: beside the model, else the user cache
-    (downloaded from eos when missing there)."""
-    here = os.path.dirname(os.path.abspath(h5_path))
-    if all(os.path.isfile(os.path.join(here, f)) for f in (MAPPING_FILE, CONTOUR_FILE)):
-        folder = here
-    else:
-        folder = user_cache("bfm2017")
-        fetch_files((MAPPING_FILE, CONTOUR_FILE), folder, what="the BFM 2017 landmark mapping")
-    return os.path.join(folder, MAPPING_FILE), os.path.join(folder, CONTOUR_FILE)
+def _landmark_files(h5_path: str, bundled: Optional[str] = None):
+    """Paths of the mapping and contour files: beside the model, else the bundled copy."""
+    bundled = bundled or BUNDLED_LANDMARKS
+    for folder in (os.path.dirname(os.path.abspath(h5_path)), bundled):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in (MAPPING_FILE, CONTOUR_FILE)):
+            return os.path.join(folder, MAPPING_FILE), os.path.join(folder, CONTOUR_FILE)
+    raise UserError(f"{MAPPING_FILE} and {CONTOUR_FILE} are neither beside '{h5_path}' nor in '{bundled}'; "
+                    f"copy them from eos's share/ folder (https://github.com/patrikhuber/eos/tree/master/share)")
 
 
 def load_bfm2017(path: Optional[str] = None):

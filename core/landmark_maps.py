@@ -1,20 +1,14 @@
-"""iBUG-68 landmark mappings and contour definitions in eos's file formats, and
-fetching such files from eos's ``share/`` folder into a user cache."""
+"""iBUG-68 landmark mappings and contour definitions in eos's file formats (the files
+themselves are bundled in ``BFM/``, see :mod:`core.resources`)."""
 from __future__ import annotations
 
-import logging
-import os
 import re
-import urllib.request
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
 from .errors import UserError
 
-log = logging.getLogger(__name__)
-
-EOS_SHARE_URL = "https://raw.githubusercontent.com/patrikhuber/eos/master/share/"
 # iBUG jaw landmarks (0-based) whose vertex follows the silhouette, per contour side.
 RIGHT_JAW = tuple(range(0, 8))
 LEFT_JAW = tuple(range(9, 17))
@@ -74,30 +68,3 @@ def contour_definition(contours: dict) -> Tuple[Sequence[int], np.ndarray]:
     left += [left[-1]] * (k - len(left))
     cand = np.asarray([right] * len(RIGHT_JAW) + [left] * len(LEFT_JAW), dtype=np.int64)
     return list(RIGHT_JAW) + list(LEFT_JAW), cand
-
-
-def fetch_files(names: Sequence[str], folder: str, what: str, base_url: str = EOS_SHARE_URL) -> None:
-    """Download the missing ``names`` from ``base_url`` into ``folder`` (each to a
-    temporary name, renamed when complete); offline: a UserError naming the files."""
-    os.makedirs(folder, exist_ok=True)
-    for name in names:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            continue
-        tmp = path + ".part"
-        try:
-            with urllib.request.urlopen(base_url + name, timeout=30) as r, open(tmp, "wb") as f:
-                f.write(r.read())
-        except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise UserError(f"cannot download {what} ({base_url + name}: {getattr(e, 'reason', e)}); "
-                            f"copy {', '.join(names)} from eos's share/ folder into '{folder}' "
-                            f"or pass --model_path") from None
-        os.replace(tmp, path)
-
-
-def user_cache(*parts: str) -> str:
-    """A folder in the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``)/3dmm-fitting."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "3dmm-fitting", *parts)

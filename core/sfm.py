@@ -1,6 +1,7 @@
 """The public Surrey Face Model (eos project): ``--recon_model sfm``.
 
-Files (from eos's ``share/`` folder; free for non-commercial use): ``sfm_shape_3448.bin``
+Files (from eos's ``share/`` folder; free for non-commercial use; bundled in ``BFM/sfm/``,
+see :mod:`core.resources`): ``sfm_shape_3448.bin``
 (mean and 63 rescaled PCA components, millimetres), ``expression_blendshapes_3448.bin``
 (6 blendshapes), ``ibug_to_sfm.txt`` (iBUG-68 -> vertex id, 1-based iBUG numbers) and
 ``sfm_model_contours.json`` (jaw-line vertices, right and left, temple to chin).
@@ -26,8 +27,8 @@ from typing import Dict
 import numpy as np
 
 from .errors import UserError
-from .landmark_maps import (EOS_SHARE_URL, contour_definition, fetch_files, ibug68_vertices, read_ibug_mapping,
-                            user_cache)
+from .landmark_maps import contour_definition, ibug68_vertices, read_ibug_mapping
+from .resources import BUNDLED_SFM
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +40,14 @@ LICENCE = ("The Surrey Face Model (sfm_shape_3448) is free for non-commercial us
            "https://github.com/patrikhuber/eos and cvssp.org/facemodel")
 
 
-def default_sfm_folder() -> str:
-    """The user cache folder for the downloaded SFM files."""
-    return user_cache("sfm")
-
-
-def download_sfm(folder: str) -> None:
-    """Fetch the SFM files from the eos repository into ``folder`` and check they load."""
-    log.info("downloading the Surrey Face Model into %s. %s", folder, LICENCE)
-    fetch_files(SFM_FILES, folder, what="the Surrey Face Model")
-    try:
-        _read_sfm(folder)
-    except Exception as e:
-        raise UserError(f"the downloaded Surrey Face Model files in '{folder}' are not usable ({e}); "
-                        f"delete the folder and try again") from None
-
-
 def _read_sfm(folder: str):
     """(mean (3N,), id basis (3N, 63), exp basis (3N, 6), tri (F, 3), keypoints (68,),
     contours dict) from the eos files, in millimetres."""
     missing = [f for f in SFM_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise UserError(f"Surrey Face Model files missing in '{folder}': {', '.join(missing)} "
-                        f"(they are in eos's share/ folder: {EOS_SHARE_URL})")
+                        f"(they are in eos's share/ folder: https://github.com/patrikhuber/eos/tree/master/share; "
+                        f"the project ships them in {BUNDLED_SFM})")
     try:
         import eos
     except ImportError:
@@ -86,14 +72,12 @@ def _read_sfm(folder: str):
 
 def load_sfm(folder=None):
     """The Surrey Face Model as a :class:`~core.model.FaceModel` with its own layout and
-    dynamic jaw contour. ``folder`` None: the user cache, downloaded on first use."""
+    dynamic jaw contour. ``folder`` None: the copy bundled with the project (``BFM/sfm``)."""
     from .geometry import adjacent_triangles
     from .model import FaceModel
 
     if folder is None:
-        folder = default_sfm_folder()
-        if not all(os.path.isfile(os.path.join(folder, f)) for f in SFM_FILES):
-            download_sfm(folder)
+        folder = BUNDLED_SFM
     elif not os.path.isdir(folder):
         raise UserError(f"--model_path '{folder}' must be the folder holding {', '.join(SFM_FILES)}")
     mean, id_basis, exp_basis, tri, kp, contours = _read_sfm(folder)

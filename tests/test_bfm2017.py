@@ -1,5 +1,6 @@
 """BFM 2017/2019 (.h5) behind the common model interface, on a small file in its layout."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -58,19 +59,36 @@ def test_loads_units_layout_and_landmarks(tmp_path):
     assert m.keypoints[8] == 8 and m.keypoints[30] == 30 and m.has_contour
 
 
-def test_missing_maps_offline_and_bad_files(tmp_path, monkeypatch):
-    from core import landmark_maps
+def test_missing_maps_and_bad_files(tmp_path, monkeypatch):
+    from core import bfm2017
 
     path = write_fake_bfm2017(tmp_path, with_maps=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(landmark_maps.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    # Neither beside the model nor bundled: the error names the files and where they are.
+    monkeypatch.setattr(bfm2017, "BUNDLED_LANDMARKS", str(tmp_path / "empty"))
     with pytest.raises(UserError, match=MAPPING_FILE.replace(".", r"\.")):
+        load_bfm2017(str(path))
+    monkeypatch.undo()
+    # The bundled files are for the real 53149-vertex topology: a small model is refused.
+    with pytest.raises(UserError):
         load_bfm2017(str(path))
     with pytest.raises(UserError, match="not found"):
         load_bfm2017(str(tmp_path / "none.h5"))
     (tmp_path / "bad.h5").write_text("not hdf5")
     with pytest.raises(UserError, match="HDF5"):
         load_bfm2017(str(tmp_path / "bad.h5"))
+
+
+def test_bundled_landmark_files_are_eos_bfm_nomouth():
+    """The shipped mapping and contour as eos has them: the chin, nose tip, eye corners and
+    the 20 mouth points (no brows or nose bridge), ids inside the 53149-vertex mesh."""
+    from core.landmark_maps import contour_definition, read_ibug_mapping
+    from core.resources import BUNDLED_LANDMARKS
+
+    mapping = read_ibug_mapping(os.path.join(BUNDLED_LANDMARKS, MAPPING_FILE))
+    assert sorted(mapping) == [9, 31, 37, 40, 43, 46] + list(range(49, 69))
+    assert mapping[31] == 8156 and max(mapping.values()) < 53149
+    lm, cand = contour_definition(json.load(open(os.path.join(BUNDLED_LANDMARKS, CONTOUR_FILE))))
+    assert len(lm) == 16 and cand.shape[0] == 16 and 0 <= cand.min() and cand.max() < 53149
 
 
 def test_fits_a_real_photo(tmp_path):
