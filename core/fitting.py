@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import losses as L
+from . import threads
 from .camera import Camera
 from .coeffs import Coeffs
 from .config import FitConfig
@@ -366,6 +367,7 @@ class Fitter:
         bar = tqdm(total=total_iters, desc=desc, disable=not self.progress, leave=False)
         for cam, images, iters in schedule:
             for _ in range(iters):
+                threads.tick()
                 c = Coeffs(**fixed, **leaves)
                 kp = self.select_keypoints(c, landmarks)
                 terms = self.loss_terms(c, landmarks, images, pose_ref=pose_ref, with_photo=photo, keypoints=kp,
@@ -452,6 +454,7 @@ class Fitter:
             lam = torch.full((batch,), GN_LAMBDA0, dtype=torch.float64, device=self.device)
             done = torch.zeros(batch, dtype=torch.bool, device=self.device)
             for step in range(steps):
+                threads.tick()
                 h = hess.double()
                 damp = lam[:, None] * torch.diagonal(h, dim1=1, dim2=2) + 1e-12
                 delta = _solve_each(h + torch.diag_embed(damp), -grad.double()).to(x.dtype)
@@ -556,6 +559,7 @@ class Fitter:
             h, g = system(st, prob)
             lam = GN_LAMBDA0
             for step in range(steps):
+                threads.tick()
                 delta = torch.linalg.solve(h + torch.diag(lam * torch.diagonal(h) + 1e-12), -g).to(xs.dtype)
                 ts, tf = xs + delta[:ks][None], xf + delta[ks:].view(batch, kf)
                 trial = prob.evaluate(unpack(ts, tf), kp)
@@ -623,6 +627,7 @@ class Fitter:
             kp = self.select_keypoints(unpack(x), landmarks)
             cost, r = residual_cost(x, kp)
             for _ in tqdm(range(iters), desc=desc, disable=not self.progress, leave=False):
+                threads.tick()
                 if self.model.has_contour:  # the silhouette correspondence moves with the pose
                     kp = self.select_keypoints(unpack(x), landmarks)
                     cost, r = residual_cost(x, kp)
