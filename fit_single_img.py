@@ -3,15 +3,21 @@
 
     python fit_single_img.py --img_path data/astronaut.jpg --res_folder results
 
-Writes, per photo: <name>_coeffs.npy (257 float32: id 80 | exp 64 | tex 80 | angles 3 |
-gamma 27 | trans 3), <name>_mesh.obj (posed vertices with colours), <name>_composed_img.jpg
-(the render pasted on the photo) and <name>_info.json (crop box, landmarks, losses, timings).
+Writes, per photo: the coefficients, <name>_mesh.obj (posed vertices with colours),
+<name>_composed_img.jpg (the render pasted on the photo) and <name>_info.json (crop box,
+landmarks, losses, timings). The coefficients are <name>_coeffs.npy for BFM09 (257 float32:
+id 80 | exp 64 | tex 80 | angles 3 | gamma 27 | trans 3) and <name>_coeffs.npz for the other
+models (the named arrays id, exp, tex, angles, gamma, trans with the model's own sizes; the
+bundled Surrey Face Model, used when BFM/BFM09_model_info.mat is absent, has id 63, exp 6,
+tex 0).
+
+Exit status: 0 every photo fitted, 1 some photos skipped (each named on stderr), 2 bad
+input or an output that cannot be written (one line on stderr, nothing half-written).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Sequence
 
@@ -19,7 +25,7 @@ from core import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__)
     g = p.add_argument_group("input and output")
     g.add_argument("--img_path", required=True, nargs="+",
                    help="photo(s) to fit, or folders of photos")
@@ -27,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--face_index", default="largest",
                    help="which face when a photo has several: 'largest' or an index into the faces sorted "
                         "by size, 0 = largest (default: largest)")
-    g.add_argument("--batch_size", type=int, default=8, help="photos fitted together in one batch (default: 8)")
+    g.add_argument("--batch_size", type=cli.positive_int, default=8,
+                   help="photos fitted together in one batch (default: 8)")
     g.add_argument("--cache_folder", default="fitting_cache", help="accepted for compatibility (photos need no cache)")
     cli.add_model_flags(p)
     cli.add_detection_flags(p)
@@ -39,29 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args)
+    cli.setup_threads(args)
     from core.errors import UserError
     from core.detect import make_detector
+    from core.outputs import check_writable_folder
     from core.photo import expand_inputs, run_photos
     from core.session import Session, load_model
 
     face_index = args.face_index if args.face_index == "largest" else _int(args.face_index, "--face_index")
-    if args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
     paths = expand_inputs(args.img_path)
     cfg = cli.fit_config_from_args(args)
-    if os.path.exists(args.res_folder) and not os.path.isdir(args.res_folder):
-        raise UserError(f"--res_folder '{args.res_folder}' exists and is not a folder")
+    check_writable_folder(args.res_folder, "--res_folder")
     model = load_model(args.recon_model, args.model_path)
     session = Session.create(model, cfg, tar_size=args.tar_size, device=args.device, gpu=args.gpu,
-                             renderer=args.renderer, progress=not args.quiet)
+                             renderer=args.renderer, progress=cli.show_progress(args))
     detector = make_detector(args.lm_detector, device=str(session.device))
     logging.getLogger(__name__).info("model %s (%d vertices) on %s, renderer %s, preset %s",
                                      model.name, model.num_vertices, session.device, session.renderer.backend, args.preset)
     report = run_photos(session, detector, paths, args.res_folder, padding_ratio=args.padding_ratio,
                         face_index=face_index, batch_size=args.batch_size,
                         info_extra={"detector": detector.name, "preset": args.preset, "fit_config": cfg.as_dict()})
-    for path, why in report.failed.items():
-        print(f"skipped: {why}", file=sys.stderr)
     if not report.written:
         raise UserError("no photo could be fitted")
     return 1 if report.failed else 0

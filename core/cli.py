@@ -1,9 +1,18 @@
-"""Command-line plumbing shared by the scripts: flag groups, logging, and the error
-wrapper that turns a UserError into one line on stderr and exit status 2."""
+"""Command-line plumbing shared by the scripts: the parser (one-line errors), flag groups,
+logging, threads, and the wrapper that turns every failure into one line on stderr.
+
+Streams: progress messages (INFO) go to stdout, warnings and errors to stderr, progress
+bars to stderr only when it is a terminal. A failing run therefore prints exactly one
+line on stderr, ``error: <what is wrong>``, and exits 2 (bad input, unwritable or full
+disk, broken media), 1 (an unexpected internal error: ``--verbose`` shows the traceback)
+or 130 (Ctrl-C).
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -11,17 +20,32 @@ from .config import FitConfig, PRESETS, get_preset
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+MODEL_NAMES = ("bfm09", "sfm", "bfm2017", "bfm2019")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``error: <message> (see --help)``, exit 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+def make_parser(doc: Optional[str]) -> ArgumentParser:
+    """The scripts' parser: the module docstring as description, one-line errors."""
+    return ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("face model")
-    g.add_argument("--recon_model", default="bfm09", choices=["bfm09", "sfm", "bfm2017", "bfm2019"],
+    g.add_argument("--recon_model", default=None, choices=MODEL_NAMES,
                    help="which 3DMM: bfm09 (converted Basel 2009 + expressions), sfm (the public Surrey Face "
-                        "Model, downloaded on first use, non-commercial licence), bfm2017/bfm2019 (Basel .h5) "
-                        "(default: bfm09)")
+                        "Model, bundled in BFM/sfm, free for non-commercial use), bfm2017/bfm2019 (Basel .h5) "
+                        "(default: bfm09 when BFM/BFM09_model_info.mat exists or --model_path is given, else the "
+                        "bundled sfm, said in the log)")
     g.add_argument("--model_path", default=None,
                    help="bfm09: the converted .mat (default BFM/BFM09_model_info.mat, see BFM/README.md); "
-                        "sfm: the folder with eos's SFM files (default: download to ~/.cache/3dmm-fitting/sfm); "
+                        "sfm: a folder with eos's SFM files (default: the bundled BFM/sfm); "
                         "bfm2017/2019: the .h5 file (default BFM/model2017-1_bfm_nomouth.h5)")
 
 
@@ -30,8 +54,10 @@ def add_detection_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lm_detector", default="auto", choices=["auto", "fan", "dlib"],
                    help="68-landmark detector: face-alignment's FAN when its weights are available, "
                         "else dlib (default: auto)")
-    g.add_argument("--tar_size", type=int, default=256, help="side of the square crop that is fitted and rendered (default: 256)")
-    g.add_argument("--padding_ratio", type=float, default=0.3, help="enlarge the detected face box by this ratio (default: 0.3)")
+    g.add_argument("--tar_size", type=_ranged(int, 32, 4096), default=256,
+                   help="side of the square crop that is fitted and rendered, 32..4096 (default: 256)")
+    g.add_argument("--padding_ratio", type=_ranged(float, 0.0, 10.0), default=0.3,
+                   help="enlarge the detected face box by this ratio, 0..10 (default: 0.3)")
 
 
 def add_fit_flags(parser: argparse.ArgumentParser, video: bool = False) -> None:
@@ -66,9 +92,19 @@ def add_fit_flags(parser: argparse.ArgumentParser, video: bool = False) -> None:
                         f"(original: {ref.nonrigid_solver}; default preset: {PRESETS['default'].nonrigid_solver})")
 
 
+def _number(typ, text: str):
+    try:
+        v = typ(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if typ is int else 'a number'}; got '{text}'") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+    return v
+
+
 def _positive(typ):
     def parse(text: str):
-        v = typ(text)
+        v = _number(typ, text)
         if not v > 0:
             raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
         return v
@@ -77,11 +113,30 @@ def _positive(typ):
 
 def _non_negative(typ):
     def parse(text: str):
-        v = typ(text)
+        v = _number(typ, text)
         if not v >= 0:
             raise argparse.ArgumentTypeError(f"must be >= 0; got {text}")
         return v
     return parse
+
+
+def _ranged(typ, lo, hi):
+    def parse(text: str):
+        v = _number(typ, text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}; got {text}")
+        return v
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _ranged(int, 1, 2 ** 31)(text)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _non_negative(int)(text)
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
@@ -90,8 +145,12 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu", type=int, default=None, help="GPU index used by --device auto/cuda (the original's flag)")
     g.add_argument("--renderer", default="auto", choices=["auto", "builtin", "pytorch3d"],
                    help="rasterizer: pytorch3d when it imports, else the built-in one (default: auto)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    g.add_argument("--verbose", action="store_true", help="debug logging")
+    if not any(a.dest == "threads" for a in parser._actions):
+        g.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads (default: adaptive: every core that other programs leave free, "
+                            "re-checked while fitting)")
+    g.add_argument("--quiet", action="store_true", help="no progress messages or bars, warnings and errors only")
+    g.add_argument("--verbose", action="store_true", help="debug logging (and the traceback of an internal error)")
 
 
 def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
@@ -100,19 +159,67 @@ def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
     return cfg.with_overrides(**{n: getattr(args, n) for n in names})
 
 
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
 def setup_logging(args: argparse.Namespace) -> None:
+    """INFO (and DEBUG with --verbose) to stdout, warnings and errors to stderr; --quiet:
+    warnings and errors only."""
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_Below(logging.WARNING))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    fmt = logging.Formatter("%(message)s")
+    for h in (out, err):
+        h.setFormatter(fmt)
+    logging.basicConfig(level=level, handlers=[out, err], force=True)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars: not with --quiet, and only when stderr is a terminal."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def setup_threads(args: argparse.Namespace):
+    """``--threads N``: exactly N; else the adaptive count of :mod:`core.threads`."""
+    from . import threads
+    return threads.install(getattr(args, "threads", None))
 
 
 def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Call ``main(argv)``; a UserError becomes ``error: <message>`` on stderr and exit 2,
-    Ctrl-C exit 130."""
+    """Call ``main(argv)`` and turn every failure into one line on stderr: a UserError or
+    an OSError (unwritable folder, full disk) exits 2, Ctrl-C 130, anything else 1 (its
+    traceback only with ``--verbose``). A file-size limit (SIGXFSZ) becomes an OSError
+    instead of killing the process."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        return main(sys.argv[1:] if argv is None else argv)
+        return main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        where = f" '{e.filename}'" if getattr(e, "filename", None) else ""
+        print(f"error: cannot write or read{where}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:
+        print("error: out of memory (try a smaller --batch_size, --tar_size or fewer --nworkers)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:  # an internal error: one line unless asked for the traceback
+        if "--verbose" in args:
+            raise
+        text = str(e).strip().splitlines()
+        print(f"error: internal error: {type(e).__name__}: {text[0] if text else ''} "
+              f"(run with --verbose for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR

@@ -9,11 +9,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from typing import Dict, Mapping
 
 import numpy as np
 
+from .errors import UserError
 from .image_io import write_image
+
+
+def check_writable_folder(folder: str, what: str = "output folder") -> str:
+    """Create ``folder`` if needed and prove it writable (a probe file is created and
+    removed), before any long work; a UserError naming ``what`` otherwise. Returns the
+    absolute path."""
+    path = os.path.abspath(folder)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} '{folder}' exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{what} '{folder}' is not writable: {e.strerror or e}") from None
+    return path
 
 
 def format_obj(vertices: np.ndarray, triangles: np.ndarray, colors: np.ndarray | None = None) -> str:
@@ -50,35 +69,50 @@ def write_outputs(folder: str, files: Mapping[str, object]) -> Dict[str, str]:
             arrays for ``.npz``.
     Returns:
         file name -> final path.
+    Raises:
+        UserError when a file cannot be written (full disk, read-only folder...); no file
+        of the group is left behind, under its name or a temporary one.
     """
-    os.makedirs(folder, exist_ok=True)
-    stack = contextlib.ExitStack()
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder '{folder}': {e.strerror or e}") from None
     paths = {}
-    with stack:
+    with contextlib.ExitStack() as stack:
         tmps = {}
         for name, content in files.items():
             path = os.path.join(folder, name)
             tmp = stack.enter_context(_deferred(path))
-            ext = os.path.splitext(name)[1].lower()
-            if ext == ".npy":
-                with open(tmp, "wb") as f:
-                    np.save(f, np.asarray(content))
-            elif ext == ".npz":
-                with open(tmp, "wb") as f:
-                    np.savez(f, **content)
-            elif ext in (".jpg", ".jpeg", ".png"):
-                write_image(tmp, content)
-            elif ext == ".json":
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(content, f, indent=2, default=_to_json)
-            else:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(content)
+            try:
+                _write_one(tmp, name, content)
+            except OSError as e:
+                raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
             tmps[path] = tmp
         for path, tmp in tmps.items():
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
             paths[os.path.basename(path)] = path
     return paths
+
+
+def _write_one(tmp: str, name: str, content) -> None:
+    ext = os.path.splitext(name)[1].lower()
+    if ext == ".npy":
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(content))
+    elif ext == ".npz":
+        with open(tmp, "wb") as f:
+            np.savez(f, **content)
+    elif ext in (".jpg", ".jpeg", ".png"):
+        write_image(tmp, content)
+    elif ext == ".json":
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, default=_to_json)
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
 
 
 @contextlib.contextmanager

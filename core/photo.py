@@ -159,17 +159,25 @@ def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str
             if len(paths) == 1:
                 raise
             report.failed[p] = str(e)
-            log.warning("skipping %s", e)
+            log.warning("skipped: %s", e)
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start:start + batch_size]
         t0 = time.perf_counter()
         result = fit_photos(session, chunk)
-        fit_s = (time.perf_counter() - t0) / len(chunk)
+        batch_s = time.perf_counter() - t0
+        fit_s = batch_s / len(chunk)
+        if len(chunk) == 1:
+            log.info("%s: fitted in %.2f s", chunk[0].name, batch_s)
+        else:
+            log.info("fitted %d photos together in %.2f s (%.2f s per photo): %s", len(chunk), batch_s, fit_s,
+                     ", ".join(p.name for p in chunk))
         for i, photo in enumerate(chunk):
             extra = dict(info_extra or {})
             extra["timings_s_fit_per_photo"] = round(fit_s, 4)
+            extra["timings_s_fit_batch"] = round(batch_s, 4)
             extra["batch_size"] = len(chunk)
             files = photo_outputs(session, photo, result, i, extra)
             report.written[photo.name] = write_outputs(res_folder, files)
-            log.info("%s: fitted in %.2f s -> %s", photo.name, fit_s, res_folder)
+    log.info("%d photo(s) written to %s%s", len(report.written), res_folder,
+             f"; {len(report.failed)} skipped (named above)" if report.failed else "")
     return report

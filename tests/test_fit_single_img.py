@@ -171,3 +171,57 @@ def test_several_photos_one_without_face(tmp_path, synth_model, capsys):
     assert rc == 1
     assert "blank" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == sorted(f"grace_hopper_{s}" for s in ("coeffs.npy", "mesh.obj", "composed_img.jpg", "info.json"))
+
+
+# --- the bundled default model and write faults ---------------------------------------------
+
+def test_without_recon_model_and_bfm09_the_bundled_sfm_fits(tmp_path, monkeypatch, capsys):
+    """A fresh clone: no BFM09 file, no --recon_model -> the bundled Surrey Face Model,
+    said in one log line on stdout; an explicit --recon_model bfm09 stays strict."""
+    pytest.importorskip("eos")
+    from core import resources
+    monkeypatch.setattr(resources, "bfm09_candidates", lambda: [str(tmp_path / "BFM" / "BFM09_model_info.mat")])
+    out = tmp_path / "res"
+    photo = str(REPO / "data" / "astronaut.jpg")
+    rc = run_main(fit_single_img.main, ["--img_path", photo, "--res_folder", str(out), "--lm_detector", "dlib"])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0 and stderr == "", stderr
+    assert [l for l in stdout.splitlines() if "bundled Surrey Face Model" in l and "BFM/README.md" in l]
+    assert sorted(os.listdir(out)) == [f"astronaut_{s}" for s in ("coeffs.npz", "composed_img.jpg", "info.json", "mesh.obj")]
+    info = json.load(open(out / "astronaut_info.json"))
+    assert info["recon_model"] == "sfm" and info["landmark_nme_interocular"] < 0.06
+    rc, err = _run_bad(["--img_path", photo, "--res_folder", str(tmp_path / "r2"), "--recon_model", "bfm09",
+                        "--lm_detector", "dlib"], capsys)
+    assert rc == 2 and len(err) == 1 and "convert_bfm09_data.py" in err[0]
+
+
+@pytest.mark.parametrize("where", ["below_a_file", "proc", "is_a_file"])
+def test_unwritable_res_folder_fails_before_the_fit(where, tmp_path, synth_model, capsys, monkeypatch):
+    import core.session
+    monkeypatch.setattr(core.session, "load_model", lambda *a, **k: pytest.fail("checked after the model loaded"))
+    (tmp_path / "file.txt").write_text("x")
+    res = {"below_a_file": tmp_path / "file.txt" / "out", "proc": "/proc/no_such_dir/out",
+           "is_a_file": tmp_path / "file.txt"}[where]
+    rc, err = _run_bad(["--img_path", str(REPO / "data" / "grace_hopper.jpg"), "--res_folder", str(res),
+                        "--model_path", synth_model, *FAST], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --res_folder"), err
+
+
+def test_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path, synth_model):
+    """A file-size limit (what a full disk does to the .obj): exit 2, one line, no file of
+    the photo left, not even a temporary one."""
+    import resource
+
+    out = tmp_path / "res"
+    out.mkdir()
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    proc = subprocess.run([sys.executable, "fit_single_img.py", "--img_path", "data/grace_hopper.jpg",
+                           "--res_folder", str(out), "--model_path", synth_model, *FAST],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith("error: cannot write") and "grace_hopper_mesh.obj" in err[0] and "too large" in err[0]
+    assert os.listdir(out) == []

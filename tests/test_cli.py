@@ -1,0 +1,87 @@
+"""core.cli: one-line errors for every bad flag, the streams (progress on stdout, errors
+on stderr), and every other failure turned into one line."""
+import logging
+
+import pytest
+
+import fit_single_img
+from core import cli
+from core.errors import UserError
+
+
+def _run(main, args, capsys):
+    rc = cli.run_main(main, args)
+    out, err = capsys.readouterr()
+    return rc, out, err.strip().splitlines()
+
+
+@pytest.mark.parametrize("args,words", [
+    ([], "required"),
+    (["--img_path", "x.jpg"], "--res_folder"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--padding_ratio", "-1"], "--padding_ratio"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--padding_ratio", "nan"], "finite"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--padding_ratio", "inf"], "finite"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--lm_loss_w", "inf"], "finite"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--rgb_loss_w", "-2"], ">= 0"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--nrf_lr", "0"], "> 0"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--batch_size", "0"], "--batch_size"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--tar_size", "16"], "between 32 and 4096"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--threads", "two"], "integer"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--recon_model", "bfm"], "invalid choice"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--bogus"], "unrecognized"),
+])
+def test_bad_flags_give_one_line_and_exit_2(args, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        fit_single_img.build_parser().parse_args(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0] and "--help" in err[0], err
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_streams_info_on_stdout_warnings_on_stderr(capsys, restore_logging):
+    args = fit_single_img.build_parser().parse_args(["--img_path", "x", "--res_folder", "o"])
+    cli.setup_logging(args)
+    log = logging.getLogger("core.test")
+    log.info("progress message")
+    log.warning("a warning")
+    out, err = capsys.readouterr()
+    assert out == "progress message\n" and err == "a warning\n"
+    args.quiet = True
+    cli.setup_logging(args)
+    log.info("hidden")
+    log.warning("shown")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "shown\n"
+
+
+def test_failures_become_one_line(capsys):
+    def user(argv):
+        raise UserError("bad thing")
+
+    def full_disk(argv):
+        raise OSError(28, "No space left on device", "/out/x.obj")
+
+    def bug(argv):
+        raise RuntimeError("boom\nsecond line")
+
+    def oom(argv):
+        raise MemoryError()
+
+    assert _run(user, [], capsys)[0::2] == (2, ["error: bad thing"])
+    rc, _, err = _run(full_disk, [], capsys)
+    assert rc == 2 and err == ["error: cannot write or read '/out/x.obj': No space left on device"]
+    rc, _, err = _run(bug, [], capsys)
+    assert rc == 1 and len(err) == 1 and "RuntimeError: boom" in err[0] and "--verbose" in err[0]
+    rc, _, err = _run(oom, [], capsys)
+    assert rc == 2 and len(err) == 1 and "out of memory" in err[0]
+    with pytest.raises(RuntimeError):
+        cli.run_main(bug, ["--verbose"])
