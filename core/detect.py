@@ -259,7 +259,7 @@ class FanDetector:
             raise UserError(
                 f"face-alignment weights not found ({', '.join(os.path.basename(p) for p in missing)} "
                 f"missing in {_fan_cache_dir()}): run once with internet access, or download "
-                f"{urls} into that folder; or use --detector dlib")
+                f"{urls} into that folder; or use --lm_detector dlib")
         if device.startswith("cuda"):
             import torch
             if not torch.cuda.is_available():

@@ -145,6 +145,11 @@ def test_fan_without_weights_explains_the_fix(empty_torch_home):
         FanDetector("cpu")
     msg = str(err.value)
     assert "\n" not in msg and str(empty_torch_home) in msg and "internet" in msg
+    # the flag it suggests is one the scripts have
+    import fit_single_img
+    flag = msg.split("use ")[-1].split()[0]
+    assert flag == "--lm_detector" and fit_single_img.build_parser().parse_args(
+        ["--img_path", "x", "--res_folder", "o", flag, "dlib"]).lm_detector == "dlib"
     with pytest.raises(UserError, match="face-alignment weights not found"):
         make_detector("fan")
 
