@@ -111,7 +111,10 @@ def load_bfm2017(path: Optional[str] = None):
     colour_scale = 255.0 if color_mean.max() <= 1.5 else 1.0
     log.info("BFM 2017/2019 from %s: %d vertices, %d shape, %d expression, %d colour components",
              path, n, shape_basis.shape[1], exp_basis.shape[1], color_basis.shape[1])
-    return FaceModel(
-        meanshape=(shape_mean + exp_mean) * scale, id_base=shape_basis * scale, exp_base=exp_basis * scale,
-        meantex=color_mean * colour_scale, tex_base=color_basis * colour_scale, tri=tri,
-        point_buf=adjacent_triangles(tri, n), keypoints=kp, name="bfm2017", contour=(c_lm, c_cand))
+    try:
+        return FaceModel(
+            meanshape=(shape_mean + exp_mean) * scale, id_base=shape_basis * scale, exp_base=exp_basis * scale,
+            meantex=color_mean * colour_scale, tex_base=color_basis * colour_scale, tri=tri,
+            point_buf=adjacent_triangles(tri, n), keypoints=kp, name="bfm2017", contour=(c_lm, c_cand))
+    except ValueError as e:
+        raise UserError(f"BFM 2017/2019 model '{path}' is not usable: {e}") from None

@@ -9,11 +9,87 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from .coeffs import CoeffLayout, Coeffs
 from .geometry import euler_rotation_jacobian, euler_to_rotation, rigid_transform, sh_shade, vertex_normals
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    """ValueError unless every value of float tensor ``t`` is finite.
+
+    A float32 sum is NaN or infinite whenever one term is (NaN and inf propagate, and
+    +inf + -inf is NaN), so a finite sum proves the whole array finite at the cost of one
+    reduction (a few ms for a BFM-sized basis; ``isfinite().all()`` costs many times more);
+    only a non-finite sum (a bad value, or an overflow of huge but finite values) needs the
+    element-wise look.
+    """
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return
+    bad = ~torch.isfinite(t)
+    count = int(bad.sum())
+    if count == 0:
+        return  # the sum overflowed; every value is finite
+    first = int(torch.nonzero(bad.reshape(-1))[0])
+    where = f"row {first // t.shape[1]}, column {first % t.shape[1]}" if t.ndim == 2 else f"index {first}"
+    raise ValueError(f"'{what}' holds {count} NaN or infinite value{'s' if count > 1 else ''} "
+                     f"(first at {where}, 0-based); expected finite numbers")
+
+
+def _float_matrix(x, what: str) -> torch.Tensor:
+    """A 2-D array as a C-contiguous float32 tensor whose values are checked finite.
+
+    The bases come from scipy's loadmat in Fortran order (MATLAB's); the C-order copy is
+    made by numpy in blocks of rows (about 1 MB), each summed while it is still in the cache,
+    so the finiteness check costs almost nothing on top of the copy (numpy's transposing
+    copy is also about twice as fast as torch's ``.contiguous()`` here). Tensors and arrays
+    that are already float32 C-contiguous are used as they are (no copy) and checked with
+    :func:`_check_finite`.
+    """
+    if isinstance(x, torch.Tensor):
+        t = x.to(torch.float32).contiguous()
+        _check_finite(t, what)
+        return t
+    a = np.asarray(x)
+    if a.dtype == np.float32 and a.flags.c_contiguous:
+        t = torch.from_numpy(a)
+        _check_finite(t, what)
+        return t
+    out = np.empty(a.shape, dtype=np.float32)
+    step = max(1, (1 << 20) // (4 * max(1, a.shape[1])))
+    finite = True
+    with np.errstate(all="ignore"):  # overflow and inf - inf only make the sum non-finite
+        for i in range(0, a.shape[0], step):
+            block = out[i:i + step]
+            block[...] = a[i:i + step]
+            finite = finite and bool(np.isfinite(block.sum()))
+    t = torch.from_numpy(out)
+    if not finite:  # a bad value (or an overflowing sum): the exact check and message
+        _check_finite(t, what)
+    return t
+
+
+def _ids(x, what: str) -> torch.Tensor:
+    """``x`` as a long tensor; float input must hold whole numbers (no silent truncation)."""
+    t = torch.as_tensor(x)
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()) or bool((t != t.round()).any()):
+            raise ValueError(f"'{what}' holds values that are not whole numbers; expected integer ids")
+    elif t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"'{what}' holds {t.dtype} values; expected integer ids")
+    return t.to(torch.long)
+
+
+def _check_range(t: torch.Tensor, what: str, low: int, high: int, meaning: str) -> None:
+    """ValueError unless every id of ``t`` is in [low, high]."""
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi > high:
+        raise ValueError(f"'{what}' holds ids {lo}..{hi}; expected {low}..{high} "
+                         f"(0-based {meaning})")
 
 
 @dataclass(frozen=True)
@@ -58,42 +134,58 @@ class FaceModel(nn.Module):
             jaw line) may sit on any of the vertices ``candidates[c]``; the fitter picks,
             per frame, the candidate whose projection is nearest the detected point, so
             the jaw landmarks follow the silhouette as the head turns.
+
+    Raises ValueError when the arrays disagree (sizes, ids out of range, an empty mesh or
+    landmark list, NaN or infinite values); the message starts with the array's quoted name
+    as spelt in the converted file ('meanshape', 'idBase', 'tri', ...).
     """
 
     def __init__(self, meanshape, id_base, exp_base, meantex, tex_base, tri, point_buf,
                  keypoints, skinmask=None, name: str = "bfm09", contour=None):
         super().__init__()
+        # Every inconsistency is a ValueError whose message starts with the quoted array name
+        # in the converted file's spelling ('idBase', ...), so a loader can prefix its file.
         f32 = dict(dtype=torch.float32)
         meanshape = torch.as_tensor(meanshape, **f32).reshape(-1)
         n = meanshape.numel() // 3
-        if meanshape.numel() != 3 * n:
-            raise ValueError(f"Expected meanshape of size 3N; got {meanshape.numel()}")
+        if n == 0 or meanshape.numel() != 3 * n:
+            raise ValueError(f"'meanshape' has {meanshape.numel()} values; expected 3N > 0 "
+                             f"(x, y, z of N vertices)")
+        _check_finite(meanshape, "meanshape")
 
         def base(x, what):
-            t = torch.as_tensor(x, **f32)
-            if t.ndim == 1 and t.numel() == 0:
-                t = t.reshape(3 * n, 0)
-            if t.ndim != 2 or t.shape[0] != 3 * n:
-                raise ValueError(f"Expected {what} of shape ({3 * n}, K); got {tuple(t.shape)}")
-            return t.contiguous()
+            shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+            if shape == (0,):
+                x, shape = np.zeros((3 * n, 0), np.float32), (3 * n, 0)
+            if len(shape) != 2 or shape[0] != 3 * n:
+                raise ValueError(f"'{what}' has shape {shape}; expected ({3 * n}, K): "
+                                 f"3 rows per vertex of meanshape ({n} vertices)")
+            return _float_matrix(x, what)
 
         id_base, exp_base, tex_base = base(id_base, "idBase"), base(exp_base, "exBase"), base(tex_base, "texBase")
         meantex = torch.as_tensor(meantex, **f32).reshape(-1)
         if meantex.numel() != 3 * n:
-            raise ValueError(f"Expected meantex of size {3 * n}; got {meantex.numel()}")
-        tri = torch.as_tensor(tri, dtype=torch.long)
-        point_buf = torch.as_tensor(point_buf, dtype=torch.long)
-        keypoints = torch.as_tensor(keypoints, dtype=torch.long).reshape(-1)
-        if tri.ndim != 2 or tri.shape[1] != 3 or tri.min() < 0 or tri.max() >= n:
-            raise ValueError(f"Expected tri of shape (F, 3) with 0-based ids < {n}; got {tuple(tri.shape)}")
+            raise ValueError(f"'meantex' has {meantex.numel()} values; expected {3 * n} "
+                             f"(r, g, b of the {n} vertices of meanshape)")
+        _check_finite(meantex, "meantex")
+        tri = _ids(tri, "tri")
+        if tri.ndim != 2 or tri.shape[1] != 3 or tri.shape[0] == 0:
+            raise ValueError(f"'tri' has shape {tuple(tri.shape)}; expected (F, 3) with F > 0 triangles")
+        _check_range(tri, "tri", 0, n - 1, f"vertex ids of the {n} vertices")
         nf = tri.shape[0]
-        if point_buf.ndim != 2 or point_buf.shape[0] != n or point_buf.min() < 0 or point_buf.max() > nf:
-            raise ValueError(f"Expected point_buf of shape ({n}, K) with ids in [0, {nf}]; got {tuple(point_buf.shape)}")
-        if keypoints.min() < 0 or keypoints.max() >= n:
-            raise ValueError(f"Expected keypoints with ids in [0, {n}); got range [{keypoints.min()}, {keypoints.max()}]")
+        point_buf = _ids(point_buf, "point_buf")
+        if point_buf.ndim != 2 or point_buf.shape[0] != n or point_buf.shape[1] == 0:
+            raise ValueError(f"'point_buf' has shape {tuple(point_buf.shape)}; expected ({n}, K): "
+                             f"adjacent triangles of each of the {n} vertices")
+        _check_range(point_buf, "point_buf", 0, nf, f"triangle ids, {nf} = no triangle")
+        keypoints = _ids(keypoints, "keypoints").reshape(-1)
+        if keypoints.numel() == 0:
+            raise ValueError("'keypoints' is empty; expected the landmark vertex ids")
+        _check_range(keypoints, "keypoints", 0, n - 1, f"vertex ids of the {n} vertices")
         skin = torch.ones(n) if skinmask is None else torch.as_tensor(skinmask, **f32).reshape(-1)
         if skin.numel() != n:
-            raise ValueError(f"Expected skinmask of size {n}; got {skin.numel()}")
+            raise ValueError(f"'skinmask' has {skin.numel()} values; expected {n}, one per vertex")
+        _check_finite(skin, "skinmask")
 
         self.name = name
         self.layout = CoeffLayout(n_id=id_base.shape[1], n_exp=exp_base.shape[1], n_tex=tex_base.shape[1])
@@ -115,12 +207,15 @@ class FaceModel(nn.Module):
         if contour is None:
             c_lm, c_cand = torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long)
         else:
-            c_lm = torch.as_tensor(contour[0], dtype=torch.long).reshape(-1)
-            c_cand = torch.as_tensor(contour[1], dtype=torch.long)
-            if c_cand.ndim != 2 or c_cand.shape[0] != c_lm.numel() or c_cand.min() < 0 or c_cand.max() >= n \
-                    or c_lm.min() < 0 or c_lm.max() >= keypoints.numel():
-                raise ValueError(f"Expected contour (landmark ids (C,), candidates (C, K) < {n}); "
-                                 f"got {tuple(c_lm.shape)}, {tuple(c_cand.shape)}")
+            c_lm = _ids(contour[0], "contour landmarks").reshape(-1)
+            c_cand = _ids(contour[1], "contour candidates")
+            if c_cand.ndim != 2 or c_cand.shape[0] != c_lm.numel() \
+                    or (c_lm.numel() > 0 and c_cand.shape[1] == 0):
+                raise ValueError(f"'contour' has landmark ids {tuple(c_lm.shape)} and candidates "
+                                 f"{tuple(c_cand.shape)}; expected (C,) and (C, K), K > 0")
+            _check_range(c_lm, "contour landmarks", 0, keypoints.numel() - 1,
+                         f"indices into the {keypoints.numel()} landmarks")
+            _check_range(c_cand, "contour candidates", 0, n - 1, f"vertex ids of the {n} vertices")
         self.register_buffer("contour_landmarks", c_lm)
         self.register_buffer("contour_candidates", c_cand)
 

@@ -38,24 +38,71 @@ def read_model_arrays(path: str) -> Dict[str, np.ndarray]:
     return {k: v for k, v in data.items() if not k.startswith("__")}
 
 
+N_KEYPOINTS = 68
+_FIX = "re-create it with 'python convert_bfm09_data.py'"
+
+
+def _file_ids(data: Dict[str, np.ndarray], key: str, label: str, high: int, meaning: str) -> np.ndarray:
+    """``data[key]`` as int64 after checking it holds whole numbers in 1..high (1-based)."""
+    a = np.asarray(data[key])
+    if a.size == 0:
+        raise UserError(f"face model '{label}': '{key}' is empty; expected {meaning} ({_FIX})")
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all() or (a != np.round(a)).any():
+            raise UserError(f"face model '{label}': '{key}' holds values that are not whole numbers; "
+                            f"expected 1-based {meaning} ({_FIX})")
+    lo, hi = a.min(), a.max()
+    if lo < 1 or hi > high:
+        raise UserError(f"face model '{label}': '{key}' holds ids {lo:.0f}..{hi:.0f}; expected "
+                        f"1..{high} (1-based {meaning}) ({_FIX})")
+    return a.astype(np.int64)
+
+
 def model_from_arrays(data: Dict[str, np.ndarray], name: str = "bfm09", label: str = "model",
                       check_bfm09_columns: bool = True) -> FaceModel:
-    """Build a :class:`FaceModel` from converted-layout arrays (1-based indices)."""
+    """Build a :class:`FaceModel` from converted-layout arrays (1-based indices).
+
+    Checks (each failure a one-line UserError naming ``label`` and the key): the keys of
+    SPEC §1 are there and numeric; meanshape has 3N values; with ``check_bfm09_columns``
+    the bases have 80 / 64 / 80 columns; ``tri`` is a non-empty (F, 3) list of whole-number
+    vertex ids in 1..N, ``point_buf`` has N rows of triangle ids in 1..F+1 (F+1 = none),
+    ``keypoints`` holds exactly 68 vertex ids in 1..N (iBUG-68). :class:`FaceModel` then
+    checks the remaining sizes (3N rows, 3N meantex values, N skinmask values) and that
+    every float array is finite; its ValueError becomes a UserError with the file's name.
+    """
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise UserError(f"face model '{label}' lacks keys {missing} (has {sorted(data)}); "
-                        f"re-create it with 'python convert_bfm09_data.py'")
+        raise UserError(f"face model '{label}' lacks keys {missing} (has {sorted(data)}); {_FIX}")
+    for k in (*REQUIRED_KEYS, "skinmask"):
+        if k in data and np.asarray(data[k]).dtype.kind not in "fiub":
+            raise UserError(f"face model '{label}': '{k}' holds {np.asarray(data[k]).dtype} data; "
+                            f"expected a numeric array ({_FIX})")
     if check_bfm09_columns:
         for k, cols in BFM09_COLUMNS.items():
             if data[k].ndim != 2 or data[k].shape[1] != cols:
                 raise UserError(f"face model '{label}': expected '{k}' with {cols} columns (BFM09 layout); "
                                 f"got shape {data[k].shape}")
-    tri = np.asarray(data["tri"]).astype(np.int64)
-    point_buf = np.asarray(data["point_buf"]).astype(np.int64)
-    keypoints = np.asarray(data["keypoints"]).astype(np.int64).reshape(-1)
-    for k, arr in (("tri", tri), ("point_buf", point_buf), ("keypoints", keypoints)):
-        if arr.size and arr.min() < 1:
-            raise UserError(f"face model '{label}': '{k}' must hold 1-based ids (found {arr.min()})")
+    n3 = np.asarray(data["meanshape"]).size
+    if n3 == 0 or n3 % 3:
+        raise UserError(f"face model '{label}': 'meanshape' has {n3} values; expected 3N > 0 "
+                        f"(x, y, z of N vertices) ({_FIX})")
+    n = n3 // 3
+    tri_shape = np.shape(data["tri"])
+    if len(tri_shape) != 2 or tri_shape[1] != 3 or tri_shape[0] == 0:
+        raise UserError(f"face model '{label}': 'tri' has shape {tri_shape}; expected (F, 3) "
+                        f"with F > 0 triangles ({_FIX})")
+    tri = _file_ids(data, "tri", label, n, f"vertex ids of the {n} vertices")
+    nf = tri.shape[0]
+    pb_shape = np.shape(data["point_buf"])
+    if len(pb_shape) != 2 or pb_shape[0] != n:
+        raise UserError(f"face model '{label}': 'point_buf' has shape {pb_shape}; expected ({n}, 8): "
+                        f"adjacent triangles of each of the {n} vertices ({_FIX})")
+    point_buf = _file_ids(data, "point_buf", label, nf + 1, f"triangle ids, {nf + 1} = no triangle")
+    kp_count = np.asarray(data["keypoints"]).size
+    if kp_count != N_KEYPOINTS:
+        raise UserError(f"face model '{label}': 'keypoints' has {kp_count} ids; expected "
+                        f"{N_KEYPOINTS} (iBUG-68 landmarks) ({_FIX})")
+    keypoints = _file_ids(data, "keypoints", label, n, f"vertex ids of the {n} vertices").reshape(-1)
     skin = data.get("skinmask")
     try:
         return FaceModel(
@@ -69,7 +116,7 @@ def model_from_arrays(data: Dict[str, np.ndarray], name: str = "bfm09", label: s
             name=name,
         )
     except ValueError as e:
-        raise UserError(f"face model '{label}' is inconsistent: {e}") from None
+        raise UserError(f"face model '{label}': {e} ({_FIX})") from None
 
 
 def load_bfm09(path: str = DEFAULT_MODEL_PATH) -> FaceModel:

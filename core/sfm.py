@@ -83,11 +83,14 @@ def load_sfm(folder=None):
     mean, id_basis, exp_basis, tri, kp, contours = _read_sfm(folder)
     n = mean.size // 3
     log.info("Surrey Face Model from %s. %s", folder, LICENCE)
-    return FaceModel(
-        meanshape=mean / 100.0, id_base=id_basis / 100.0, exp_base=exp_basis / 100.0,
-        meantex=np.tile(np.asarray(SKIN_RGB), n), tex_base=np.zeros((3 * n, 0)),
-        tri=tri, point_buf=adjacent_triangles(tri, n), keypoints=kp, skinmask=None, name="sfm",
-        contour=contour_definition(contours))
+    try:
+        return FaceModel(
+            meanshape=mean / 100.0, id_base=id_basis / 100.0, exp_base=exp_basis / 100.0,
+            meantex=np.tile(np.asarray(SKIN_RGB), n), tex_base=np.zeros((3 * n, 0)),
+            tri=tri, point_buf=adjacent_triangles(tri, n), keypoints=kp, skinmask=None, name="sfm",
+            contour=contour_definition(contours))
+    except ValueError as e:
+        raise UserError(f"Surrey Face Model in '{folder}' is not usable: {e}") from None
 
 
 def sfm_to_bfm09_arrays(folder: str, n_id: int = 80, n_exp: int = 64, n_tex: int = 80) -> Dict[str, np.ndarray]:

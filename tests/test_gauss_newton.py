@@ -140,7 +140,7 @@ def test_gn_batch_frames_are_independent(model):
 
 
 def test_gn_leaves_zero_basis_columns_at_zero():
-    arrays = synthetic_arrays(1500)
+    arrays = dict(synthetic_arrays(1500))  # the cached dict is shared by other tests
     arrays["exBase"] = arrays["exBase"].copy()
     arrays["exBase"][:, 10:] = 0  # a model padded to a larger layout
     m = model_from_arrays(arrays, name="padded")

@@ -91,3 +91,72 @@ def test_rotation_applied_as_row_vectors():
     s = m.shape(c.id, c.exp)
     r = euler_to_rotation(c.angles)
     assert torch.allclose(m(c).vertices, s @ r[0].T)
+
+
+def _tiny_args(**changes):
+    """The arrays of tiny_model() as FaceModel keyword arguments, with ``changes``."""
+    args = dict(meanshape=np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=np.float64).reshape(-1),
+                id_base=np.zeros((12, 2)), exp_base=np.zeros((12, 1)), meantex=np.full(12, 100.0),
+                tex_base=np.zeros((12, 1)), tri=np.array([[0, 1, 2], [1, 3, 2]]),
+                point_buf=np.array([[0, 2], [0, 1], [0, 1], [1, 2]]), keypoints=[3, 0])
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(tri=np.zeros((0, 3), np.int64)), "'tri' has shape (0, 3); expected (F, 3) with F > 0"),
+    (dict(keypoints=[]), "'keypoints' is empty"),
+    (dict(tri=np.array([[0, 1, 2], [1, 4, 2]])), "'tri' holds ids 0..4; expected 0..3"),
+    (dict(tri=np.array([[0, 1, 2], [1, 2.5, 2]])), "'tri' holds values that are not whole numbers"),
+    (dict(point_buf=np.array([[0, 3], [0, 1], [0, 1], [1, 2]])), "'point_buf' holds ids 0..3; expected 0..2"),
+    (dict(point_buf=np.zeros((4, 0), np.int64)), "'point_buf' has shape (4, 0)"),
+    (dict(keypoints=[3, -1]), "'keypoints' holds ids -1..3; expected 0..3"),
+    (dict(meanshape=np.zeros(0)), "'meanshape' has 0 values; expected 3N > 0"),
+    (dict(meantex=np.full(9, 100.0)), "'meantex' has 9 values; expected 12"),
+    (dict(skinmask=np.ones(3)), "'skinmask' has 3 values; expected 4"),
+    (dict(exp_base=np.full((12, 1), np.nan)), "'exBase' holds 12 NaN or infinite values (first at row 0, column 0"),
+    (dict(meanshape=np.r_[np.zeros(11), np.inf]), "'meanshape' holds 1 NaN or infinite value (first at index 11"),
+    (dict(skinmask=np.array([1, 1, np.nan, 1])), "'skinmask' holds 1 NaN"),
+    (dict(contour=([0], [[0, 4]])), "'contour candidates' holds ids 0..4; expected 0..3"),
+    (dict(contour=([2], [[0, 1]])), "'contour landmarks' holds ids 2..2; expected 0..1"),
+])
+def test_constructor_rejects_bad_arrays_with_their_name(change, needle):
+    with pytest.raises(ValueError) as info:
+        FaceModel(**_tiny_args(**change))
+    assert needle in str(info.value)
+
+
+def test_constructor_accepts_huge_finite_values_and_contours():
+    # float32 sums of 1e38 overflow to inf: the fast finiteness test must fall back, not refuse.
+    m = FaceModel(**_tiny_args(id_base=np.full((12, 2), 1e38)))
+    assert torch.isfinite(m.id_base).all() and float(m.id_base.max()) == pytest.approx(1e38, rel=1e-6)
+    m = FaceModel(**_tiny_args(contour=([1], [[0, 3, 2]])))
+    assert m.has_contour and m.contour_candidates.tolist() == [[0, 3, 2]]
+    m = FaceModel(**_tiny_args(contour=(np.zeros(0, np.int64), np.zeros((0, 3), np.int64))))
+    assert not m.has_contour
+
+
+def _big_args(id_base):
+    n = id_base.shape[0] // 3
+    return dict(meanshape=np.zeros(3 * n), id_base=id_base, exp_base=np.zeros((3 * n, 1)), meantex=np.zeros(3 * n),
+                tex_base=np.zeros((3 * n, 0)), tri=[[0, 1, 2]], point_buf=np.zeros((n, 1), np.int64), keypoints=[0])
+
+
+@pytest.mark.parametrize("layout", ["F64", "F32", "C32", "tensor"])
+def test_bases_are_copied_exactly_and_checked_in_every_block(layout):
+    """The bases are converted in blocks of rows (Fortran-ordered input from loadmat): the
+    values survive exactly, and a bad value in a late block is found and located."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3 * 2000, 80))  # 6000 rows: several ~1 MB blocks
+    conv = {"F64": lambda x: np.asfortranarray(x), "F32": lambda x: np.asfortranarray(x, np.float32),
+            "C32": lambda x: np.ascontiguousarray(x, np.float32),
+            "tensor": lambda x: torch.as_tensor(x, dtype=torch.float32).T.contiguous().T}[layout]
+    m = FaceModel(**_big_args(conv(a)))
+    assert m.id_base.is_contiguous() and m.id_base.dtype == torch.float32
+    np.testing.assert_array_equal(m.id_base.numpy(), a.astype(np.float32))
+    bad = a.copy()
+    bad[5000, 7] = np.inf
+    bad[5999, 79] = np.nan
+    with pytest.raises(ValueError) as info:
+        FaceModel(**_big_args(conv(bad)))
+    assert "'idBase' holds 2 NaN or infinite values (first at row 5000, column 7, 0-based)" in str(info.value)
