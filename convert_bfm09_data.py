@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from core import convert_bfm09
 from core.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, like every other error of the script."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description="Convert the Basel Face Model 2009 (01_MorphableModel.mat), the "
                     "expression basis (Exp_Pca.bin) and Deep3DFaceReconstruction's index "
                     "files into the face model used for fitting. See BFM/README.md.")
@@ -49,9 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Past a file size limit (ulimit -f) the kernel sends SIGXFSZ, which kills the process
+    # without a word; ignored, the write fails with EFBIG and becomes a one-line error.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
-    logging.getLogger("core").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    core_log = logging.getLogger("core")
+    saved_level = core_log.level
+    core_log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         summary = convert_bfm09.convert_folder(args.bfm_folder, out=args.out,
                                                download=args.download,
@@ -59,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:  # main() may run inside another program (tests): leave its logging as it was
+        core_log.setLevel(saved_level)
     print(summary)
     return 0
 

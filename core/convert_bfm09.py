@@ -39,12 +39,15 @@ message that names the file, what was expected and where to get a good copy.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import http.client
 import logging
 import os
 import struct
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -784,15 +787,124 @@ def read_front_mat(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return validate_converted({k: mat.read(k) for k in keys}, source=label)
 
 
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or choose another --out",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or choose another --out",
+    errno.EFBIG: "the file is larger than this system allows (see 'ulimit -f'): raise the "
+                 "limit or choose another --out",
+    errno.EROFS: "the file system is read-only: choose another --out",
+    errno.EACCES: "choose a folder you can write to with --out",
+    errno.EPERM: "choose a folder you can write to with --out",
+}
+
+
+def _os_problem(err: OSError) -> str:
+    """'<strerror>; <what to do>' for an OSError, on one line."""
+    text = err.strerror or str(err) or type(err).__name__
+    hint = _WRITE_HINTS.get(err.errno, "choose another --out")
+    return f"{text}; {hint}".replace("\n", " ")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest of ``path`` and its parents that exists (``path`` absolute)."""
+    p = path
+    while not os.path.lexists(p) and p.parent != p:
+        p = p.parent
+    return p
+
+
+def check_output(out: str | os.PathLike) -> None:
+    """Check, before any long work, that the converted model can be written to ``out``.
+
+    ``out`` must not be a folder or another non-regular file (a device, a FIFO); its folder
+    must exist or be creatable below the nearest existing folder, which must accept a new
+    file (a probe file is created there and removed: this catches read-only file systems,
+    missing permissions and pseudo file systems such as /proc). Raises UserError.
+    """
+    out = Path(os.path.abspath(out))
+    if out.is_dir():
+        raise UserError(f"output '{out}' is an existing folder; --out takes the file to write, "
+                        f"e.g. --out {out / OUT_FILE}")
+    if os.path.lexists(out) and not out.is_file():
+        raise UserError(f"output '{out}' exists and is not a regular file; choose another --out")
+    folder = _existing_ancestor(out.parent)
+    if not folder.is_dir():
+        raise UserError(f"cannot write '{out}': '{folder}' is a file, not a folder; "
+                        f"choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
+    except OSError as err:
+        if err.errno == errno.ENOENT:  # an existing folder that refuses new files: /proc
+            raise UserError(f"cannot write '{out}': '{folder}' does not accept new files "
+                            f"({err.strerror}); choose another --out") from None
+        raise UserError(f"cannot write '{out}': creating a file in '{folder}' failed: "
+                        f"{_os_problem(err)}") from None
+    try:
+        os.write(fd, b"0")
+    except OSError as err:
+        raise UserError(f"cannot write '{out}': writing in '{folder}' failed: "
+                        f"{_os_problem(err)}") from None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+
+
+def check_output_space(out: str | os.PathLike, nbytes: int) -> None:
+    """UserError when ``out`` cannot take ``nbytes`` (a lower bound of the file's size):
+    less free space on its disk, or a smaller file size limit (RLIMIT_FSIZE)."""
+    out = Path(os.path.abspath(out))
+    need = _size(nbytes)
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        resource = None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else None
+    if resource and limit != resource.RLIM_INFINITY and nbytes > limit:
+        raise UserError(f"cannot write '{out}': the model needs at least {need} but files are "
+                        f"limited to {_size(limit)} here (ulimit -f); raise the limit")
+    try:
+        st = os.statvfs(_existing_ancestor(out.parent))
+    except (OSError, AttributeError):  # no statvfs (Windows) or an odd file system
+        return
+    free = st.f_bavail * st.f_frsize
+    if st.f_blocks > 0 and nbytes > free:
+        raise UserError(f"cannot write '{out}': the model needs at least {need} but only "
+                        f"{_size(free)} are free there; free some space or choose "
+                        f"another --out")
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 1e6:
+        return f"{nbytes / 1e6:.1f} MB"
+    return f"{nbytes / 1e3:.1f} kB" if nbytes >= 1e3 else f"{nbytes} bytes"
+
+
+def model_bytes(model: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the arrays of ``model`` (about what an uncompressed savemat writes)."""
+    return int(sum(np.asarray(a).nbytes for a in model.values()))
+
+
 def write_model(path: str | os.PathLike, model: Mapping[str, np.ndarray]) -> int:
-    """Write ``model`` to ``path`` (scipy savemat, MATLAB v5) atomically; returns bytes."""
+    """Write ``model`` to ``path`` (scipy savemat, MATLAB v5) atomically; returns bytes.
+
+    The folder is created if needed. Any OSError (disk full, file size limit, read-only
+    file system, permission) becomes a one-line UserError; no partial or temporary file
+    is left behind and an older file at ``path`` stays as it was.
+    """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"output folder {path.parent} does not exist")
     log.info("writing %s", path)
-    with atomic_path(str(path)) as tmp:
-        with open(tmp, "wb") as f:
-            scipy.io.savemat(f, dict(model), do_compression=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the output folder '{path.parent}': "
+                        f"{_os_problem(err)}") from None
+    try:
+        with atomic_path(str(path)) as tmp:
+            with open(tmp, "wb") as f:
+                scipy.io.savemat(f, dict(model), do_compression=False)
+    except OSError as err:
+        raise UserError(f"cannot write '{path}': {_os_problem(err)}") from None
     return path.stat().st_size
 
 
@@ -815,10 +927,15 @@ def convert_folder(bfm_folder: str | os.PathLike, out: str | os.PathLike | None 
     Source, in order: ``from_front_mat`` if given; else the Basel files when
     ``01_MorphableModel.mat`` is present; else ``BFM_model_front.mat`` in the folder.
     download: fetch missing index files (see :func:`download_index_files`).
+
+    ``out`` is checked first (:func:`check_output`), and the free space and file size
+    limit as soon as the model's size is known (:func:`check_output_space`), so a bad
+    output fails before the long conversion rather than after it.
     """
     t0 = time.perf_counter()
     folder = Path(bfm_folder)
     out = Path(out) if out is not None else folder / OUT_FILE
+    check_output(out)  # before the long part: a bad --out fails in a second, not a minute
     if from_front_mat is None and not (folder / BASEL_FILE).is_file() \
             and (folder / FRONT_MAT_FILE).is_file():
         log.info("%s not found in %s; using Deep3DFaceRecon_pytorch's %s", BASEL_FILE,
@@ -826,6 +943,7 @@ def convert_folder(bfm_folder: str | os.PathLike, out: str | os.PathLike | None 
         from_front_mat = folder / FRONT_MAT_FILE
     if from_front_mat is not None:
         model = read_front_mat(from_front_mat)
+        check_output_space(out, model_bytes(model))
         source, components = str(from_front_mat), f"components {N_ID}/{N_EXP}/{N_TEX} (id/exp/tex)"
     else:
         if not folder.is_dir():
@@ -842,6 +960,8 @@ def convert_folder(bfm_folder: str | os.PathLike, out: str | os.PathLike | None 
         if missing_index and download:
             download_index_files(folder, missing_index)
         index = read_index_files(folder)
+        n3 = 3 * index.n_vertices
+        check_output_space(out, 4 * n3 * (2 + N_ID + N_EXP + N_TEX) + model_bytes(index.info))
         model = convert(folder / BASEL_FILE, folder / EXP_PCA_FILE, index)
         model = validate_converted(model, source="converted model")
         _, ks, kt = basel_sizes(folder / BASEL_FILE)

@@ -7,13 +7,22 @@ at their real sizes.
 """
 from __future__ import annotations
 
+import errno
 import io
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+try:
+    import resource  # POSIX only
+except ImportError:
+    resource = None
 
 import h5py
 import numpy as np
@@ -574,25 +583,183 @@ def test_front_mat_missing(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- output
 
-def test_failed_write_leaves_the_old_file(bfm, monkeypatch):
+@pytest.mark.parametrize("code, hint", [
+    (errno.ENOSPC, "the disk is full"),
+    (errno.EFBIG, "ulimit -f"),
+    (errno.EROFS, "read-only"),
+    (errno.EACCES, "choose a folder you can write to"),
+])
+def test_failed_write_is_one_line_and_leaves_the_old_file(bfm, monkeypatch, capsys, code, hint):
     folder, _ = bfm
     out = folder / cb.OUT_FILE
     out.write_bytes(b"old")
+    before = sorted(p.name for p in folder.iterdir())
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    def broken(f, *args, **kwargs):
+        f.write(b"partial" * 1000)  # something reached the temporary file first
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(scipy.io, "savemat", broken)
-    with pytest.raises(OSError, match="disk full"):
-        cb.convert_folder(folder)
+    line = assert_cli_error(["--bfm_folder", folder], capsys, f"cannot write '{out}'",
+                            os.strerror(code), hint)
+    assert line.count("--out") == 1
     assert out.read_bytes() == b"old"
-    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in folder.iterdir()) == before  # no temporary file left
 
 
-def test_output_folder_missing(bfm, capsys, tmp_path):
+def test_output_folder_is_created(bfm, capsys, tmp_path):
+    folder, raw = bfm
+    out = tmp_path / "no" / "deeper" / "m.mat"
+    rc, _, err = run_cli(["--bfm_folder", folder, "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    assert_matches_reference({k: v for k, v in scipy.io.loadmat(out).items()
+                              if not k.startswith("__")}, raw)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.mat"]
+
+
+def _no_conversion(monkeypatch):
+    """Make the (long) conversion fail loudly: a check that must come first cannot reach it."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the conversion ran before the output was checked")
+    monkeypatch.setattr(cb, "convert", boom)
+    monkeypatch.setattr(cb, "read_front_mat", boom)
+
+
+def test_out_that_is_a_folder_fails_before_converting(bfm, capsys, monkeypatch, tmp_path):
     folder, _ = bfm
-    assert_cli_error(["--bfm_folder", folder, "--out", tmp_path / "no" / "m.mat"], capsys,
-                     "output folder", "does not exist")
+    _no_conversion(monkeypatch)
+    target = tmp_path / "existing"
+    target.mkdir()
+    assert_cli_error(["--bfm_folder", folder, "--out", target], capsys,
+                     f"output '{target}' is an existing folder", f"--out {target / cb.OUT_FILE}")
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("below", ["file.txt/m.mat", "file.txt/sub/dir/m.mat"])
+def test_out_below_a_regular_file_fails_before_converting(bfm, capsys, monkeypatch, tmp_path, below):
+    folder, _ = bfm
+    _no_conversion(monkeypatch)
+    (tmp_path / "file.txt").write_text("a file")
+    assert_cli_error(["--bfm_folder", folder, "--out", tmp_path / below], capsys,
+                     f"'{tmp_path / 'file.txt'}' is a file, not a folder", "choose another --out")
+    assert (tmp_path / "file.txt").read_text() == "a file"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")
+@pytest.mark.parametrize("target", ["/proc/BFM09_model_info.mat", "/proc/self/sub/m.mat"])
+def test_out_under_proc_fails_before_converting(bfm, capsys, monkeypatch, target):
+    folder, _ = bfm
+    _no_conversion(monkeypatch)
+    assert_cli_error(["--bfm_folder", folder, "--out", target], capsys,
+                     f"cannot write '{target}'", "choose another --out")
+    assert not os.path.exists(target)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_out_that_is_not_a_regular_file(bfm, capsys, monkeypatch, tmp_path):
+    folder, _ = bfm
+    _no_conversion(monkeypatch)
+    fifo = tmp_path / "pipe.mat"
+    os.mkfifo(fifo)
+    assert_cli_error(["--bfm_folder", folder, "--out", fifo], capsys, "is not a regular file")
+    assert fifo.is_fifo()
+
+
+def test_not_enough_space_fails_before_converting(bfm, capsys, monkeypatch, tmp_path):
+    folder, _ = bfm
+    _no_conversion(monkeypatch)
+    real = os.statvfs
+
+    def small(path):  # the file system of the output has 50 kB left
+        st = real(path)
+        return types.SimpleNamespace(f_bavail=50_000 // st.f_frsize, f_frsize=st.f_frsize,
+                                     f_blocks=st.f_blocks)
+
+    monkeypatch.setattr(os, "statvfs", small)
+    line = assert_cli_error(["--bfm_folder", folder, "--out", tmp_path / "m.mat"], capsys,
+                            "the model needs at least", "are free there", "free some space")
+    # 30 vertices: 3 * 30 * (2 + 80 + 64 + 80) float32 = 81.4 kB, plus 1.9 kB of index arrays
+    assert "needs at least 83.3 kB but only 49.2 kB are free" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BFM"]
+
+
+def test_check_output_accepts_writable_places(tmp_path):
+    cb.check_output(tmp_path / "m.mat")
+    cb.check_output(tmp_path / "new" / "sub" / "m.mat")  # folders that can be created
+    (tmp_path / "m.mat").write_bytes(b"old")
+    cb.check_output(tmp_path / "m.mat")  # an existing file is replaced later
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mat"]  # probe removed, nothing created
+
+
+def _script(args, tmp_path, fsize=None, patch=""):
+    """Run convert_bfm09_data.py in a subprocess, optionally under RLIMIT_FSIZE = fsize bytes;
+    ``patch`` is Python run before main() (to reach a code path on purpose)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    code = ("import sys\nimport convert_bfm09_data as c\nfrom core import convert_bfm09 as cb\n"
+            f"{patch}\nsys.exit(c.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env,
+                          preexec_fn=limit if fsize else None)
+
+
+def _assert_one_line(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr)
+
+
+@pytest.mark.parametrize("kind", ["folder", "below_file", "proc"])
+def test_script_bad_out_is_one_line(bfm, tmp_path, kind):
+    folder, _ = bfm
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "d").mkdir()
+    out = {"folder": tmp_path / "d", "below_file": tmp_path / "f" / "m.mat",
+           "proc": "/proc/m.mat"}[kind]
+    if kind == "proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc")
+    # Without --quiet too: the check comes before any progress message.
+    needle = {"folder": "is an existing folder", "below_file": "is a file, not a folder",
+              "proc": "does not accept new files"}[kind]
+    _assert_one_line(_script(["--bfm_folder", folder, "--out", out], tmp_path), needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BFM", "d", "f"]
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+@pytest.mark.skipif(resource is None or not hasattr(signal, "SIGXFSZ"), reason="no file size limits here")
+def test_script_under_a_file_size_limit(bfm, tmp_path):
+    folder, _ = bfm
+    out = tmp_path / "out" / "m.mat"
+    out.parent.mkdir()
+    # Checked up front: the model (about 100 kB) cannot fit a 20 kB limit.
+    proc = _script(["--bfm_folder", folder, "--out", out, "--quiet"], tmp_path, fsize=20_000)
+    _assert_one_line(proc, "needs at least", "limited to 20.0 kB here (ulimit -f)")
+    assert list(out.parent.iterdir()) == []
+    # Without that check the write itself fails (EFBIG, as SIGXFSZ is ignored): same result,
+    # and the temporary file is gone.
+    proc = _script(["--bfm_folder", folder, "--out", out, "--quiet"], tmp_path, fsize=20_000,
+                   patch="cb.check_output_space = lambda *a: None")
+    _assert_one_line(proc, f"cannot write '{out}'", os.strerror(errno.EFBIG), "ulimit -f")
+    assert list(out.parent.iterdir()) == []
+    # And with room to spare the same command works.
+    proc = _script(["--bfm_folder", folder, "--out", out, "--quiet"], tmp_path, fsize=10_000_000)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.mat"]
+
+
+def test_usage_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        convert_bfm09_data.main(["--bogus"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: unrecognized arguments: --bogus (see --help)\n"
+    proc = subprocess.run([sys.executable, "convert_bfm09_data.py", "--out"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    _assert_one_line(proc, "argument --out: expected one argument (see --help)")
 
 
 def test_script_exit_code_and_no_traceback(tmp_path):
@@ -609,3 +776,17 @@ def test_help_documents_every_flag():
     for flag in ("--bfm_folder", "--out", "--download", "--from_front_mat", "--quiet"):
         assert flag in text
     assert all(a.help for a in convert_bfm09_data.build_parser()._actions)
+
+
+def test_main_leaves_the_core_log_level_as_it_was(bfm, capsys):
+    """--quiet must not silence the library's logging for the rest of a process that
+    called main() (it did: a later fit in the same process lost its INFO lines)."""
+    import logging
+    folder, _ = bfm
+    core_log = logging.getLogger("core")
+    before = core_log.level
+    rc, _, err = run_cli(["--bfm_folder", folder, "--quiet"], capsys)
+    assert rc == 0, err
+    assert core_log.level == before
+    assert_cli_error(["--bfm_folder", folder / "missing"], capsys, "does not exist")
+    assert core_log.level == before
