@@ -155,3 +155,118 @@ def test_jpeg_completeness_check():
             assert not _jpeg_complete(full[:cut])
     photo = (REPO / "data" / "grace_hopper.jpg").read_bytes()
     assert _jpeg_complete(photo)
+
+
+# --- decompression bombs ------------------------------------------------------------------
+
+def _png_of_zeros(width: int, height: int, rows_per_chunk: int = 100) -> bytes:
+    """A valid 8-bit grey PNG of zeros, built without ever holding the pixels.
+
+    The IDAT stream repeats one deflate block sequence: after Z_FULL_FLUSH the compressor
+    forgets its history, so compressing the same chunk again gives the same bytes. The
+    zlib trailer's Adler-32 of n zero bytes is (n mod 65521) << 16 | 1.
+    """
+    import struct
+    import zlib
+
+    row = width + 1  # filter byte + pixels
+    total = row * height
+    chunk = bytes(row * min(rows_per_chunk, height))
+    c = zlib.compressobj(9)
+    first = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)
+    unit = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)
+    assert unit == c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)
+    k, rest = divmod(total, len(chunk))
+    tail = c.compress(bytes(rest)) + c.flush(zlib.Z_FULL_FLUSH) if rest else b""
+    idat = first + unit * (k - 1) + tail + b"\x03\x00" + struct.pack(">I", ((total % 65521) << 16) | 1)
+
+    def png_chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def test_png_of_zeros_helper_is_a_valid_png():
+    data = _png_of_zeros(301, 203, rows_per_chunk=7)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert img.shape == (203, 301) and not img.any()
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(_png_of_zeros(50000, 50000))
+    return path
+
+
+def test_decompression_bomb_is_refused_from_the_header(bomb):
+    import time
+    assert bomb.stat().st_size < 3_000_000
+    t0 = time.perf_counter()
+    _assert_one_line_error(str(bomb), "50000x50000 pixels (2500 megapixels) is above the 100-megapixel limit")
+    assert time.perf_counter() - t0 < 0.5  # no decoding (decoding would take seconds and 7.5 GB)
+
+
+def test_opencv_errors_become_user_errors(bomb, monkeypatch):
+    # With our limit lifted the file reaches cv2.imdecode, whose own limit (2^30 pixels)
+    # raises cv2.error; that must be a one-line UserError too, not a traceback.
+    monkeypatch.setattr("core.image_io.MAX_PIXELS", 10**12)
+    _assert_one_line_error(str(bomb), "OpenCV cannot decode it", "CV_IO_MAX_IMAGE_PIXELS")
+
+
+def _with_size(data: bytes, fmt: str, w: int, h: int) -> bytes:
+    """Encoded image ``data`` with its header changed to declare w x h pixels."""
+    import struct
+    b = bytearray(data)
+    if fmt == "jpg":
+        pos = 2
+        while b[pos + 1] not in (0xC0, 0xC1, 0xC2):
+            pos += 2 + int.from_bytes(b[pos + 2:pos + 4], "big")
+        b[pos + 5:pos + 9] = struct.pack(">HH", h, w)
+    elif fmt == "bmp":
+        b[18:26] = struct.pack("<ii", w, h)
+    return bytes(b)
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "bmp"])
+def test_huge_declared_size_in_other_formats(tmp_path, fmt):
+    small = _encode(f".{fmt}", _pattern()[..., ::-1])
+    path = tmp_path / f"huge.{fmt}"
+    path.write_bytes(_with_size(small, fmt, 60000, 50000))
+    _assert_one_line_error(str(path), "60000x50000 pixels (3000 megapixels) is above the 100-megapixel limit")
+
+
+@pytest.mark.parametrize("fmt, via", [("png", "header"), ("jpg", "header"), ("bmp", "pillow"),
+                                      ("bmp", "after decoding")])
+def test_pixel_limit_boundary(tmp_path, monkeypatch, fmt, via):
+    img = _pattern(40, 60)  # 2400 pixels
+    path = tmp_path / f"p.{fmt}"
+    path.write_bytes(_encode(f".{fmt}", img[..., ::-1]))
+    if via == "after decoding":  # no header reader for the format (e.g. Pillow missing)
+        monkeypatch.setattr("core.image_io._pillow_size", lambda buf: None)
+    monkeypatch.setattr("core.image_io.MAX_PIXELS", 2400)
+    assert read_image(path).shape == (40, 60, 3)
+    monkeypatch.setattr("core.image_io.MAX_PIXELS", 2399)
+    _assert_one_line_error(str(path), "60x40 pixels (0.0024 megapixels) is above the 0.002399-megapixel limit")
+
+
+def test_header_size_matches_the_decoded_size(tmp_path):
+    from core.image_io import image_size
+    img = _pattern(37, 53)
+    for ext in (".png", ".jpg", ".bmp", ".tiff", ".webp"):
+        assert image_size(_encode(ext, img)) == (53, 37), ext
+    progressive = _encode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert image_size(progressive) == (53, 37)
+    assert image_size(b"not an image at all") is None
+    assert image_size(b"\x89PNG\r\n\x1a\n") is None  # header cut short
+    assert image_size(b"\xff\xd8\xff\xe0\x00") is None
+
+
+def test_pillow_bomb_guard_is_left_as_it_was():
+    Image = pytest.importorskip("PIL.Image")
+    before = Image.MAX_IMAGE_PIXELS
+    from core.image_io import image_size
+    bmp = _with_size(_encode(".bmp", _pattern()), "bmp", 60000, 50000)
+    assert image_size(bmp) == (60000, 50000)  # read although Pillow would call it a bomb
+    assert Image.MAX_IMAGE_PIXELS == before
