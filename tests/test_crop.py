@@ -198,3 +198,55 @@ def test_paste_back_rejects_mismatched_inputs():
         paste_back(img, np.zeros((32, 16, 3)), np.zeros((32, 16)), (0, 0, 32, 32))
     with pytest.raises(ValueError, match="uint8"):
         paste_back(img.astype(float), np.zeros((32, 32, 3)), np.zeros((32, 32)), (0, 0, 32, 32))
+
+
+@pytest.mark.parametrize("side", [150, 97, 40, 23])  # 64 -> 150 / 97 px: enlarge; 40 / 23: shrink
+@pytest.mark.parametrize("mask_dtype", [bool, np.float32])
+def test_paste_back_edge_has_no_background_colour(side, mask_dtype):
+    """A constant-colour face on the renderer's black background: every pasted pixel has the
+    face colour (bilinear mixing with the background used to leave a dark 1-px outline)."""
+    T, colour = 64, np.array([200, 100, 50])
+    yy, xx = np.mgrid[0:T, 0:T].astype(np.float64)
+    cx, cy, r = 31.3, 33.8, 22.5  # crop coordinates, integer = pixel centre
+    disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r ** 2
+    render = np.zeros((T, T, 3), np.uint8)
+    render[disc] = colour
+    photo = np.zeros((220, 240, 3), np.uint8)
+    photo[:] = (10, 220, 240)
+    box = (37, 21, 37 + side, 21 + side)
+    out = paste_back(photo, render, disc.astype(mask_dtype), box)
+    pasted = np.any(out != photo, axis=2)
+    assert np.abs(out[pasted].astype(int) - colour).max() <= 1
+    # The pasted area follows the disc: its area scaled by (side / T)^2, and nothing
+    # pasted farther from the mapped centre than the mapped radius (plus a pixel).
+    s = T / side
+    area = np.pi * (r / s) ** 2
+    assert abs(pasted.sum() - area) <= 2 * np.pi * (r / s) * 0.5 + 2, (pasted.sum(), area)
+    py, px = np.nonzero(pasted)
+    centre = crop_to_photo([cx, cy], box, T)
+    assert np.hypot(px - centre[0], py - centre[1]).max() <= r / s + 1
+    # ... and everything well inside it is pasted.
+    pyy, pxx = np.mgrid[0:220, 0:240]
+    inner = np.hypot(pxx - centre[0], pyy - centre[1]) <= r / s - 1.5
+    assert pasted[inner].all()
+
+
+def test_paste_back_soft_mask_weights_the_colours():
+    """Fractional mask values weight the render's (straight, not premultiplied) colours:
+    two face columns of different colour, one half covered, one fully; outside is black."""
+    T = 32
+    render = np.zeros((T, T, 3), np.float32)
+    render[:, 15] = (100, 100, 100)
+    render[:, 16] = (200, 200, 200)
+    mask = np.zeros((T, T), np.float32)
+    mask[:, :16] = 1.0
+    mask[:, 16] = 0.5
+    render[:, :15] = (100, 100, 100)
+    out = paste_back(np.full((64, 64, 3), 255, np.uint8), render, mask, (0, 0, 64, 64))  # s = 0.5
+    # photo x = 31 samples crop x = 15.5: weights 0.5 * 1.0 (colour 100) and 0.5 * 0.5
+    # (colour 200), so (50 + 50) / 0.75 = 133.3; without premultiplying, 150 (plain average).
+    np.testing.assert_array_equal(out[:63, 31], 133)
+    np.testing.assert_array_equal(out[:63, :31], 100)
+    # x = 32 samples crop x = 16 (mask 0.5, not > 0.5); the last row samples half outside.
+    np.testing.assert_array_equal(out[:, 32:], 255)
+    np.testing.assert_array_equal(out[63], 255)
