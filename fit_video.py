@@ -2,6 +2,7 @@
 """Fit a 3D Morphable Face Model to every frame of a talking-head video.
 
     python fit_video.py --v_path clip.mp4 --res_folder results --ngpus 4 --nworkers 4
+    python fit_video.py --v_path long.mp4 --res_folder results --frame_range 100:250
 
 Stages: landmarks for every frame (the face is detected once and then tracked), identity
 and albedo from --nframes_shape frames spread over the video, then every frame's
@@ -12,13 +13,18 @@ Writes <video>_fitting_res.pkl ({'id', 'tex', 'fitting_res': {frame: {'rot', 'tr
 'gamma', 'exp', 'bbox'}}, 'tar_size', 'fps', 'frames_without_face', 'num_frames'}),
 <video>_recon_video.mp4 (H.264, source fps and size, every frame; frames without a face
 show the original) and <video>_info.json (timings, devices, landmark error). Every stage is
-cached in --cache_folder; a re-run after an interruption continues where it stopped.
+cached in --cache_folder; a re-run after an interruption continues where it stopped (one
+run at a time per cache folder: a second one fails at once).
+
+--frame_range START:STOP fits only the source frames START..STOP-1 (0-based, either side
+may be empty: 100: to the end, :250 from the start): only they are read, fitted and
+composed; the pkl keeps source frame indices as keys, its num_frames counts the range and
+its 'frame_range' is [START, STOP] as fitted (STOP clipped to the end of the video).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Sequence
 
@@ -26,7 +32,7 @@ from core import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__)
     g = p.add_argument_group("input and output")
     g.add_argument("--v_path", required=True, help="video to fit (anything OpenCV/FFmpeg decodes)")
     g.add_argument("--res_folder", required=True, help="output folder")
@@ -34,63 +40,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the per-stage caches, reused by re-runs (default: fitting_cache; "
                         "'' for a temporary one)")
     g.add_argument("--no_audio", action="store_true", help="do not copy the source's audio into the composed video")
+    g.add_argument("--frame_range", default=None, metavar="START:STOP",
+                   help="fit only source frames START..STOP-1 (0-based, STOP excluded; either may be empty: "
+                        "'100:' to the end, ':250' from the start); outputs keep source frame indices "
+                        "(default: every frame)")
     v = p.add_argument_group("video fitting")
-    v.add_argument("--nframes_shape", type=int, default=16,
+    v.add_argument("--nframes_shape", type=cli.positive_int, default=16,
                    help="frames, spread over the video, used to estimate identity and albedo (default: 16)")
-    v.add_argument("--nworkers", type=int, default=1, help="fitting processes, each on a contiguous clip (default: 1)")
-    v.add_argument("--ngpus", type=int, default=1, help="GPUs the workers use, worker i on GPU i mod ngpus (default: 1)")
-    v.add_argument("--clip_overlap", type=int, default=8,
+    v.add_argument("--nworkers", type=cli.positive_int, default=1, help="fitting processes, each on a contiguous clip (default: 1)")
+    v.add_argument("--ngpus", type=cli.positive_int, default=1, help="GPUs the workers use, worker i on GPU i mod ngpus (default: 1)")
+    v.add_argument("--clip_overlap", type=cli.non_negative_int, default=8,
                    help="warm-up frames fitted and dropped before each clip after the first, so the result does "
                         "not depend on the worker count (default: 8; 0 = the original)")
-    v.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per process (default: every core for the shape fit and rendering, "
-                        "cores // nworkers for each worker)")
     cli.add_model_flags(p)
     cli.add_detection_flags(p)
     cli.add_fit_flags(p, video=True)
-    cli.add_runtime_flags(p)
+    cli.add_runtime_flags(p, threads_help="CPU threads per process (default: adaptive: every core that other "
+                                          "programs leave free for the shape fit and rendering, at most "
+                                          "cores // nworkers for each worker, re-checked while fitting)")
     return p
 
 
 def video_options(args: argparse.Namespace):
-    """The :class:`core.video.VideoOptions` of parsed flags."""
-    from core.video import VideoOptions
+    """The :class:`core.video.VideoOptions` of parsed flags (UserError for a bad
+    --frame_range)."""
+    from core.video import VideoOptions, parse_frame_range
 
+    frame_range = parse_frame_range(args.frame_range) if args.frame_range is not None else None
     return VideoOptions(nframes_shape=args.nframes_shape, nworkers=args.nworkers, ngpus=args.ngpus,
                         clip_overlap=args.clip_overlap, cache_folder=args.cache_folder or None,
-                        padding_ratio=args.padding_ratio, keep_audio=not args.no_audio, threads=args.threads)
+                        padding_ratio=args.padding_ratio, keep_audio=not args.no_audio, threads=args.threads,
+                        frame_range=frame_range)
 
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args)
-    from core.errors import UserError
+    cli.setup_threads(args)
     from core.detect import make_detector
+    from core.outputs import check_writable_folder
     from core.session import Session, load_model
-    from core.video import run_video
+    from core.video import check_frame_range, run_video
     from core.video_io import VideoReader
 
-    for flag in ("nworkers", "ngpus", "nframes_shape"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1; got {getattr(args, flag)}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1; got {args.threads}")
-    if args.clip_overlap < 0:
-        raise UserError(f"--clip_overlap must be >= 0; got {args.clip_overlap}")
-    if os.path.exists(args.res_folder) and not os.path.isdir(args.res_folder):
-        raise UserError(f"--res_folder '{args.res_folder}' exists and is not a folder")
+    check_writable_folder(args.res_folder, "--res_folder")
+    if args.cache_folder:
+        check_writable_folder(args.cache_folder, "--cache_folder")
+    options = video_options(args)  # a bad --frame_range fails here
     VideoReader(args.v_path).close()  # a bad video fails before the model loads
+    check_frame_range(args.v_path, options.frame_range)
     cfg = cli.fit_config_from_args(args)
     model = load_model(args.recon_model, args.model_path)
     session = Session.create(model, cfg, tar_size=args.tar_size, device=args.device, gpu=args.gpu,
-                             renderer=args.renderer, progress=not args.quiet)
+                             renderer=args.renderer, progress=cli.show_progress(args))
     detector = make_detector(args.lm_detector, device=str(session.device))
     logging.getLogger(__name__).info("model %s (%d vertices) on %s, renderer %s, preset %s",
                                      model.name, model.num_vertices, session.device, session.renderer.backend,
                                      args.preset)
-    options = video_options(args)
     run_video(session, detector, args.v_path, args.res_folder, options,
-              info_extra={"detector": detector.name, "preset": args.preset}, progress=not args.quiet)
+              info_extra={"detector": detector.name, "preset": args.preset}, progress=cli.show_progress(args))
     return 0
 
 

@@ -120,14 +120,14 @@ def _file_sink(folder: str) -> Callable[[int, float], None]:
     return sink
 
 
-def _clocked_worker_entry(job, messages) -> None:
+def _clocked_worker_entry(job, messages, *args) -> None:
     """Spawned-worker target: core.video's own entry, with its fit_clip clocked."""
     import core.video as video
 
     folder = os.environ.get(TICKS_ENV)
     if folder:
         video.fit_clip = _clock(video.fit_clip, _file_sink(folder))
-    video._worker_entry(job, messages)
+    video._worker_entry(job, messages, *args)
 
 
 @contextlib.contextmanager

@@ -22,19 +22,33 @@ Stages (each with a tqdm bar, each cached under ``<cache_folder>/<video name>/``
 4. Merge and write ``<video>_fitting_res.pkl`` (the original layout plus ``bbox`` per frame
    and ``tar_size``, ``fps``, ``frames_without_face``, ``num_frames``),
    ``<video>_recon_video.mp4`` (every source frame, the render pasted on the frames that
-   have a fit) and ``<video>_info.json``, all three renamed into place only at the end.
+   have a fit) and ``<video>_info.json`` (with each frame's landmark NME as
+   :func:`core.metrics.landmark_nme` defines it for photos), all three renamed into place
+   only at the end, the video only once it reads back complete.
+
+``VideoOptions.frame_range`` restricts every stage to source frames [start, stop): the
+landmark pass seeks to start, caches are keyed (and named) by the range, frame indices in
+the outputs stay source indices. One run at a time uses a cache folder
+(:func:`cache_lock`); worker processes end with the main process however it ends
+(:func:`_die_with_parent`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
 import os
 import pickle
 import queue as queue_mod
+import re
+import signal
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -54,6 +68,7 @@ from .fitting import Fitter, PoseRef
 from .model import FaceModel
 from .session import Session
 from .metrics import landmark_nme
+from .outputs import check_writable_folder
 from .tracking import SOURCE_NONE, FaceTracker
 from .video_io import VideoReader, VideoWriter
 
@@ -61,7 +76,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["VideoOptions", "LandmarkTrack", "ShapeResult", "ClipJob", "VideoReport", "split_clips",
            "select_shape_frames", "transfer_pose", "landmark_pass", "fit_shape", "fit_clip", "run_workers",
-           "run_video", "output_names", "threads_per_worker"]
+           "run_video", "output_names", "threads_per_worker", "cpu_oversubscription", "parse_frame_range",
+           "check_frame_range", "cache_lock"]
 
 PER_FRAME_GROUPS = ("exp", "gamma", "angles", "trans")
 CACHE_VERSION = 1
@@ -82,6 +98,8 @@ class VideoOptions:
     checkpoints of a running stage. keep_audio: copy the source audio into the video.
     threads: torch CPU threads of each process (this one for the shape fit and the
     rendering, and each worker); None: all cores here, cores // nworkers per worker.
+    frame_range: (start, stop) 0-based source frame indices, stop exclusive or None for
+    the end of the video; only those frames are read, fitted and composed (None: all).
     """
 
     nframes_shape: int = 16
@@ -93,11 +111,15 @@ class VideoOptions:
     checkpoint_s: float = 30.0
     keep_audio: bool = True
     threads: Optional[int] = None
+    frame_range: Optional[Tuple[int, Optional[int]]] = None
 
 
 @dataclass
 class LandmarkTrack:
-    """Per-frame results of the landmark pass (N frames).
+    """Per-frame results of the landmark pass (N frames: source frames start..start+N-1).
+
+    Arrays are indexed by the position in the pass (0..N-1); source frame index =
+    ``start`` + position (``start`` > 0 for a frame range).
 
     landmarks: (N, 68, 2) float32 photo pixels, NaN where no face.
     face_boxes: (N, 4) float64 detector-style face boxes, NaN where no face.
@@ -114,10 +136,16 @@ class LandmarkTrack:
     width: int
     height: int
     reused: bool = False  # loaded from the cache
+    start: int = 0        # source index of the first frame
 
     @property
     def num_frames(self) -> int:
         return int(self.source.shape[0])
+
+    @property
+    def stop(self) -> int:
+        """Source index one past the last frame."""
+        return self.start + self.num_frames
 
     @property
     def has_face(self) -> np.ndarray:
@@ -125,7 +153,13 @@ class LandmarkTrack:
 
     @property
     def frames_without_face(self) -> List[int]:
-        return [int(i) for i in np.flatnonzero(~self.has_face)]
+        """Source indices of the frames without a face."""
+        return [self.start + int(i) for i in np.flatnonzero(~self.has_face)]
+
+    def source_timestamps(self) -> np.ndarray:
+        """Timestamps indexed by source frame (NaN before ``start``), for
+        :meth:`core.video_io.VideoReader.frames` seeks."""
+        return np.concatenate([np.full(self.start, np.nan), self.timestamps])
 
     def crop_boxes(self, padding_ratio: float) -> np.ndarray:
         """(N, 4) int64 square crop boxes (SPEC §5), zeros where no face."""
@@ -175,6 +209,7 @@ class ClipJob:
     partial_path: str
     key: str
     checkpoint_s: float = 30.0
+    adaptive_threads: bool = True  # threads follow the free cores (core.threads), at most ``threads``
 
 
 @dataclass
@@ -249,6 +284,58 @@ def output_names(video_path: str) -> Dict[str, str]:
     return {"pkl": f"{stem}_fitting_res.pkl", "video": f"{stem}_recon_video.mp4", "info": f"{stem}_info.json"}
 
 
+_RANGE_RE = re.compile(r"^\s*(\d*)\s*:\s*(\d*)\s*$")
+
+
+def format_frame_range(frame_range: Optional[Tuple[int, Optional[int]]]) -> str:
+    """'START:STOP' ('100:' for an open end); '' for None."""
+    if frame_range is None:
+        return ""
+    start, stop = frame_range
+    return f"{start}:{'' if stop is None else stop}"
+
+
+def parse_frame_range(text: str) -> Tuple[int, Optional[int]]:
+    """``'START:STOP'`` -> (start, stop): 0-based source frame indices, STOP excluded;
+    either side may be empty (``'100:'`` to the end, ``':250'`` from frame 0). Raises
+    UserError for anything else or START >= STOP."""
+    m = _RANGE_RE.match(text or "")
+    if m is None:
+        raise UserError(f"--frame_range '{text}' is not START:STOP (0-based frame indices, STOP excluded, "
+                        f"either may be empty: 100: or :250)")
+    start = int(m.group(1)) if m.group(1) else 0
+    stop = int(m.group(2)) if m.group(2) else None
+    if stop is not None and start >= stop:
+        raise UserError(f"--frame_range '{text}': START must be below STOP")
+    return start, stop
+
+
+def check_frame_range(video_path: str, frame_range: Optional[Tuple[int, Optional[int]]]) -> None:
+    """Raise UserError when ``frame_range`` starts beyond the end of the video (checked by
+    seeking to its first frame; the container's frame count settles clear cases at once)."""
+    if frame_range is None or frame_range[0] == 0:
+        return
+    start = int(frame_range[0])
+    with VideoReader(video_path) as reader:
+        n = reader.info.num_frames
+        found = False
+        if not (n and start >= n + max(10, n // 100)):  # the count can be an estimate: seek to be sure
+            found = any(True for _ in reader.frames(start, start + 1, reader.estimated_timestamps(start + 1)))
+    if not found:
+        count = f" ({n} frames)" if n else ""
+        raise UserError(f"--frame_range {format_frame_range(frame_range)} starts beyond the end of the video "
+                        f"'{video_path}'{count}")
+
+
+def cpu_oversubscription(n_workers: int, cores: int, threads: int = 1) -> Optional[str]:
+    """The warning for ``n_workers`` CPU worker processes of ``threads`` threads each on
+    ``cores`` cores, or None when every worker has a core of its own."""
+    if n_workers <= cores:
+        return None
+    return (f"--nworkers {n_workers}: the {n_workers} CPU workers will compete for {cores} core(s) "
+            f"({threads} thread{'s' if threads != 1 else ''} each); fewer workers (at most {cores}) will be faster")
+
+
 # --- cache helpers ------------------------------------------------------------------------
 
 def _digest(obj) -> str:
@@ -270,9 +357,55 @@ def model_fingerprint(model: FaceModel) -> str:
 
 
 def _save_npz(path: str, key: str, **arrays) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, cache_key=np.array(key), **arrays)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, cache_key=np.array(key), **arrays)
+    except OSError as e:  # disk full, file-size limit, folder removed
+        raise UserError(f"cannot write the cache file '{path}': {e.strerror or e}") from None
+
+
+LOCK_NAME = "run.lock"
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: str):
+    """Hold an exclusive lock on ``cache_dir`` (``run.lock`` in it, with this process's
+    pid) for the duration of the block. A second run on the same folder fails at once with
+    a UserError naming the holder's pid. The lock is an ``fcntl.flock``, so the system
+    releases it when the holder dies, however it dies. (No lock where fcntl is missing.)"""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = os.path.join(cache_dir, LOCK_NAME)
+    try:
+        f = open(path, "a+", encoding="ascii")
+    except OSError as e:
+        raise UserError(f"cache folder '{cache_dir}' is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = ""
+        for _ in range(3):  # the holder writes its pid just after locking
+            f.seek(0)
+            pid = f.read().strip()
+            if pid.isdigit():
+                break
+            time.sleep(0.05)
+        f.close()
+        raise UserError(f"another fit_video.py run (pid {pid if pid.isdigit() else 'unknown'}) is using the cache "
+                        f"folder '{cache_dir}'; wait for it or pass another --cache_folder") from None
+    try:
+        with contextlib.suppress(OSError):  # the pid is for the message only
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 def _load_npz(path: str, key: str) -> Optional[Dict[str, np.ndarray]]:
@@ -290,34 +423,56 @@ def _load_npz(path: str, key: str) -> Optional[Dict[str, np.ndarray]]:
         return None
 
 
-def _check_writable(folder: str, what: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"{what} '{folder}' is not writable: {e.strerror or e}") from None
-
-
 # --- stage 1: landmarks -------------------------------------------------------------------
 
-def _landmark_key(video_path: str, detector) -> str:
+def _cache_range(frame_range) -> Optional[Tuple[int, Optional[int]]]:
+    """The frame range as caches see it: None for the whole video (also '0:')."""
+    if frame_range is None or (int(frame_range[0]) == 0 and frame_range[1] is None):
+        return None
+    return int(frame_range[0]), None if frame_range[1] is None else int(frame_range[1])
+
+
+def _landmark_key(video_path: str, detector, frame_range: Optional[Tuple[int, Optional[int]]] = None) -> str:
+    frame_range = _cache_range(frame_range)
     st = os.stat(video_path)
-    return _digest({"v": CACHE_VERSION, "video": os.path.abspath(video_path), "size": st.st_size,
-                    "mtime_ns": st.st_mtime_ns, "detector": getattr(detector, "name", type(detector).__name__)})
+    spec = {"v": CACHE_VERSION, "video": os.path.abspath(video_path), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "detector": getattr(detector, "name", type(detector).__name__)}
+    if frame_range is not None:  # (the whole video keeps its key: caches of earlier runs stay valid)
+        spec["frame_range"] = [int(frame_range[0]), None if frame_range[1] is None else int(frame_range[1])]
+    return _digest(spec)
+
+
+def _range_suffix(frame_range) -> str:
+    """'' for the whole video, '_START_STOP' ('_START_end') for a frame range."""
+    frame_range = _cache_range(frame_range)
+    if frame_range is None:
+        return ""
+    return f"_{frame_range[0]}_{'end' if frame_range[1] is None else frame_range[1]}"
+
+
+def _landmark_files(cache_dir: Optional[str], frame_range) -> Tuple[Optional[str], Optional[str]]:
+    """(final, partial) cache files of a landmark pass; one pair per frame range."""
+    if not cache_dir:
+        return None, None
+    stem = "landmarks" + _range_suffix(frame_range)
+    return os.path.join(cache_dir, f"{stem}.npz"), os.path.join(cache_dir, f"{stem}.partial.npz")
 
 
 def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, progress: bool = True,
-                  checkpoint_s: float = 30.0, tracker: Optional[FaceTracker] = None) -> LandmarkTrack:
-    """Stage 1: landmarks and face box of every frame (see :mod:`core.tracking`).
+                  checkpoint_s: float = 30.0, tracker: Optional[FaceTracker] = None,
+                  frame_range: Optional[Tuple[int, Optional[int]]] = None) -> LandmarkTrack:
+    """Stage 1: landmarks and face box of every frame (see :mod:`core.tracking`), or of
+    the source frames ``frame_range`` = (start, stop or None) only (the reader seeks to
+    start; the track's ``start`` is then ``start``).
 
     With ``cache_dir``, a finished pass is reused and an interrupted one resumes from its
-    last checkpoint. Raises UserError for an unreadable video.
+    last checkpoint (each frame range has its own cache). Raises UserError for an
+    unreadable video or a range that holds no frame.
     """
-    key = _landmark_key(video_path, detector)
-    final = os.path.join(cache_dir, "landmarks.npz") if cache_dir else None
-    partial = os.path.join(cache_dir, "landmarks.partial.npz") if cache_dir else None
+    key = _landmark_key(video_path, detector, frame_range)
+    final, partial = _landmark_files(cache_dir, frame_range)
+    first = int(frame_range[0]) if frame_range else 0
+    last = frame_range[1] if frame_range else None
     if final:
         cached = _load_npz(final, key)
         if cached is not None:
@@ -335,16 +490,24 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
             resume_from = int(saved["source"].shape[0])
             lms, boxes = list(saved["landmarks"]), list(saved["face_boxes"])
             src, ts = list(saved["source"]), list(saved["timestamps"])
-            log.info("landmarks: resuming at frame %d from %s", resume_from, partial)
-        bar = tqdm(total=info.num_frames or None, initial=resume_from, desc="landmarks", unit="frame",
-                   disable=not progress)
+            log.info("landmarks: resuming at frame %d from %s", first + resume_from, partial)
+        end = info.num_frames or None
+        if last is not None:
+            end = last if end is None else min(end, last)
+        total = end - first if end is not None and end > first else None
+        bar = tqdm(total=total, initial=resume_from, desc="landmarks", unit="frame", disable=not progress)
         last_save = time.monotonic()
-        start = max(0, resume_from - 1)
-        for index, frame in reader.frames(start, None, np.asarray(ts) if ts else None):
-            if index < resume_from:  # the frame before the checkpoint: restore the tracker
+        # Seek checks: recorded timestamps of the frames done, else those a constant rate gives.
+        if ts:
+            seek_ts = np.concatenate([np.full(first, np.nan), np.asarray(ts, dtype=np.float64)])
+        else:
+            seek_ts = reader.estimated_timestamps(first + 1) if first > 0 else None
+        begin = first + max(0, resume_from - 1)
+        for index, frame in reader.frames(begin, last, seek_ts):
+            if index < first + resume_from:  # the frame before the checkpoint: restore the tracker
                 tracker.relation = np.asarray(saved["relation"], dtype=np.float64)
-                if src[index] != SOURCE_NONE:
-                    tracker.resume(frame, lms[index])
+                if src[index - first] != SOURCE_NONE:
+                    tracker.resume(frame, lms[index - first])
                 continue
             face = tracker.update(frame)
             ts.append(reader.last_timestamp)
@@ -358,15 +521,19 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
                 src.append(face.source)
             bar.update(1)
             if partial and time.monotonic() - last_save > checkpoint_s:
-                _save_npz(partial, key, **_track_arrays(lms, boxes, src, ts, info), relation=tracker.relation)
+                _save_npz(partial, key, **_track_arrays(lms, boxes, src, ts, info, first),
+                          relation=tracker.relation)
                 last_save = time.monotonic()
         bar.close()
     if not src:
+        if frame_range is not None:
+            raise UserError(f"--frame_range {format_frame_range(frame_range)} holds no frame of the video "
+                            f"'{video_path}' ({info.num_frames} frames)")
         raise UserError(f"video '{video_path}' has no readable frame")
-    if info.num_frames and len(src) != info.num_frames:
+    if frame_range is None and info.num_frames and len(src) != info.num_frames:
         log.warning("video '%s': the container says %d frames, %d were decoded; using %d",
                     video_path, info.num_frames, len(src), len(src))
-    arrays = _track_arrays(lms, boxes, src, ts, info)
+    arrays = _track_arrays(lms, boxes, src, ts, info, first)
     if final:
         _save_npz(final, key, **arrays)
         with contextlib.suppress(OSError):
@@ -374,7 +541,7 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
     return _track_from_arrays(arrays)
 
 
-def _track_arrays(lms, boxes, src, ts, info) -> Dict[str, np.ndarray]:
+def _track_arrays(lms, boxes, src, ts, info, start: int = 0) -> Dict[str, np.ndarray]:
     n = len(src)
     return {
         "landmarks": np.asarray(lms, dtype=np.float32).reshape(n, 68, 2),
@@ -382,13 +549,15 @@ def _track_arrays(lms, boxes, src, ts, info) -> Dict[str, np.ndarray]:
         "source": np.asarray(src, dtype=np.int8).reshape(n),
         "timestamps": np.asarray(ts, dtype=np.float64).reshape(n),
         "meta": np.array([info.fps, info.width, info.height], dtype=np.float64),
+        "start": np.array(int(start), dtype=np.int64),
     }
 
 
 def _track_from_arrays(a: Dict[str, np.ndarray]) -> LandmarkTrack:
     fps, w, h = (float(v) for v in a["meta"])
+    start = int(a["start"]) if "start" in a else 0
     return LandmarkTrack(landmarks=a["landmarks"], face_boxes=a["face_boxes"], source=a["source"],
-                         timestamps=a["timestamps"], fps=fps, width=int(w), height=int(h))
+                         timestamps=a["timestamps"], fps=fps, width=int(w), height=int(h), start=start)
 
 
 # --- stage 2: identity and albedo ---------------------------------------------------------
@@ -415,20 +584,22 @@ def _crops(frames: Dict[int, np.ndarray], track: LandmarkTrack, boxes: np.ndarra
 def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: VideoOptions,
               cache_dir: Optional[str] = None, cache_key_base: str = "") -> ShapeResult:
     """Stage 2: id and tex from ``nframes_shape`` face frames, one batched fit with id/tex
-    shared (batch 1) and exp/gamma/pose per frame, with the ``first_*`` iteration counts."""
+    shared (batch 1) and exp/gamma/pose per frame, with the ``first_*`` iteration counts.
+    The result's ``frames`` are source frame indices."""
     fitter, model = session.fitter, session.model
-    indices = select_shape_frames(track.has_face, options.nframes_shape)
-    key = _digest({"base": cache_key_base, "frames": indices.tolist(), "stage": "shape"})
-    path = os.path.join(cache_dir, "shape.npz") if cache_dir else None
+    indices = select_shape_frames(track.has_face, options.nframes_shape)  # positions in the track
+    key = _digest({"base": cache_key_base, "frames": (indices + track.start).tolist(), "stage": "shape"})
+    path = os.path.join(cache_dir, f"shape{_range_suffix(options.frame_range)}.npz") if cache_dir else None
     if path:
         cached = _load_npz(path, key)
         if cached is not None:
             log.info("identity/albedo: reusing %s", path)
             return ShapeResult(id=cached["id"], tex=cached["tex"], frames=cached["frames"],
                                losses=json.loads(str(cached["losses"])), reused=True)
-    log.info("identity/albedo from %d frames: %s", len(indices), indices.tolist())
+    log.info("identity/albedo from %d frames: %s", len(indices), (indices + track.start).tolist())
     boxes = track.crop_boxes(options.padding_ratio)
-    frames = read_frames(video_path, indices, track.timestamps)
+    by_source = read_frames(video_path, indices + track.start, track.source_timestamps())
+    frames = {int(i): by_source[int(i) + track.start] for i in indices}
     crops, lms = _crops(frames, track, boxes, indices, session.camera.image_size)
     dev, dt = session.device, fitter.dtype
     n = len(indices)
@@ -439,9 +610,10 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
                      init=init)
     result = ShapeResult(id=res.coeffs.id[0].cpu().numpy().astype(np.float32),
                          tex=res.coeffs.tex[0].cpu().numpy().astype(np.float32),
-                         frames=indices, losses=res.losses)
+                         frames=indices + track.start, losses=res.losses)
     if path:
-        _save_npz(path, key, id=result.id, tex=result.tex, frames=indices, losses=np.array(json.dumps(res.losses)))
+        _save_npz(path, key, id=result.id, tex=result.tex, frames=result.frames,
+                  losses=np.array(json.dumps(res.losses)))
     return result
 
 
@@ -453,14 +625,26 @@ def fit_clip(job: ClipJob, progress: Optional[Callable[[int], None]] = None) -> 
     Returns (and writes to ``job.cache_path``) arrays over the kept frames: ``frames``
     (K,), ``fitted`` (K,) bool, and ``exp``, ``gamma``, ``angles``, ``trans`` (K, n),
     float32 (zeros where no face). ``progress(n)`` is called as kept frames finish.
-    Runs with ``job.threads`` torch threads (restored afterwards).
+    Runs with at most ``job.threads`` torch threads: fewer while other programs hold
+    cores when ``job.adaptive_threads`` and a :mod:`core.threads` governor is installed
+    (the scripts and the workers install one), else exactly that many; restored afterwards.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, job.threads))
+    from . import threads as thread_control
+
+    before = torch.get_num_threads()
+    governor = thread_control.current() if job.adaptive_threads else None
+    limit = governor.max_threads if governor is not None else None
+    if governor is not None:
+        governor.max_threads = max(1, job.threads)
+        governor.update(force=True)
+    else:
+        torch.set_num_threads(max(1, job.threads))
     try:
         return _fit_clip(job, progress or (lambda n: None))
     finally:
-        torch.set_num_threads(threads)
+        if governor is not None:
+            governor.max_threads = limit
+        torch.set_num_threads(before)
 
 
 def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.ndarray]:
@@ -543,9 +727,44 @@ def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.nda
     return result
 
 
-def _worker_entry(job: ClipJob, messages) -> None:
-    """Process target: run :func:`fit_clip`, report progress, completion or the error."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """End this worker process as soon as the process that started it (``parent_pid``)
+    is gone, however it ended (even SIGKILL, which runs no clean-up there).
+
+    On Linux the kernel sends SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); the
+    parent may have died before that was set, so its pid is checked once afterwards; and a
+    daemon thread polls os.getppid() every ``poll_s`` seconds everywhere (the portable
+    fallback: an orphan is re-parented, so its parent pid changes)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as e:
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _worker_entry(job: ClipJob, messages, parent_pid: Optional[int] = None) -> None:
+    """Process target: run :func:`fit_clip`, report progress, completion or the error.
+    The worker ends with the main process ``parent_pid`` (see :func:`_die_with_parent`)."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    from . import threads as thread_control
+    thread_control.install(None if job.adaptive_threads else job.threads, max_threads=job.threads)
     try:
         fit_clip(job, progress=lambda n: messages.put(("progress", job.worker, n)))
     except BaseException as e:  # report everything, including KeyboardInterrupt
@@ -575,8 +794,8 @@ def run_workers(jobs: Sequence[ClipJob], progress: Optional[Callable[[int], None
 
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
-    procs = {job.worker: ctx.Process(target=_worker_entry, args=(job, messages), name=f"fit-worker-{job.worker}",
-                                     daemon=True) for job in jobs}
+    procs = {job.worker: ctx.Process(target=_worker_entry, args=(job, messages, os.getpid()),
+                                     name=f"fit-worker-{job.worker}", daemon=True) for job in jobs}
     finished = set()
     try:
         for p in procs.values():
@@ -656,31 +875,38 @@ def _cpu_count() -> int:
 def run_video(session: Session, detector, video_path: str, res_folder: str,
               options: VideoOptions = VideoOptions(), info_extra: Optional[dict] = None,
               progress: bool = True) -> VideoReport:
-    """Fit every frame of ``video_path`` and write the outputs into ``res_folder``."""
+    """Fit every frame of ``video_path`` (or of ``options.frame_range``) and write the
+    outputs into ``res_folder``. The cache folder is locked for the run (see
+    :func:`cache_lock`)."""
     if options.nworkers < 1 or options.ngpus < 1 or options.nframes_shape < 1 or options.clip_overlap < 0 \
             or (options.threads is not None and options.threads < 1):
         raise UserError("--nworkers, --ngpus, --nframes_shape and --threads must be >= 1 and --clip_overlap >= 0")
+    if options.frame_range is not None:
+        start, stop = options.frame_range
+        if start < 0 or (stop is not None and stop <= start):
+            raise UserError(f"--frame_range {format_frame_range(options.frame_range)}: expected 0 <= START < STOP")
     t_start = time.perf_counter()
     VideoReader(video_path).close()  # fail early on a missing / corrupt / empty video
-    _check_writable(res_folder, "output folder")
+    check_frame_range(video_path, options.frame_range)
+    check_writable_folder(res_folder, "output folder")
     names = output_names(video_path)
-    tmp_cache = None
-    if options.cache_folder:
-        cache_dir = os.path.join(options.cache_folder, os.path.splitext(os.path.basename(video_path))[0])
-        _check_writable(cache_dir, "cache folder")
-    else:
-        tmp_cache = tempfile.TemporaryDirectory(prefix="fit_video_")
-        cache_dir = tmp_cache.name
-    threads = torch.get_num_threads()
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    try:
-        return _run(session, detector, video_path, res_folder, options, info_extra or {}, progress,
-                    cache_dir, names, t_start)
-    finally:
-        torch.set_num_threads(threads)
-        if tmp_cache is not None:
-            tmp_cache.cleanup()
+    with contextlib.ExitStack() as stack:
+        if options.cache_folder:
+            cache_dir = os.path.join(options.cache_folder, os.path.splitext(os.path.basename(video_path))[0])
+            check_writable_folder(cache_dir, "cache folder")
+            os.makedirs(cache_dir, exist_ok=True)
+            stack.enter_context(cache_lock(cache_dir))
+            log.info("cache: %s (re-runs reuse it; --cache_folder '' for none)", os.path.abspath(cache_dir))
+        else:
+            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fit_video_"))
+        threads = torch.get_num_threads()
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        try:
+            return _run(session, detector, video_path, res_folder, options, info_extra or {}, progress,
+                        cache_dir, names, t_start)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _run(session, detector, video_path, res_folder, options, info_extra, progress, cache_dir, names, t_start):
@@ -690,13 +916,17 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
 
     # 1. landmarks
     t0 = time.perf_counter()
-    track = landmark_pass(video_path, detector, cache_dir, progress=progress, checkpoint_s=options.checkpoint_s)
+    track = landmark_pass(video_path, detector, cache_dir, progress=progress, checkpoint_s=options.checkpoint_s,
+                          frame_range=options.frame_range)
     timings["landmarks_s"] = time.perf_counter() - t0
-    n = track.num_frames
+    n, first = track.num_frames, track.start
+    source_ts = track.source_timestamps()
     no_face = track.frames_without_face
     n_face = n - len(no_face)
+    span = f"the {n} frames of '{video_path}'" if options.frame_range is None else \
+        f"the {n} frames {first}-{track.stop - 1} of '{video_path}'"
     if n_face == 0:
-        raise UserError(f"no face found in any of the {n} frames of '{video_path}'")
+        raise UserError(f"no face found in any of {span}")
     if no_face:
         log.warning("%d of %d frames have no face (they get no fit and show the original frame): %s",
                     len(no_face), n, _ranges(no_face))
@@ -704,22 +934,23 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
 
     # 2. identity and albedo
     t0 = time.perf_counter()
-    base_key = _digest({"v": CACHE_VERSION, "landmarks": _landmark_key(video_path, detector),
+    base_key = _digest({"v": CACHE_VERSION, "landmarks": _landmark_key(video_path, detector, options.frame_range),
                         "config": cfg.as_dict(), "tar_size": tar_size, "padding": options.padding_ratio,
                         "model": model_fingerprint(session.model), "renderer": session.renderer.backend})
     shape = fit_shape(session, track, video_path, options, cache_dir, base_key)
     timings["shape_s"] = time.perf_counter() - t0
 
-    # 3. per-frame fits
+    # 3. per-frame fits (clip bounds in source frame indices)
     t0 = time.perf_counter()
-    clips = split_clips(n, options.nworkers)
+    clips = [(first + a, first + b) for a, b in split_clips(n, options.nworkers)]
     devices = _worker_devices(session, len(clips), options.ngpus)
-    threads = options.threads or threads_per_worker(_cpu_count(), len(clips))
+    cores = _cpu_count()
+    threads = options.threads or threads_per_worker(cores, len(clips))
     shape_key = _digest({"base": base_key, "id": _array_digest(shape.id, shape.tex)})
     model_cpu = session.model if session.device.type == "cpu" else copy.deepcopy(session.model).cpu()
     jobs, results = [], {}
     for k, (start, stop) in enumerate(clips):
-        fit_start = max(0, start - options.clip_overlap)
+        fit_start = max(first, start - options.clip_overlap)
         key = _digest({"shape": shape_key, "fit_start": fit_start, "start": start, "stop": stop,
                        "rest_nrf_lr": cfg.rest_nrf_lr})
         cache_path = os.path.join(cache_dir, f"clip_{start:07d}_{stop:07d}.npz")
@@ -728,19 +959,26 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
             results[k] = cached
             continue
         jobs.append(ClipJob(
-            worker=k, video_path=video_path, timestamps=track.timestamps, fit_start=fit_start, start=start,
-            stop=stop, landmarks=track.landmarks[fit_start:stop], crop_boxes=boxes[fit_start:stop],
-            id=shape.id, tex=shape.tex, model=model_cpu, config=cfg, tar_size=tar_size,
-            renderer=session.renderer.backend, device=devices[k], threads=threads, cache_path=cache_path,
-            partial_path=os.path.join(cache_dir, f"clip_{start:07d}_{stop:07d}.partial.npz"), key=key,
-            checkpoint_s=options.checkpoint_s))
+            worker=k, video_path=video_path, timestamps=source_ts, fit_start=fit_start, start=start,
+            stop=stop, landmarks=track.landmarks[fit_start - first:stop - first],
+            crop_boxes=boxes[fit_start - first:stop - first], id=shape.id, tex=shape.tex, model=model_cpu,
+            config=cfg, tar_size=tar_size, renderer=session.renderer.backend, device=devices[k], threads=threads,
+            cache_path=cache_path, partial_path=os.path.join(cache_dir, f"clip_{start:07d}_{stop:07d}.partial.npz"),
+            key=key, checkpoint_s=options.checkpoint_s, adaptive_threads=options.threads is None))
     reused = len(clips) - len(jobs)
-    if reused:
-        log.info("fitting: reusing %d of %d finished clips from %s", reused, len(clips), cache_dir)
     todo = sum(j.stop - j.start for j in jobs)
-    log.info("fitting %d frames in %d clip(s) on %s (%d thread(s) each)", todo, len(jobs),
-             ", ".join(sorted(set(j.device for j in jobs))) or "-", threads)
-    with tqdm(total=todo, desc="fitting", unit="frame", disable=not progress) as bar:
+    if not jobs:
+        log.info("fitting: all %d clip%s reused from %s", len(clips), "s" if len(clips) > 1 else "", cache_dir)
+    else:
+        if reused:
+            log.info("fitting: reusing %d of %d finished clips from %s", reused, len(clips), cache_dir)
+        log.info("fitting %d frames in %d clip(s) on %s (%d thread(s) each)", todo, len(jobs),
+                 ", ".join(sorted(set(j.device for j in jobs))), threads)
+        n_cpu = sum(j.device == "cpu" for j in jobs)
+        warning = cpu_oversubscription(n_cpu, cores, threads) if n_cpu > 1 else None
+        if warning:
+            log.warning("%s", warning)
+    with tqdm(total=todo, desc="fitting", unit="frame", disable=not progress or not jobs) as bar:
         run_workers(jobs, progress=bar.update)
     for job in jobs:
         loaded = _load_npz(job.cache_path, job.key)
@@ -750,25 +988,35 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     timings["fit_s"] = time.perf_counter() - t0
     timings["fit_frames"] = todo
 
-    # 4. merge and write
-    merged = _merge(results, len(clips), n)
+    # 4. merge and write (merged arrays by position in the track; pkl keys are source indices)
+    merged = _merge(results, len(clips), first, n)
     fitted = merged["fitted"]
     lost = np.flatnonzero(track.has_face & ~fitted)
     if lost.size:
-        raise UserError(f"internal error: frames {lost[:5].tolist()} have a face but no fit")
+        raise UserError(f"internal error: frames {(lost[:5] + first).tolist()} have a face but no fit")
     fitting_res = {}
     for i in np.flatnonzero(fitted):
-        fitting_res[int(i)] = {"rot": merged["angles"][i].copy(), "trans": merged["trans"][i].copy(),
-                               "gamma": merged["gamma"][i].copy(), "exp": merged["exp"][i].copy(),
-                               "bbox": boxes[i].astype(np.int64)}
+        fitting_res[first + int(i)] = {"rot": merged["angles"][i].copy(), "trans": merged["trans"][i].copy(),
+                                       "gamma": merged["gamma"][i].copy(), "exp": merged["exp"][i].copy(),
+                                       "bbox": boxes[i].astype(np.int64)}
     pkl = {"id": shape.id.astype(np.float32), "tex": shape.tex.astype(np.float32), "fitting_res": fitting_res,
            "tar_size": int(tar_size), "fps": float(track.fps), "frames_without_face": no_face,
            "num_frames": int(n)}
+    if options.frame_range is not None:
+        pkl["frame_range"] = [int(first), int(track.stop)]
 
     t0 = time.perf_counter()
     final = {key: os.path.join(res_folder, name) for key, name in names.items()}
+    audio = {}
+    if options.frame_range is not None and options.keep_audio:
+        audio = {"audio_start": max(0.0, float(track.timestamps[0]) / 1000.0) if first else 0.0,
+                 "audio_duration": n / float(track.fps)}
+    try:
+        os.makedirs(res_folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder '{res_folder}': {e.strerror or e}") from None
     writer = VideoWriter(final["video"], (track.width, track.height), track.fps,
-                         audio_from=video_path if options.keep_audio else None)
+                         audio_from=video_path if options.keep_audio else None, **audio)
     try:
         nme = _render_video(session, video_path, track, boxes, shape, merged, writer, progress)
         writer.finish()
@@ -778,39 +1026,49 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
         timings["total_s"] = time.perf_counter() - t_start
         info = _info(session, detector, video_path, track, shape, options, timings, nme, len(jobs), devices,
                      threads, reused, info_extra)
-        with atomic_path(final["info"]) as tmp_info, atomic_path(final["pkl"]) as tmp_pkl:
-            with open(tmp_pkl, "wb") as f:
-                pickle.dump(pkl, f)
-            with open(tmp_info, "w", encoding="utf-8") as f:
-                json.dump(info, f, indent=2)
-            writer.commit()
+        try:
+            with atomic_path(final["info"]) as tmp_info, atomic_path(final["pkl"]) as tmp_pkl:
+                with open(tmp_pkl, "wb") as f:
+                    pickle.dump(pkl, f)
+                with open(tmp_info, "w", encoding="utf-8") as f:
+                    json.dump(info, f, indent=2)
+                writer.commit()
+        except OSError as e:  # disk full, file-size limit
+            raise UserError(f"cannot write the outputs in '{res_folder}': {e.strerror or e}") from None
     except BaseException:
         writer.abort()
         raise
     log.info("%d frames (%d with a fit, %d without a face) -> %s, %s, %s", n, int(fitted.sum()), len(no_face),
              final["pkl"], final["video"], final["info"])
-    log.info("speed: landmarks %.1f fps, fitting %.2f fps, rendering %.1f fps; landmark error %.3f (mean NME)",
-             info["fps"]["landmarks"], info["fps"]["fitting"], info["fps"]["rendering"], nme["mean"])
+    speeds = ", ".join(f"{stage} " + ("reused" if info["fps"][stage] is None else f"{info['fps'][stage]:.{d}f} fps")
+                       for stage, d in (("landmarks", 1), ("fitting", 2), ("rendering", 1)))
+    log.info("speed: %s; landmark NME %.1f%% of the inter-ocular distance (mean over frames)", speeds,
+             100.0 * nme["mean"])
     return VideoReport(files=final, num_frames=n, frames_without_face=no_face, timings=timings, info=info)
 
 
-def _merge(results: Dict[int, Dict[str, np.ndarray]], n_clips: int, n: int) -> Dict[str, np.ndarray]:
+def _merge(results: Dict[int, Dict[str, np.ndarray]], n_clips: int, first: int, n: int) -> Dict[str, np.ndarray]:
+    """The clips' results over the source frames [first, first + n), concatenated."""
     parts = [results[k] for k in range(n_clips)]
     frames = np.concatenate([p["frames"] for p in parts])
-    if not np.array_equal(frames, np.arange(n)):
+    if not np.array_equal(frames, np.arange(first, first + n)):
         raise UserError("internal error: the clips do not cover the video exactly")
     return {k: np.concatenate([p[k] for p in parts]) for k in ("fitted",) + PER_FRAME_GROUPS}
 
 
 def _render_video(session: Session, video_path: str, track: LandmarkTrack, boxes: np.ndarray, shape: ShapeResult,
-                  merged: Dict[str, np.ndarray], writer: VideoWriter, progress: bool, batch: int = 8) -> Dict[str, float]:
-    """Stage 5: paste each fitted frame's render into it and write every frame in order.
-    Returns statistics of the per-frame landmark error (model vs tracked, / inter-ocular)."""
+                  merged: Dict[str, np.ndarray], writer: VideoWriter, progress: bool,
+                  batch: int = 8) -> Dict[str, object]:
+    """Stage 5: paste each fitted frame's render into it and write every frame of the
+    track in order. Returns the landmark NME of each fitted frame ({source index: value},
+    :func:`core.metrics.landmark_nme` with its default points, model vs tracked, as for
+    photos) and its mean, median, p95 and max."""
     fitter, cam = session.fitter, session.camera
     dev, dt = session.device, fitter.dtype
     tar = cam.image_size
-    pending: List[Tuple[int, np.ndarray]] = []
-    errors: List[float] = []
+    first = track.start
+    pending: List[Tuple[int, np.ndarray]] = []  # (position in the track, frame)
+    per_frame: Dict[int, float] = {}
 
     def flush():
         todo = [i for i, _ in pending if merged["fitted"][i]]
@@ -829,8 +1087,7 @@ def _render_video(session: Session, video_path: str, track: LandmarkTrack, boxes
                 composed[i] = paste_back(frames[i], np.clip(rgba[k, ..., :3], 0, 255).astype(np.uint8),
                                          rgba[k, ..., 3], boxes[i])
                 p = crop_to_photo(model_lms[k], boxes[i], tar)
-                q = track.landmarks[i]
-                errors.append(landmark_nme(p, q, points=None))
+                per_frame[first + i] = landmark_nme(p, track.landmarks[i])
         for i, frame in pending:
             writer.write(composed.get(i, frame))
         pending.clear()
@@ -838,7 +1095,8 @@ def _render_video(session: Session, video_path: str, track: LandmarkTrack, boxes
     with VideoReader(video_path) as reader, tqdm(total=track.num_frames, desc="rendering", unit="frame",
                                                  disable=not progress) as bar:
         n_fit = 0
-        for i, frame in reader.frames(0, track.num_frames):
+        for index, frame in reader.frames(first, track.stop, track.source_timestamps()):
+            i = index - first
             pending.append((i, frame))
             n_fit += bool(merged["fitted"][i])
             if n_fit >= batch or len(pending) >= 4 * batch:
@@ -846,9 +1104,9 @@ def _render_video(session: Session, video_path: str, track: LandmarkTrack, boxes
                 n_fit = 0
             bar.update(1)
         flush()
-    e = np.asarray(errors) if errors else np.zeros(1)
+    e = np.asarray(list(per_frame.values())) if per_frame else np.zeros(1)
     return {"mean": float(e.mean()), "median": float(np.median(e)), "p95": float(np.percentile(e, 95)),
-            "max": float(e.max())}
+            "max": float(e.max()), "per_frame": per_frame}
 
 
 def _info(session, detector, video_path, track, shape, options, timings, nme, n_jobs, devices, threads, reused,
@@ -863,6 +1121,7 @@ def _info(session, detector, video_path, track, shape, options, timings, nme, n_
     info = {
         "video": os.path.abspath(video_path),
         "num_frames": n,
+        "frame_range": [track.start, track.stop],
         "fps_source": track.fps,
         "frame_size": [track.width, track.height],
         "frames_with_fit": n_face,
@@ -888,9 +1147,14 @@ def _info(session, detector, video_path, track, shape, options, timings, nme, n_
         "renderer": session.renderer.backend,
         "fit_config": session.fitter.cfg.as_dict(),
         "rest_nrf_lr": session.fitter.cfg.rest_nrf_lr or session.fitter.cfg.nrf_lr,
-        "landmark_nme_interocular": {k: round(v, 5) for k, v in nme.items()},
+        # core.metrics.landmark_nme (chin + 51 inner points, / eye-centre distance) as for photos:
+        # a fraction; per_frame by source frame index (JSON keys are strings).
+        "landmark_nme_interocular": {**{k: round(float(nme[k]), 5) for k in ("mean", "median", "p95", "max")},
+                                     "per_frame": {str(i): round(v, 6) for i, v in sorted(nme["per_frame"].items())}},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "fps": {"landmarks": rate(n, "landmarks_s"), "fitting": rate(timings.get("fit_frames", 0), "fit_s"),
+        # frames per second of each stage; null for a stage reused from the cache
+        "fps": {"landmarks": None if track.reused else rate(n, "landmarks_s"),
+                "fitting": rate(timings.get("fit_frames", 0), "fit_s") if n_jobs else None,
                 "rendering": rate(n, "render_s"), "overall": rate(n, "total_s")},
     }
     info.update(extra)

@@ -1,11 +1,23 @@
 """fit_video.py and core.video end to end on a short real clip with blank frames: the pkl
-layout, the composed video, 1 vs 2 CPU workers, cache reuse and exact resumption, failing
-workers, every bad input; and the pure helpers (clip split, shape frames, pose transfer)."""
+layout, the composed video, 1 vs 2 CPU workers, cache reuse and exact resumption, the cache
+lock, frame ranges, failing workers and encoders, workers ending with the main process,
+every bad input; and the pure helpers (clip split, shape frames, pose transfer).
+
+The clip is cut from ../shared's sample video when it is there, else made from a photo;
+FIT3DMM_NO_SHARED=1 forces the photo clip (as in a clone without ../shared)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -19,6 +31,7 @@ from core.camera import Camera
 from core.cli import run_main
 from core.config import get_preset
 from core.errors import UserError
+from core.metrics import landmark_nme
 from core.synthetic import make_face_model
 from core.tracking import interocular
 from core.video_io import VideoReader, VideoWriter, probe_video
@@ -29,6 +42,7 @@ BLANKS = (3, 4)
 FAST = ["--device", "cpu", "--threads", "1", "--lm_detector", "dlib", "--quiet", "--preset", "default", "--tar_size", "64",
         "--nframes_shape", "3", "--first_rf_iters", "6", "--first_nrf_iters", "3", "--rest_rf_iters", "3",
         "--rest_nrf_iters", "2"]
+LOUD = [a for a in FAST if a != "--quiet"]  # the same run, with its INFO messages
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -49,11 +63,12 @@ def _moving_photo_frames(n: int, size=(480, 360)):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> str:
     """A 16-frame clip with black frames 3 and 4: cut from ../shared's sample video and
-    downscaled to 640x360 when it is there, else a moved photo."""
+    downscaled to 640x360 when it is there (and FIT3DMM_NO_SHARED is not 1), else a moved
+    photo."""
     path = str(tmp_path_factory.mktemp("clip") / "talk.mp4")
     sample = SHARED / "data" / "sample_video.mp4"
     n_real = N_FRAMES - len(BLANKS)
-    if sample.is_file():
+    if sample.is_file() and os.environ.get("FIT3DMM_NO_SHARED") != "1":
         with VideoReader(str(sample)) as r:
             real = [cv2.resize(f, (640, 360), interpolation=cv2.INTER_AREA) for _, f in r.frames(100, 100 + n_real)]
     else:
@@ -98,6 +113,13 @@ def _load(folder, stem):
     with open(os.path.join(folder, f"{stem}_info.json"), encoding="utf-8") as f:
         info = json.load(f)
     return pkl, info
+
+
+def _output_lines(capsys):
+    """The stripped, non-empty lines a run printed (stdout and stderr: where INFO goes is
+    core.cli's business), progress-bar redraws split apart."""
+    cap = capsys.readouterr()
+    return [ln.strip() for ln in re.split(r"[\r\n]", cap.out + "\n" + cap.err) if ln.strip()]
 
 
 def spec_landmarks(model_file: str, pkl: dict, frame: int) -> np.ndarray:
@@ -180,18 +202,44 @@ def test_composed_video_has_every_frame_at_the_source_rate(runs, clip):
             assert (diff > 40).mean() > 0.005  # the render is pasted on the face
 
 
+def test_pkl_dtypes(runs):
+    """The pkl's arrays: per frame 'rot', 'trans', 'gamma', 'exp' float32 and 'bbox' int64
+    (4,); 'id' and 'tex' float32."""
+    _, (pkl, _) = runs["w1"]
+    assert pkl["id"].dtype == np.float32 and pkl["tex"].dtype == np.float32
+    for e in pkl["fitting_res"].values():
+        for k in ("rot", "trans", "gamma", "exp"):
+            assert isinstance(e[k], np.ndarray) and e[k].dtype == np.float32, (k, e[k].dtype)
+        assert isinstance(e["bbox"], np.ndarray) and e["bbox"].dtype == np.int64 and e["bbox"].shape == (4,)
+
+
+def _check_landmark_nme(pkl, info, model_path, tracked, first=0):
+    """info's per-frame landmark NME = core.metrics.landmark_nme (its default points, as for
+    photos) of the pkl's coefficients (SPEC formulas) against the tracked landmarks
+    (``tracked[i - first]`` for source frame i); returns the values."""
+    nme = info["landmark_nme_interocular"]
+    per = {int(k): v for k, v in nme["per_frame"].items()}
+    assert sorted(per) == sorted(pkl["fitting_res"])
+    for i in pkl["fitting_res"]:
+        expected = landmark_nme(spec_landmarks(model_path, pkl, i), tracked[i - first])
+        assert per[i] == pytest.approx(expected, rel=1e-3, abs=2e-6), (i, per[i], expected)
+    values = np.array(list(per.values()))
+    assert nme["mean"] == pytest.approx(values.mean(), abs=2e-5)
+    assert nme["max"] == pytest.approx(values.max(), abs=2e-5)
+    assert nme["median"] == pytest.approx(np.median(values), abs=2e-5)
+    return values
+
+
 def test_landmarks_follow_the_face(runs, model_path):
     """The saved coefficients, recomputed with SPEC's formulas through each frame's bbox,
-    keep the landmarks near the tracked ones (a small synthetic model, few iterations)."""
+    keep the landmarks near the tracked ones (a small synthetic model, few iterations), and
+    info.json reports exactly that error per frame, with the photos' definition."""
     res, (pkl, info) = runs["w1"]
-    cache = os.path.join(runs["cache"], "talk", "landmarks.npz")
-    tracked = np.load(cache)["landmarks"]
-    errs = []
-    for i in pkl["fitting_res"]:
-        p = spec_landmarks(model_path, pkl, i)
-        errs.append(np.linalg.norm(p - tracked[i], axis=1).mean() / interocular(tracked[i]))
-    assert max(errs) < 0.2, errs
-    assert info["landmark_nme_interocular"]["max"] == pytest.approx(max(errs), rel=1e-3, abs=1e-4)
+    tracked = np.load(os.path.join(runs["cache"], "talk", "landmarks.npz"))["landmarks"]
+    values = _check_landmark_nme(pkl, info, model_path, tracked)
+    assert values.max() < 0.2, values
+    all68 = [landmark_nme(spec_landmarks(model_path, pkl, i), tracked[i], points=None) for i in pkl["fitting_res"]]
+    assert abs(np.mean(all68) - values.mean()) > 1e-3  # the definition matters: not all 68 points
 
 
 def test_one_and_two_workers_agree_away_from_the_clip_start(runs, model_path):
@@ -210,12 +258,24 @@ def test_one_and_two_workers_agree_away_from_the_clip_start(runs, model_path):
     np.testing.assert_array_equal(p1["id"], p2["id"])  # the shape stage was reused
 
 
-def test_rerun_reuses_every_stage(runs, clip, model_path, tmp_path):
+def test_rerun_reuses_every_stage(runs, clip, model_path, tmp_path, capsys):
     res = str(tmp_path / "again")
     args = ["--v_path", clip, "--res_folder", res, "--cache_folder", runs["cache"], "--model_path", model_path]
-    assert fit_video.main(args + FAST + ["--nworkers", "2", "--clip_overlap", "0"]) == 0
+    assert run_main(fit_video.main, args + LOUD + ["--nworkers", "2", "--clip_overlap", "0"]) == 0
     _, info = _load(res, "talk")
     assert info["clips_reused"] == 2 and info["timings_s"]["fit_frames"] == 0
+    # Reused stages report no speed; the messages say what was reused and where the cache is.
+    assert info["fps"]["landmarks"] is None and info["fps"]["fitting"] is None and info["fps"]["rendering"] > 0
+    lines = _output_lines(capsys)
+    cache_dir = os.path.join(runs["cache"], "talk")
+    assert lines.count(f"cache: {os.path.abspath(cache_dir)} (re-runs reuse it; --cache_folder '' for none)") == 1
+    assert f"fitting: all 2 clips reused from {cache_dir}" in lines
+    speed = [ln for ln in lines if ln.startswith("speed: ")]
+    mean = info["landmark_nme_interocular"]["mean"]
+    assert len(speed) == 1 and re.fullmatch(
+        r"speed: landmarks reused, fitting reused, rendering [0-9.]+ fps; landmark NME "
+        + re.escape(f"{100 * mean:.1f}") + r"% of the inter-ocular distance \(mean over frames\)", speed[0]), speed
+    assert not [ln for ln in lines if re.match(r"fitting \d+ frames", ln)]
     assert info["cache"] == {"folder": os.path.abspath(runs["cache"]), "landmarks_reused": True,
                              "shape_reused": True, "clips_reused": 2}
     assert not runs["w1"][1][1]["cache"]["landmarks_reused"]
@@ -224,6 +284,192 @@ def test_rerun_reuses_every_stage(runs, clip, model_path, tmp_path):
     p_new, _ = _load(res, "talk")
     for i in p_old["fitting_res"]:
         np.testing.assert_array_equal(p_old["fitting_res"][i]["exp"], p_new["fitting_res"][i]["exp"])
+
+
+def _cache_copy(runs, tmp_path) -> str:
+    """A copy of the runs' cache (landmarks, shape and clips of the FAST settings)."""
+    dst = tmp_path / "cache"
+    shutil.copytree(runs["cache"], dst)
+    return str(dst)
+
+
+# --- frame ranges ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [("100:", (100, None)), (":250", (0, 250)), ("3:7", (3, 7)),
+                                           (" 0 : 1 ", (0, 1)), (":", (0, None))])
+def test_parse_frame_range(text, expected):
+    assert V.parse_frame_range(text) == expected
+
+
+@pytest.mark.parametrize("text,message", [("abc", "is not START:STOP"), ("5", "is not START:STOP"),
+                                          ("1:2:3", "is not START:STOP"), ("-1:5", "is not START:STOP"),
+                                          ("", "is not START:STOP"), ("7:3", "START must be below STOP"),
+                                          ("4:4", "START must be below STOP")])
+def test_parse_frame_range_rejects(text, message):
+    with pytest.raises(UserError) as e:
+        V.parse_frame_range(text)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def range_run(tmp_path_factory, runs, clip, model_path):
+    """The clip's frames 2..11 (with the blank frames 3 and 4) by 2 workers, on a copy of
+    the runs' cache; then frames 5..11 on the same cache."""
+    base = tmp_path_factory.mktemp("range")
+    cache = _cache_copy(runs, base)
+    out = {"cache": cache}
+    for name, text, extra in (("a", "2:12", ["--nworkers", "2"]), ("b", "5:12", ["--nworkers", "1"])):
+        res = str(base / name)
+        rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", res, "--cache_folder", cache,
+                                       "--model_path", model_path, "--frame_range", text] + FAST + extra)
+        assert rc == 0
+        out[name] = (res, _load(res, "talk"))
+    return out
+
+
+def test_frame_range_fits_and_composes_only_the_range(range_run, clip, model_path):
+    res, (pkl, info) = range_run["a"]
+    assert pkl["frame_range"] == info["frame_range"] == [2, 12] and pkl["num_frames"] == info["num_frames"] == 10
+    assert sorted(pkl["fitting_res"]) == [2] + list(range(5, 12))  # source frame indices
+    assert pkl["frames_without_face"] == info["frames_without_face"] == [3, 4]
+    assert all(2 <= i < 12 for i in info["shape_frames"])
+    assert not info["cache"]["landmarks_reused"]  # the whole video's landmarks are not the range's
+    with VideoReader(os.path.join(res, "talk_recon_video.mp4")) as r:
+        frames = [f for _, f in r.frames()]
+    assert len(frames) == 10
+    assert [k for k, f in enumerate(frames) if f.max() < 30] == [1, 2]  # source frames 3 and 4
+    with VideoReader(clip) as r:
+        src = dict(r.frames())
+    for k, f in enumerate(frames):
+        i = 2 + k
+        if i in pkl["fitting_res"]:  # source frame i outside the face box, the render inside
+            x0, y0, x1, y1 = (int(v) for v in pkl["fitting_res"][i]["bbox"])
+            outside = np.ones(f.shape[:2], bool)
+            outside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = False
+            diffs = [np.abs(f.astype(int) - src[j].astype(int)).mean(axis=2) for j in range(N_FRAMES)]
+            assert np.argmin([d[outside].mean() for d in diffs]) == i, k
+            assert diffs[i][outside].mean() < 3 and (diffs[i][~outside] > 40).mean() > 0.005, k
+    tracked = np.load(os.path.join(range_run["cache"], "talk", "landmarks_2_12.npz"))["landmarks"]
+    assert tracked.shape == (10, 68, 2)
+    values = _check_landmark_nme(pkl, info, model_path, tracked, first=2)
+    assert values.max() < 0.2, values
+
+
+def test_frame_range_caches_key_on_the_range(range_run, runs):
+    _, (pkl, info) = range_run["b"]
+    assert sorted(pkl["fitting_res"]) == list(range(5, 12)) and pkl["frame_range"] == [5, 12]
+    assert not info["cache"]["landmarks_reused"] and not info["cache"]["shape_reused"]
+    assert info["clips_reused"] == 0 and info["frames_without_face"] == []
+    files = sorted(os.listdir(os.path.join(range_run["cache"], "talk")))
+    assert {"landmarks.npz", "landmarks_2_12.npz", "landmarks_5_12.npz", "shape.npz", "shape_2_12.npz",
+            "shape_5_12.npz"} <= set(files)
+    # The whole video's caches are untouched by the range runs.
+    for name in ("landmarks.npz", "shape.npz"):
+        with open(os.path.join(range_run["cache"], "talk", name), "rb") as a, \
+                open(os.path.join(runs["cache"], "talk", name), "rb") as b:
+            assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("abc", "--frame_range 'abc' is not START:STOP"), ("9:2", "START must be below STOP"),
+    ("16:", "--frame_range 16: starts beyond the end of the video"),  # checked by seeking
+    ("500:900", "--frame_range 500:900 starts beyond the end of the video"),  # by the frame count
+])
+def test_bad_frame_range_is_one_line_error(text, message, clip, model_path, tmp_path, capsys):
+    res = tmp_path / "res"
+    rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(res), "--cache_folder",
+                                   str(tmp_path / "cache"), "--model_path", model_path, "--frame_range", text] + FAST)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not res.exists()
+
+
+# --- one run per cache folder, CPU workers ------------------------------------------------
+
+def test_a_second_run_on_the_same_cache_fails_at_once(runs, clip, model_path, tmp_path, monkeypatch, capsys):
+    """While a run is fitting, a second run on its cache folder stops before doing
+    anything, naming the first run's pid; the first run is unaffected."""
+    cache = _cache_copy(runs, tmp_path)
+    args = ["--v_path", clip, "--cache_folder", cache, "--model_path", model_path] + FAST
+    calls, second = [], {}
+    real_pass, real_shape = V.landmark_pass, V.fit_shape
+
+    def counted_pass(*a, **kw):
+        calls.append(1)
+        return real_pass(*a, **kw)
+
+    def shape_then_second_run(*a, **kw):
+        second["rc"] = run_main(fit_video.main, args + ["--res_folder", str(tmp_path / "second")])
+        second["landmark_passes"] = len(calls)
+        return real_shape(*a, **kw)
+
+    monkeypatch.setattr(V, "landmark_pass", counted_pass)
+    monkeypatch.setattr(V, "fit_shape", shape_then_second_run)
+    assert run_main(fit_video.main, args + ["--res_folder", str(tmp_path / "first")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    lock_dir = os.path.join(cache, "talk")
+    assert second == {"rc": 2, "landmark_passes": 1}
+    assert err[-1] == (f"error: another fit_video.py run (pid {os.getpid()}) is using the cache folder "
+                       f"'{lock_dir}'; wait for it or pass another --cache_folder"), err
+    assert not (tmp_path / "second").exists()  # not even created
+    assert len(os.listdir(tmp_path / "first")) == 3
+
+
+LOCK_HOLDER = """
+import fcntl, os, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+f.seek(0); f.truncate(); f.write(f"{os.getpid()}\\n"); f.flush()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_cache_lock_dies_with_its_holder(runs, clip, model_path, tmp_path, capsys):
+    cache = _cache_copy(runs, tmp_path)
+    args = ["--v_path", clip, "--res_folder", str(tmp_path / "res"), "--cache_folder", cache,
+            "--model_path", model_path] + FAST
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, os.path.join(cache, "talk", "run.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_main(fit_video.main, args) == 2
+        assert f"another fit_video.py run (pid {holder.pid}) is using" in capsys.readouterr().err
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+        holder.stdout.close()
+    assert run_main(fit_video.main, args) == 0
+
+
+def test_cpu_oversubscription_message():
+    assert V.cpu_oversubscription(2, 2) is None and V.cpu_oversubscription(1, 8) is None
+    msg = V.cpu_oversubscription(3, 2)
+    assert msg == ("--nworkers 3: the 3 CPU workers will compete for 2 core(s) (1 thread each); "
+                   "fewer workers (at most 2) will be faster")
+    assert "(2 threads each)" in V.cpu_oversubscription(5, 4, threads=2)
+
+
+@pytest.mark.parametrize("cores,warned", [(1, True), (4, False)])
+def test_more_cpu_workers_than_cores_warns(cores, warned, runs, clip, model_path, tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def stop(jobs, progress=None, **kw):
+        seen.extend(jobs)
+        raise UserError("stopped before fitting")
+
+    monkeypatch.setattr(V, "_cpu_count", lambda: cores)
+    monkeypatch.setattr(V, "run_workers", stop)
+    no_threads = [a for i, a in enumerate(FAST) if a != "--threads" and FAST[i - 1] != "--threads"]
+    rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(tmp_path / "res"), "--cache_folder",
+                                   _cache_copy(runs, tmp_path), "--model_path", model_path, "--nworkers", "3"]
+                  + no_threads)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == "error: stopped before fitting"
+    assert len(seen) == 3 and all(j.device == "cpu" for j in seen)
+    assert [j.threads for j in seen] == [max(1, cores // 3)] * 3
+    expected = V.cpu_oversubscription(3, cores)
+    assert (expected in err) == warned and (expected is not None) == warned
 
 
 # --- workers, resumption, failures ----------------------------------------------------------
@@ -275,6 +521,38 @@ def test_interrupted_landmark_pass_resumes_exactly(clip, track, tmp_path):
     assert V.landmark_pass(clip, det, str(tmp_path), progress=False).reused
 
 
+def test_interrupted_frame_range_pass_resumes_exactly(clip, track, tmp_path):
+    """A landmark pass over frames 5..11 seeks to frame 5 and, as frame 5 is a fresh
+    detection after the blank frames in the whole pass too, finds the same landmarks; an
+    interruption resumes exactly; the range has its own cache file."""
+    from core.detect import DlibDetector
+    from core.tracking import FaceTracker
+
+    class Interrupted(FaceTracker):
+        calls = 0
+
+        def update(self, image):
+            Interrupted.calls += 1
+            if Interrupted.calls == 4:
+                raise KeyboardInterrupt
+            return super().update(image)
+
+    det = DlibDetector()
+    with pytest.raises(KeyboardInterrupt):
+        V.landmark_pass(clip, det, str(tmp_path), progress=False, checkpoint_s=0.0, tracker=Interrupted(det),
+                        frame_range=(5, 12))
+    assert np.load(tmp_path / "landmarks_5_12.partial.npz")["source"].shape == (3,)
+    got = V.landmark_pass(clip, det, str(tmp_path), progress=False, frame_range=(5, 12))
+    assert (got.start, got.stop, got.reused) == (5, 12, False)
+    assert sorted(os.listdir(tmp_path)) == ["landmarks_5_12.npz"]
+    np.testing.assert_array_equal(got.source, track.source[5:12])
+    np.testing.assert_array_equal(got.timestamps, track.timestamps[5:12])
+    np.testing.assert_allclose(got.landmarks, track.landmarks[5:12], atol=1e-4)
+    again = V.landmark_pass(clip, det, str(tmp_path), progress=False, frame_range=(5, 12))
+    assert again.reused and again.start == 5
+    assert not V.landmark_pass(clip, det, str(tmp_path), progress=False, frame_range=(5, 11)).reused
+
+
 def test_interrupted_clip_resumes_exactly(track, clip, tmp_path):
     job = _job(track, clip, tmp_path, stop=8)
     whole = V.fit_clip(job)
@@ -301,18 +579,37 @@ def test_interrupted_clip_resumes_exactly(track, clip, tmp_path):
 
 def test_clip_overlap_fades_the_clip_start(track, clip, tmp_path):
     """A clip started a few frames early (warm-up frames fitted and dropped) is closer to
-    the one-worker result than a clip started cold at its first frame."""
+    the one-worker result than a clip started cold at its first frame.
+
+    Compared where the fit is determined: the model landmarks in the crop (the clip start
+    shows there, and the overlap exists to remove it). The coefficients themselves are not
+    a fair yardstick here: with these few iterations the depth / expression trade-off of a
+    cold start persists for many frames whatever the warm-up, on either clip. Also exact:
+    a warm-up reaching back to the one-worker clip's own start gives that clip's results
+    (the warm-up frames are really fitted and carried over)."""
+    model, cam = make_face_model(600), Camera(image_size=48)
+
+    def landmarks(res, k):
+        c = model.layout.zeros(1).replace(**{g: torch.as_tensor(res[g][k:k + 1]) for g in ("exp", "angles", "trans")})
+        with torch.no_grad():
+            return cam.project_points(model.landmarks_3d(c))[0].numpy()
+
+    def clip_from(fit_start, worker):
+        job = _job(track, clip, tmp_path, worker=worker, start=12, stop=16)
+        job.fit_start, job.landmarks = fit_start, track.landmarks[fit_start:16]
+        job.crop_boxes = track.crop_boxes(0.3)[fit_start:16]
+        return V.fit_clip(job)
+
     ref = V.fit_clip(_job(track, clip, tmp_path, worker=0, start=5, stop=16))  # one worker from 5
     cold = V.fit_clip(_job(track, clip, tmp_path, worker=1, start=12, stop=16))
-    warm_job = _job(track, clip, tmp_path, worker=2, start=12, stop=16)
-    warm_job.fit_start, warm_job.landmarks = 8, track.landmarks[8:16]
-    warm_job.crop_boxes = track.crop_boxes(0.3)[8:16]
-    warm = V.fit_clip(warm_job)
+    warm = clip_from(8, worker=2)
     assert warm["frames"].tolist() == cold["frames"].tolist() == list(range(12, 16))
-    ref_exp, ref_trans = ref["exp"][7:], ref["trans"][7:]
-    d_cold = np.abs(cold["trans"] - ref_trans).max(1) + np.abs(cold["exp"] - ref_exp).max(1)
-    d_warm = np.abs(warm["trans"] - ref_trans).max(1) + np.abs(warm["exp"] - ref_exp).max(1)
-    assert d_warm[0] < 0.5 * d_cold[0], (d_warm, d_cold)
+    whole = clip_from(5, worker=3)
+    for g in V.PER_FRAME_GROUPS:
+        np.testing.assert_array_equal(whole[g], ref[g][7:])
+    d_cold = np.linalg.norm(landmarks(cold, 0) - landmarks(ref, 7), axis=1).mean()
+    d_warm = np.linalg.norm(landmarks(warm, 0) - landmarks(ref, 7), axis=1).mean()
+    assert d_warm < 0.5 * d_cold, (d_warm, d_cold)  # measured: 0.35 (../shared clip), 0.25 (photo clip)
 
 
 def test_failing_worker_stops_the_run(track, clip, tmp_path):
@@ -321,6 +618,108 @@ def test_failing_worker_stops_the_run(track, clip, tmp_path):
     with pytest.raises(UserError, match=r"^worker 1 failed: video '.*gone\.mp4' not found$"):
         V.run_workers([good, bad])
     assert not os.path.exists(bad.cache_path)
+
+
+def test_encoder_failure_is_an_error_and_leaves_nothing(runs, clip, model_path, tmp_path):
+    """The composed video cannot be written (a file-size limit: a full disk): fit_video.py
+    exits 2 with one error line, ffmpeg's own messages stay hidden, and the output folder
+    is left empty (no pkl, info, video or temporary file)."""
+    limit = 12 * 1024  # the pkl and info would fit; the video (checked below) does not
+    assert os.path.getsize(os.path.join(runs["w1"][0], "talk_recon_video.mp4")) > 4 * limit
+    res = tmp_path / "res"
+    cmd = [sys.executable, str(REPO / "fit_video.py"), "--v_path", clip, "--res_folder", str(res), "--cache_folder",
+           _cache_copy(runs, tmp_path), "--model_path", model_path, "--nworkers", "1"] + FAST  # all cached
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, preexec_fn=limited, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    assert all(ln.startswith(f"{len(BLANKS)} of {N_FRAMES} frames have no face") for ln in lines[:-1]), lines
+    assert re.fullmatch(r"error: writing the video '.*talk_recon_video\.mp4' failed: .*File too large.*", errors[0])
+    assert not os.path.exists(res) or os.listdir(res) == []
+
+
+def _proc_stat(pid: int):
+    """(parent pid, state, start time) of a process from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0], fields[19]
+
+
+def _workers_of(pid: int) -> list:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (_proc_stat(int(d)) or (None,))[0] == pid:
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if b"spawn_main" in f.read():
+                        out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def _has_open(pid: int, path: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_workers_end_with_the_main_process(runs, clip, model_path, tmp_path):
+    """SIGKILL of fit_video.py (no clean-up runs there) ends its worker processes at once,
+    in the middle of their clips (long ones: 2000 Adam iterations per frame)."""
+    cache = tmp_path / "cache" / "talk"
+    cache.mkdir(parents=True)
+    shutil.copy(os.path.join(runs["cache"], "talk", "landmarks.npz"), cache)
+    cmd = [sys.executable, str(REPO / "fit_video.py"), "--v_path", clip, "--res_folder", str(tmp_path / "res"),
+           "--cache_folder", str(tmp_path / "cache"), "--model_path", model_path, "--device", "cpu", "--threads", "1",
+           "--lm_detector", "dlib", "--quiet", "--tar_size", "64", "--nframes_shape", "3", "--preset", "original",
+           "--first_rf_iters", "6", "--first_nrf_iters", "3", "--rest_rf_iters", "2000", "--rest_nrf_iters", "2000",
+           "--nworkers", "2", "--clip_overlap", "0"]
+    main = subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    video = os.path.realpath(clip)
+    workers = []
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # both workers started and fitting (they have the video open)
+            assert main.poll() is None, f"fit_video.py ended early with status {main.returncode}"
+            workers = _workers_of(main.pid)
+            if len(workers) == 2 and all(_has_open(p, video) for p in workers):
+                break
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)
+        started = {p: _proc_stat(p)[2] for p in workers}
+        main.kill()
+        main.wait()
+        t0 = time.monotonic()
+
+        def running():  # still there and not a zombie (the same process: its start time)
+            return [p for p in workers if (st := _proc_stat(p)) and st[1] != "Z" and st[2] == started[p]]
+
+        while running() and time.monotonic() - t0 < 3.0:
+            time.sleep(0.05)
+        assert running() == [], "workers outlived the main process"
+    finally:
+        if main.poll() is None:
+            main.kill()
+            main.wait()
+        for p in workers:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_no_half_written_outputs_when_a_worker_fails(clip, model_path, tmp_path, monkeypatch, capsys):
@@ -333,7 +732,7 @@ def test_no_half_written_outputs_when_a_worker_fails(clip, model_path, tmp_path,
                                    str(tmp_path / "cache"), "--model_path", model_path] + FAST)
     assert rc == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: worker 1 failed: simulated"
-    assert os.listdir(res) == []
+    assert not os.path.exists(res) or os.listdir(res) == []
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -371,8 +770,8 @@ def test_bad_input_is_one_line_error(kind, tmp_path, clip, model_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
     expected = {"missing": "not found", "corrupt": "cannot read video", "empty": "empty",
-                "no_face": "no face found in any of the 3 frames", "unwritable": "output folder",
-                "unwritable_cache": "cache folder"}[kind]
+                "no_face": "no face found in any of the 3 frames", "unwritable": "--res_folder",
+                "unwritable_cache": "--cache_folder"}[kind]
     if kind.startswith("unwritable"):
         assert "not writable" in err[0]
     assert expected in err[0]

@@ -3,6 +3,7 @@ one-line errors for bad videos."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 from fractions import Fraction
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from core.video_io import VideoReader, VideoWriter, has_audio_stream, probe_video
+from core.video_io import VideoReader, VideoWriter, check_video_file, has_audio_stream, probe_video
 
 
 def _frame(k: int, w: int = 96, h: int = 64) -> np.ndarray:
@@ -70,6 +71,18 @@ def test_frames_range_with_and_without_seek(clip):
     assert tail == [18, 19]
 
 
+def test_seek_checked_against_constant_rate_timestamps(clip):
+    """Without a recorded pass, a seek is checked against the timestamps a constant frame
+    rate gives: exact here, so it stays a seek; a range past the end yields nothing."""
+    with VideoReader(clip) as r:
+        est = r.estimated_timestamps(14)
+        assert est[0] == r.first_timestamp and np.allclose(np.diff(est), 40.0)
+        got = [(i, _decode_index(f)) for i, f in r.frames(13, 16, est)]
+        assert r._seek_exact  # the seek landed where the timestamps said
+        assert list(r.frames(25, None, r.estimated_timestamps(26))) == []
+    assert got == [(13, 13), (14, 14), (15, 15)]
+
+
 def test_inexact_seek_falls_back_to_decoding(clip):
     wrong = np.arange(20) * 1000.0 + 7.0  # timestamps no seek can match
     with VideoReader(clip) as r:
@@ -96,6 +109,79 @@ def test_writer_is_atomic_and_abort_leaves_nothing(tmp_path):
             w2.write(_frame(0, 32, 32))
             raise RuntimeError("boom")
     assert sorted(os.listdir(tmp_path)) == ["out.mp4"]
+
+
+def _noise(k: int, w: int = 96, h: int = 64) -> np.ndarray:
+    return np.random.default_rng(k).integers(0, 256, size=(h, w, 3), dtype=np.uint8)  # incompressible
+
+
+def test_writer_file_size_limit_is_a_user_error(tmp_path, capfd):
+    """A disk that fills up (here: a file-size limit on the encoder) is a one-line
+    UserError with ffmpeg's reason, ffmpeg's messages never reach the terminal, and
+    nothing is left: no target, no temporary file."""
+    path = tmp_path / "big.mp4"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # inherited by the encoder only
+    try:
+        w = VideoWriter(path, (96, 64), 25)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with pytest.raises(UserError) as e:
+        with w:
+            for k in range(40):  # about 12 kB a frame
+                w.write(_noise(k))
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "File too large" in msg, msg
+    assert os.listdir(tmp_path) == []
+    assert capfd.readouterr().err == ""
+
+
+def test_writer_encoder_death_is_a_user_error(tmp_path):
+    path = tmp_path / "x.mp4"
+    w = VideoWriter(path, (32, 32), 10)
+    w.write(_frame(0, 32, 32))
+    w._proc.kill()
+    w._proc.wait()
+    with pytest.raises(UserError, match=r"^writing the video '.*x\.mp4' failed: the encoder stopped \(ffmpeg was "
+                                        r"killed by SIGKILL\)$"):
+        w.write(_frame(1, 32, 32))
+    with pytest.raises(UserError, match="x\\.mp4"):
+        w.commit()
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_checks_the_file_before_the_rename(tmp_path, monkeypatch):
+    """ffmpeg's exit status is not trusted alone: a file that does not read back with
+    every frame written is not renamed into place."""
+    import core.video_io as vio
+
+    real = vio.check_video_file
+    seen = []
+
+    def damaged(path, n):
+        seen.append((os.path.exists(path), n))
+        with open(path, "r+b") as f:  # what a disk losing the end of the file would leave
+            f.truncate(os.path.getsize(path) // 3)
+        return real(path, n)
+
+    monkeypatch.setattr(vio, "check_video_file", damaged)
+    with pytest.raises(UserError, match=r"^writing the video '.*cut\.mp4' failed: the encoded file is incomplete"):
+        with VideoWriter(tmp_path / "cut.mp4", (96, 64), 25) as w:
+            for k in range(12):
+                w.write(_noise(k))
+    assert seen == [(True, 12)] and os.listdir(tmp_path) == []
+
+
+def test_check_video_file_finds_missing_frames(tmp_path, clip):
+    assert check_video_file(clip, 20) is None
+    assert check_video_file(clip, 21) == "it holds 20 frames, 21 were written"
+    data = open(clip, "rb").read()
+    for frac in (0.2, 0.5):
+        cut = tmp_path / f"cut{frac}.mp4"
+        cut.write_bytes(data[:int(len(data) * frac)])
+        assert check_video_file(str(cut), 20) is not None
+    (tmp_path / "junk.mp4").write_bytes(b"not a video" * 100)
+    assert check_video_file(str(tmp_path / "junk.mp4"), 20).startswith("it cannot be read back")
 
 
 def test_writer_keeps_odd_sizes_and_fractional_fps(tmp_path):
