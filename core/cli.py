@@ -131,7 +131,10 @@ def _ranged(typ, lo, hi):
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    return _ranged(int, 1, 2 ** 31)(text)
+    v = _number(int, text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {text}")
+    return v
 
 
 def non_negative_int(text: str) -> int:
@@ -139,16 +142,15 @@ def non_negative_int(text: str) -> int:
     return _non_negative(int)(text)
 
 
-def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+def add_runtime_flags(parser: argparse.ArgumentParser, threads_help: Optional[str] = None) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--gpu", type=int, default=None, help="GPU index used by --device auto/cuda (the original's flag)")
     g.add_argument("--renderer", default="auto", choices=["auto", "builtin", "pytorch3d"],
                    help="rasterizer: pytorch3d when it imports, else the built-in one (default: auto)")
-    if not any(a.dest == "threads" for a in parser._actions):
-        g.add_argument("--threads", type=positive_int, default=None,
-                       help="CPU threads (default: adaptive: every core that other programs leave free, "
-                            "re-checked while fitting)")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help=threads_help or "CPU threads (default: adaptive: every core that other programs leave free, "
+                                        "re-checked while fitting)")
     g.add_argument("--quiet", action="store_true", help="no progress messages or bars, warnings and errors only")
     g.add_argument("--verbose", action="store_true", help="debug logging (and the traceback of an internal error)")
 
@@ -203,6 +205,8 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]]
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return main(args)
+    except SystemExit as e:  # argparse: --help (0) or its one-line error (2), already printed
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -223,3 +227,6 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]]
         print(f"error: internal error: {type(e).__name__}: {text[0] if text else ''} "
               f"(run with --verbose for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
+    finally:
+        from . import threads
+        threads.uninstall()  # a governor installed by main ends with it (callers in this process)

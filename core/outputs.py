@@ -19,15 +19,23 @@ from .image_io import write_image
 
 
 def check_writable_folder(folder: str, what: str = "output folder") -> str:
-    """Create ``folder`` if needed and prove it writable (a probe file is created and
-    removed), before any long work; a UserError naming ``what`` otherwise. Returns the
-    absolute path."""
+    """Prove, before any long work, that ``folder`` can be created (if missing) and
+    written: a probe file is created and removed in it, or in its nearest existing parent
+    when it does not exist yet (nothing is left behind, the folder is not created). A
+    UserError naming ``what`` otherwise. Returns the absolute path."""
     path = os.path.abspath(folder)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{what} '{folder}' exists and is not a folder")
+    probe_in = path
+    while not os.path.exists(probe_in):
+        parent = os.path.dirname(probe_in)
+        if parent == probe_in:
+            break
+        probe_in = parent
+    if not os.path.isdir(probe_in):
+        raise UserError(f"{what} '{folder}' is not writable: '{probe_in}' is not a folder")
     try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=probe_in)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
