@@ -13,7 +13,9 @@ medians over repeats; ratio > 1 means the default is better):
 * single photo: fit wall seconds, landmark NME and photometric loss on real photos;
 * synthetic ground truth: pose, vertex and landmark errors of fits to renders of known
   coefficients;
-* video: steady-state fps and per-frame NME on a real clip, 1 and 2 workers.
+* video: steady-state fps and per-frame NME on a real clip, 1 and 2 workers;
+* busy CPU: photo fits, the photo command and video frame fits on an idle machine and with
+  one core kept busy by another program, fixed threads vs the adaptive count.
 
 Prints the markdown table and writes ``bench/results/latest.json`` and ``latest.md``.
 The machine is often shared: compare the ratios, which are measured in the same run with
@@ -41,7 +43,8 @@ from bench.common import Report, Row  # noqa: E402
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("renderer", "photo", "synthetic", "video")
+SECTIONS = ("renderer", "photo", "synthetic", "video", "load")
+SAMPLE_CLIP = os.path.join(REPO, "data", "clip.mp4")
 BFM_VERTICES = 35709
 # --quick fits the synthetic cases on a 10k-vertex version of the same synthetic face (the
 # same smooth random bases, sampled more coarsely): the BFM-sized one costs ~4x more per
@@ -77,7 +80,8 @@ class Plan:
     workers: Tuple[int, ...] = (1, 2)
     tar_size: int = 256
     seed: int = 0
-    threads: Optional[int] = None  # torch CPU threads (None: torch's choice); also each video worker's
+    threads: Optional[int] = None  # torch CPU threads (None: adaptive, core.threads); also each video worker's
+    load_rounds: int = 3            # busy-CPU rows: rounds of the four conditions
 
 
 def shipped_photos() -> List[str]:
@@ -118,7 +122,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         video=video, video_start=args.video_start, video_frames=pick(args.video_frames, 12, 48),
         video_width=args.video_width, nframes_shape=pick(args.nframes_shape, 2, 8),
         clip_overlap=pick(args.clip_overlap, 2, None), workers=tuple(args.workers), seed=args.seed,
-        threads=args.threads)
+        threads=args.threads, load_rounds=pick(args.load_rounds, 2, 3))
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -217,7 +221,7 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
                                     f"original schedule {plan.original_repeats} repeat(s); both schedules always run "
                                     "on the same inputs. Run without --quick for the full set.")
 
-    needs_real = {"photo", "video"} & set(plan.sections)
+    needs_real = {"photo", "video", "load"} & set(plan.sections)
     detector = None
     if needs_real:
         from core.detect import make_detector
@@ -263,7 +267,17 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
         report.details["synthetic"] = details
         return rows
 
+    def load_section():
+        from bench.rows_load import load_rows
+        photos = [p for p in plan.photos if os.path.dirname(os.path.abspath(p)) == os.path.join(REPO, "data")]
+        rows, details = load_rows(real_model, photos or plan.photos[:2], detector, presets["default"], device,
+                                  plan.load_rounds, clip=SAMPLE_CLIP if os.path.isfile(SAMPLE_CLIP) else None,
+                                  renderer=renderer, tar_size=plan.tar_size)
+        report.details["load"] = details
+        return rows
+
     sections = {"renderer": ("renderer", renderer_section), "photo": ("single photo", photo_section),
+                "load": ("busy CPU", load_section),
                 "synthetic": ("synthetic ground truth", synthetic_section),
                 "video": ("video", lambda: video_section(plan, real_model, presets, device, detector, renderer,
                                                          report))}
@@ -365,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--clip_overlap", type=int, default=None,
                    help="warm-up frames of later clips (default: the pipeline's; --quick 2)")
     v.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
+    b = p.add_argument_group("busy CPU rows")
+    b.add_argument("--load_rounds", type=int, default=None,
+                   help="rounds of (idle, busy) x (fixed, adaptive threads) (default 3; --quick 2)")
     return p
 
 
@@ -378,8 +395,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         device = resolve_device(args.device)
         plan = make_plan(args)
-        if plan.threads:
-            torch.set_num_threads(plan.threads)
+        from core import threads
+        threads.install(plan.threads)  # as the scripts do: --threads N, else adaptive
         presets = {"original": get_preset("original"), "default": get_preset("default")}
         report = run_bench(plan, device, presets, renderer=args.renderer, lm_detector=args.lm_detector,
                            model_path=args.model_path, shared=args.shared)
