@@ -69,6 +69,7 @@ from .model import FaceModel
 from .session import Session
 from .metrics import landmark_nme
 from .outputs import check_writable_folder
+from . import threads as thread_control
 from .tracking import SOURCE_NONE, FaceTracker
 from .video_io import VideoReader, VideoWriter
 
@@ -629,7 +630,6 @@ def fit_clip(job: ClipJob, progress: Optional[Callable[[int], None]] = None) -> 
     cores when ``job.adaptive_threads`` and a :mod:`core.threads` governor is installed
     (the scripts and the workers install one), else exactly that many; restored afterwards.
     """
-    from . import threads as thread_control
 
     before = torch.get_num_threads()
     governor = thread_control.current() if job.adaptive_threads else None
@@ -763,7 +763,6 @@ def _worker_entry(job: ClipJob, messages, parent_pid: Optional[int] = None) -> N
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
-    from . import threads as thread_control
     thread_control.install(None if job.adaptive_threads else job.threads, max_threads=job.threads)
     try:
         fit_clip(job, progress=lambda n: messages.put(("progress", job.worker, n)))
@@ -972,8 +971,9 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     else:
         if reused:
             log.info("fitting: reusing %d of %d finished clips from %s", reused, len(clips), cache_dir)
-        log.info("fitting %d frames in %d clip(s) on %s (%d thread(s) each)", todo, len(jobs),
-                 ", ".join(sorted(set(j.device for j in jobs))), threads)
+        log.info("fitting %d frames in %d clip(s) on %s (%s%d thread(s) each)", todo, len(jobs),
+                 ", ".join(sorted(set(j.device for j in jobs))), "adaptive, at most " if options.threads is None else "",
+                 threads)
         n_cpu = sum(j.device == "cpu" for j in jobs)
         warning = cpu_oversubscription(n_cpu, cores, threads) if n_cpu > 1 else None
         if warning:
@@ -1071,6 +1071,7 @@ def _render_video(session: Session, video_path: str, track: LandmarkTrack, boxes
     per_frame: Dict[int, float] = {}
 
     def flush():
+        thread_control.tick()
         todo = [i for i, _ in pending if merged["fitted"][i]]
         composed = {}
         if todo:

@@ -225,3 +225,55 @@ def test_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path, synth_
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert err[0].startswith("error: cannot write") and "grace_hopper_mesh.obj" in err[0] and "too large" in err[0]
     assert os.listdir(out) == []
+
+
+def test_a_decompression_bomb_in_a_folder_skips_only_itself(tmp_path, synth_model):
+    """A 50000x50000 PNG among good photos: exit 1, one stderr line naming it, the good
+    photo written."""
+    import shutil
+
+    from tests.test_image_io import _png_of_zeros
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(_png_of_zeros(50000, 50000, rows_per_chunk=2000))
+    shutil.copy(REPO / "data" / "grace_hopper.jpg", folder / "grace_hopper.jpg")
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "fit_single_img.py", "--img_path", str(folder), "--res_folder", str(out),
+                           "--model_path", synth_model, *FAST], cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr
+    assert "bomb.png" in err[0] and "megapixel limit" in err[0]
+    assert sorted(os.listdir(out)) == sorted(f"grace_hopper_{s}" for s in ("coeffs.npy", "mesh.obj", "composed_img.jpg",
+                                                                         "info.json"))
+
+
+def test_a_batch_says_its_time_once_and_the_info_has_both(tmp_path, synth_model):
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "fit_single_img.py", "--img_path", "data/grace_hopper.jpg",
+                           "data/astronaut.jpg", "--res_folder", str(out), "--model_path", synth_model,
+                           "--lm_detector", "dlib", "--first_nrf_iters", "5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    timed = [l for l in proc.stdout.splitlines() if " s" in l and "fitted" in l]
+    assert len(timed) == 1 and timed[0].startswith("fitted 2 photos together in "), proc.stdout
+    for name in ("grace_hopper", "astronaut"):
+        t = json.load(open(out / f"{name}_info.json"))
+        assert t["batch_size"] == 2
+        assert t["timings_s_fit_batch"] == pytest.approx(2 * t["timings_s_fit_per_photo"], abs=2e-4)
+
+
+def test_help_names_both_coefficient_files(capsys):
+    with pytest.raises(SystemExit):
+        fit_single_img.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "_coeffs.npy" in text and "_coeffs.npz" in text and "--threads" in text
+
+
+def test_readme_example_files_exist():
+    """Every data/ file the README's commands name is in the repository."""
+    import re
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"data/[\w.-]+\.(?:jpg|png|mp4)", readme))
+    assert {"data/astronaut.jpg", "data/clip.mp4"} <= named
+    assert [p for p in sorted(named) if not (REPO / p).is_file()] == []
