@@ -143,18 +143,25 @@ def synthetic_model(vertices: int):
 
 def photo_model(model_path: Optional[str], shared: str, fallback_vertices: int = BFM_VERTICES):
     """The model for the real-image rows: --model_path (a converted BFM09 file), else the
-    Surrey Face Model from <shared>/sfm in the BFM09 layout, else the synthetic model."""
+    Surrey Face Model (<shared>/sfm when there, else the copy bundled in BFM/sfm, the same
+    files) in the BFM09 layout, else the synthetic model (eos-py missing)."""
+    from core.errors import UserError
     from core.model_io import load_bfm09, model_from_arrays
+    from core.resources import BUNDLED_SFM
     if model_path:
         m = load_bfm09(model_path)
         return m, f"BFM09 from {model_path} ({m.num_vertices} vertices)"
     sfm = os.path.join(shared, "sfm")
-    if os.path.isdir(sfm):
+    if not os.path.isdir(sfm):
+        sfm = BUNDLED_SFM
+    try:
         from core.sfm import sfm_to_bfm09_arrays
         m = model_from_arrays(sfm_to_bfm09_arrays(sfm), name="sfm", label=sfm)
         return m, f"Surrey Face Model in the BFM09 layout ({os.path.relpath(sfm, REPO)}, {m.num_vertices} vertices)"
+    except UserError as e:
+        log.warning("Surrey Face Model unusable (%s); using the synthetic model", e)
     m, desc = synthetic_model(fallback_vertices)
-    return m, desc + " (no BFM09 file, no ../shared/sfm)"
+    return m, desc + " (no BFM09 file, the Surrey Face Model unusable)"
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -240,3 +240,17 @@ def test_a_failing_section_becomes_a_row_not_a_crash(tmp_path):
     (row,) = report.rows
     assert row.section == "single photo" and row.missing.startswith("failed: ")
     assert "failed" in report.markdown()
+
+
+def test_busy_cpu_rows_rotate_conditions_and_divide_by_the_adaptive_idle():
+    from bench.rows_load import conditions, rows_of
+
+    c = conditions(4)
+    assert len(c) == 16 and all(c.count(k) == 4 for k in set(c))
+    assert [c[4 * r] for r in range(4)] == [(False, "fixed"), (False, "adaptive"), (True, "fixed"), (True, "adaptive")]
+    rows = rows_of({(False, "fixed"): [1.0, 1.2, 1.1], (False, "adaptive"): [1.0, 1.1, 1.05],
+                    (True, "fixed"): [4.0, 3.0, 5.0], (True, "adaptive"): [1.2, 1.3, 1.4]}, "photo fit", "s", "n")
+    assert [r.metric for r in rows] == ["photo fit, idle (s)", "photo fit, one core busy (s)",
+                                        "photo fit, busy / adaptive idle (x)"]
+    assert (rows[0].original, rows[0].default) == (1.1, 1.05)
+    assert rows[2].original == pytest.approx(4.0 / 1.05) and rows[2].default == pytest.approx(1.3 / 1.05)
