@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 
 from core import convert_bfm09
+from core.atomic import ignore_file_size_signal
 from core.errors import UserError
 
 
@@ -58,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Past a file size limit (ulimit -f) the kernel sends SIGXFSZ, which kills the process
-    # without a word; ignored, the write fails with EFBIG and becomes a one-line error.
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    ignore_file_size_signal()  # ulimit -f: an EFBIG write error (one line), not a silent kill
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     core_log = logging.getLogger("core")

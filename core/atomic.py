@@ -7,8 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from typing import Callable, Iterator
+
+
+def ignore_file_size_signal() -> None:
+    """Make a file-size limit (``ulimit -f``) an OSError (EFBIG) at the write instead of a
+    silent kill by SIGXFSZ, so it can become a one-line error. CPython already ignores the
+    signal at start-up; embedded interpreters may not. A no-op where the signal does not
+    exist, or outside the main thread (where handlers cannot be set)."""
+    sig = getattr(signal, "SIGXFSZ", None)
+    if sig is None or signal.getsignal(sig) == signal.SIG_IGN:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

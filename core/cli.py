@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import signal
 import sys
 from typing import Callable, Optional, Sequence
 
+from .atomic import ignore_file_size_signal
 from .config import FitConfig, PRESETS, get_preset
 from .errors import UserError
 
@@ -201,8 +201,7 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]]
     traceback only with ``--verbose``). A file-size limit (SIGXFSZ) becomes an OSError
     instead of killing the process."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    ignore_file_size_signal()
     try:
         return main(args)
     except SystemExit as e:  # argparse: --help (0) or its one-line error (2), already printed

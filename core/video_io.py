@@ -32,6 +32,7 @@ from typing import Deque, Iterator, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from .atomic import ignore_file_size_signal
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ class VideoWriter:
         self._finished = False  # the pipe is closed (finish() ran or the encoder stopped)
         self._ok = False  # finish() succeeded: the temporary file is complete
         self._closed = False  # committed or aborted
-        _ignore_sigxfsz()
+        ignore_file_size_signal()
         folder = os.path.dirname(os.path.abspath(self.path))
         try:
             fd, self.tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp.mp4",
@@ -304,7 +305,7 @@ class VideoWriter:
     def _ffmpeg_message(self) -> str:
         """ffmpeg's last meaningful line (its log prefix removed), or ''."""
         for line in reversed(self._stderr_tail):
-            text = re.sub(r"^(\[[^\]]*\]\s*)+", "", line).strip()
+            text = _without_ffmpeg_prefix(line)
             if text and not re.match(r"(Last message repeated|Conversion failed|Exiting normally)", text):
                 return text
         return ""
@@ -429,7 +430,7 @@ def check_video_file(path: str, expected_frames: int) -> Optional[str]:
         return f"it could not be checked ({e})"
     lines = [ln.strip() for ln in res.stderr.splitlines() if ln.strip()]
     if res.returncode != 0 or lines:
-        detail = re.sub(r"^(\[[^\]]*\]\s*)+", "", lines[-1]) if lines else f"ffmpeg status {res.returncode}"
+        detail = _without_ffmpeg_prefix(lines[-1]) if lines else f"ffmpeg status {res.returncode}"
         return f"it cannot be read back: {detail}"
     counts = re.findall(r"^frame=\s*(\d+)", res.stdout, flags=re.M)
     packets = int(counts[-1]) if counts else 0
@@ -447,11 +448,6 @@ def check_video_file(path: str, expected_frames: int) -> Optional[str]:
     return None
 
 
-def _ignore_sigxfsz() -> None:
-    """Make a file-size limit an OSError (EFBIG) in this process instead of a kill by
-    SIGXFSZ (CPython already ignores it at start-up; embedded interpreters may not)."""
-    sig = getattr(signal, "SIGXFSZ", None)
-    if sig is None or signal.getsignal(sig) == signal.SIG_IGN:
-        return
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(sig, signal.SIG_IGN)
+def _without_ffmpeg_prefix(line: str) -> str:
+    """An ffmpeg log line without its ``[component @ 0x...]`` prefixes."""
+    return re.sub(r"^(\[[^\]]*\]\s*)+", "", line).strip()
