@@ -494,8 +494,8 @@ def _job(track, clip, tmp_path, worker=0, start=0, stop=6, video=None) -> V.Clip
                      partial_path=str(tmp_path / f"clip{worker}.partial.npz"), key="k", checkpoint_s=0.0)
 
 
-def test_interrupted_landmark_pass_resumes_exactly(clip, track, tmp_path):
-    from core.detect import DlibDetector
+def _interrupted_tracker(detector, at_call: int):
+    """A FaceTracker that raises KeyboardInterrupt on its ``at_call``-th update (1-based)."""
     from core.tracking import FaceTracker
 
     class Interrupted(FaceTracker):
@@ -503,13 +503,20 @@ def test_interrupted_landmark_pass_resumes_exactly(clip, track, tmp_path):
 
         def update(self, image):
             Interrupted.calls += 1
-            if Interrupted.calls == 10:
+            if Interrupted.calls == at_call:
                 raise KeyboardInterrupt
             return super().update(image)
 
+    return Interrupted(detector)
+
+
+def test_interrupted_landmark_pass_resumes_exactly(clip, track, tmp_path):
+    from core.detect import DlibDetector
+
     det = DlibDetector()
     with pytest.raises(KeyboardInterrupt):
-        V.landmark_pass(clip, det, str(tmp_path), progress=False, checkpoint_s=0.0, tracker=Interrupted(det))
+        V.landmark_pass(clip, det, str(tmp_path), progress=False, checkpoint_s=0.0,
+                        tracker=_interrupted_tracker(det, 10))
     assert (tmp_path / "landmarks.partial.npz").exists() and not (tmp_path / "landmarks.npz").exists()
     assert np.load(tmp_path / "landmarks.partial.npz")["source"].shape == (9,)
     resumed = V.landmark_pass(clip, det, str(tmp_path), progress=False)
@@ -526,21 +533,11 @@ def test_interrupted_frame_range_pass_resumes_exactly(clip, track, tmp_path):
     detection after the blank frames in the whole pass too, finds the same landmarks; an
     interruption resumes exactly; the range has its own cache file."""
     from core.detect import DlibDetector
-    from core.tracking import FaceTracker
-
-    class Interrupted(FaceTracker):
-        calls = 0
-
-        def update(self, image):
-            Interrupted.calls += 1
-            if Interrupted.calls == 4:
-                raise KeyboardInterrupt
-            return super().update(image)
 
     det = DlibDetector()
     with pytest.raises(KeyboardInterrupt):
-        V.landmark_pass(clip, det, str(tmp_path), progress=False, checkpoint_s=0.0, tracker=Interrupted(det),
-                        frame_range=(5, 12))
+        V.landmark_pass(clip, det, str(tmp_path), progress=False, checkpoint_s=0.0,
+                        tracker=_interrupted_tracker(det, 4), frame_range=(5, 12))
     assert np.load(tmp_path / "landmarks_5_12.partial.npz")["source"].shape == (3,)
     got = V.landmark_pass(clip, det, str(tmp_path), progress=False, frame_range=(5, 12))
     assert (got.start, got.stop, got.reused) == (5, 12, False)
