@@ -4,7 +4,7 @@
                                  [--download] [--from_front_mat PATH] [--quiet]
 
 See BFM/README.md for where the input files come from. The work is done by
-core/convert_bfm09.py.
+core/models/convert_bfm09.py.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import argparse
 import logging
 import sys
 
-from core import convert_bfm09
-from core.atomic import ignore_file_size_signal
+from core.models import convert_bfm09
+from core.io.atomic import ignore_file_size_signal
 from core.errors import UserError
 
 

@@ -48,10 +48,10 @@ def main(argv: Sequence[str]) -> int:
     cli.setup_logging(args)
     cli.setup_threads(args)
     from core.errors import UserError
-    from core.detect import make_detector
-    from core.outputs import check_writable_folder
-    from core.photo import expand_inputs, run_photos
-    from core.session import Session, load_model
+    from core.landmarks.detect import make_detector
+    from core.io.outputs import check_writable_folder
+    from core.pipelines.photo import expand_inputs, run_photos
+    from core.pipelines.session import Session, load_model
 
     face_index = args.face_index if args.face_index == "largest" else _int(args.face_index, "--face_index")
     paths = expand_inputs(args.img_path)

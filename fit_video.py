@@ -62,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def video_options(args: argparse.Namespace):
-    """The :class:`core.video.VideoOptions` of parsed flags (UserError for a bad
+    """The :class:`core.pipelines.video.VideoOptions` of parsed flags (UserError for a bad
     --frame_range)."""
-    from core.video import VideoOptions, parse_frame_range
+    from core.pipelines.video import VideoOptions, parse_frame_range
 
     frame_range = parse_frame_range(args.frame_range) if args.frame_range is not None else None
     return VideoOptions(nframes_shape=args.nframes_shape, nworkers=args.nworkers, ngpus=args.ngpus,
@@ -77,11 +77,11 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args)
     cli.setup_threads(args)
-    from core.detect import make_detector
-    from core.outputs import check_writable_folder
-    from core.session import Session, load_model
-    from core.video import check_frame_range, run_video
-    from core.video_io import VideoReader
+    from core.landmarks.detect import make_detector
+    from core.io.outputs import check_writable_folder
+    from core.pipelines.session import Session, load_model
+    from core.pipelines.video import check_frame_range, run_video
+    from core.io.video import VideoReader
 
     check_writable_folder(args.res_folder, "--res_folder")
     if args.cache_folder:

@@ -221,14 +221,14 @@ def warm_up_config(cfg):
 # --- landmark error -------------------------------------------------------------------------
 
 def nme_interocular(predicted: np.ndarray, detected: np.ndarray) -> float:
-    """Landmark NME as ``core.photo`` writes it into ``<name>_info.json``
-    (:func:`core.metrics.landmark_nme`): the mean distance over the chin point (8) and the
+    """Landmark NME as ``core.pipelines.photo`` writes it into ``<name>_info.json``
+    (:func:`core.landmarks.metrics.landmark_nme`): the mean distance over the chin point (8) and the
     inner points 17-67, divided by the distance between the eye centres (mean of 36-41 and
     of 42-47) of the detected landmarks. The photo and the video rows both use it.
 
     predicted, detected: (68, 2) points in the same pixel frame.
     """
-    from core.metrics import landmark_nme
+    from core.landmarks.metrics import landmark_nme
 
     p = np.asarray(predicted, dtype=np.float64)
     q = np.asarray(detected, dtype=np.float64)

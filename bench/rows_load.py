@@ -6,13 +6,13 @@ The busy program is ``python -c "while True: pass"`` (one core, like ``yes > /de
 Conditions alternate round by round (idle fixed, idle adaptive, busy fixed, busy adaptive,
 the order rotating), so all four see the same machine; values are medians over rounds.
 
-* photo: the fitting work of one photo (``core.photo.fit_photos``, batch 1, default
+* photo: the fitting work of one photo (``core.pipelines.photo.fit_photos``, batch 1, default
   preset), the shipped photos in turn; the adaptive governor is installed 0.6 s before the
   fit, as the scripts install it at start-up (imports, model and detector loading come
   before the first fit);
 * photo command: ``fit_single_img.py`` on one shipped photo, the whole command a user waits
   for (``--threads <cores>`` for the fixed column);
-* video frames: seconds per frame of the per-frame fitting stage of ``core.video.run_video``
+* video frames: seconds per frame of the per-frame fitting stage of ``core.pipelines.video.run_video``
   (one worker, in this process) on the shipped sample clip; landmarks and identity/albedo
   come from its cache, so each measured run repeats only the per-frame fits.
 
@@ -105,8 +105,8 @@ def rows_of(times: Dict[Tuple[bool, str], List[float]], what: str, unit: str, no
 
 def photo_fit_rows(model, photos: Sequence[str], detector, cfg, device, rounds: int, renderer: str = "auto",
                    tar_size: int = 256) -> Tuple[List[Row], dict]:
-    from core.photo import fit_photos, prepare_photo
-    from core.session import Session
+    from core.pipelines.photo import fit_photos, prepare_photo
+    from core.pipelines.session import Session
 
     prepared = [prepare_photo(p, detector, tar_size, 0.3) for p in photos]
     session = Session.create(model, cfg, tar_size=tar_size, device=str(device), renderer=renderer, progress=False)
@@ -151,8 +151,8 @@ def photo_command_rows(photo: str, rounds: int, extra: Sequence[str] = ()) -> Tu
 
 def video_frame_rows(model, detector, cfg, device, clip: str, rounds: int, renderer: str = "auto",
                      tar_size: int = 256) -> Tuple[List[Row], dict]:
-    from core.session import Session
-    from core.video import VideoOptions, run_video
+    from core.pipelines.session import Session
+    from core.pipelines.video import VideoOptions, run_video
 
     cores = threads.cpu_cores()
     session = Session.create(model, cfg, tar_size=tar_size, device=str(device), renderer=renderer, progress=False)

@@ -1,8 +1,8 @@
 """Single-photo rows: fit wall time, landmark NME and photometric loss on real photos.
 
-Each photo is read, its face detected and cropped once (``core.photo.prepare_photo``);
+Each photo is read, its face detected and cropped once (``core.pipelines.photo.prepare_photo``);
 then, for every repeat, each schedule fits it alone (batch 1, as ``fit_single_img.py``
-does with one photo) and ``core.photo.photo_outputs`` computes what the tool writes.
+does with one photo) and ``core.pipelines.photo.photo_outputs`` computes what the tool writes.
 The wall time covers the fit only (rigid, landmark init, photometric stages): reading,
 detection and writing are the same for both schedules and are reported apart. The
 landmark NME compares the model's landmarks with the detector's, both in photo pixels
@@ -18,10 +18,10 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from core.config import FitConfig
+from core.fit.config import FitConfig
 from core.errors import UserError
-from core.photo import fit_photos, photo_outputs, prepare_photo
-from core.session import Session
+from core.pipelines.photo import fit_photos, photo_outputs, prepare_photo
+from core.pipelines.session import Session
 
 from .common import Row, median, nme_interocular, timed, warm_up_config
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from core.camera import Camera
+from core.render.camera import Camera
 from core.render import MeshRenderer
 
 from .common import Row, median, timed

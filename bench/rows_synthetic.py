@@ -23,8 +23,8 @@ from typing import Dict, List, Mapping, Tuple
 import numpy as np
 import torch
 
-from core.config import FitConfig
-from core.session import Session
+from core.fit.config import FitConfig
+from core.pipelines.session import Session
 
 from .common import Row, median, timed, warm_up_config
 

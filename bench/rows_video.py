@@ -1,5 +1,5 @@
 """Video rows: steady-state frames per second and per-frame landmark NME on a real clip,
-with 1 and 2 worker processes, through the video pipeline (``core.video.run_video``, what
+with 1 and 2 worker processes, through the video pipeline (``core.pipelines.video.run_video``, what
 ``fit_video.py`` runs).
 
 The clip is cut from a real video (``../shared/data/sample_video.mp4``) and downscaled
@@ -12,7 +12,7 @@ rate is (its frames after its first kept frame) / (the time they took), and the 
 the sum over the workers. So the rate excludes process start-up, each clip's first frame
 (fitted with the ``first_*`` iterations) and the ``clip_overlap`` warm-up frames; the
 "fitting stage" row includes them (kept frames / wall time of the whole stage).
-The timestamps come from wrapping ``core.video.fit_clip`` (in this process and, through
+The timestamps come from wrapping ``core.pipelines.video.fit_clip`` (in this process and, through
 ``_clocked_worker_entry``, in each spawned worker); if the pipeline's internals change so
 that this is impossible, only the fitting-stage rate is reported, and the note says so.
 
@@ -35,9 +35,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from core.config import FitConfig
-from core.crop import crop_to_photo, photo_to_crop
-from core.session import Session
+from core.fit.config import FitConfig
+from core.landmarks.crop import crop_to_photo, photo_to_crop
+from core.pipelines.session import Session
 
 from .common import Row, median, nme_interocular
 from .rows_synthetic import model_landmarks
@@ -49,14 +49,14 @@ TICKS_ENV = "BENCH_VIDEO_TICKS_DIR"
 
 
 def video_pipeline():
-    """The ``core.video`` module, or None when the video pipeline is not available."""
+    """The ``core.pipelines.video`` module, or None when the video pipeline is not available."""
     try:
-        import core.video as video
+        import core.pipelines.video as video
     except ImportError as e:
         log.warning("video pipeline not available: %s", e)
         return None
     if not hasattr(video, "run_video"):
-        log.warning("video pipeline not available: core.video has no run_video")
+        log.warning("video pipeline not available: core.pipelines.video has no run_video")
         return None
     return video
 
@@ -121,8 +121,8 @@ def _file_sink(folder: str) -> Callable[[int, float], None]:
 
 
 def _clocked_worker_entry(job, messages, *args) -> None:
-    """Spawned-worker target: core.video's own entry, with its fit_clip clocked."""
-    import core.video as video
+    """Spawned-worker target: core.pipelines.video's own entry, with its fit_clip clocked."""
+    import core.pipelines.video as video
 
     folder = os.environ.get(TICKS_ENV)
     if folder:
@@ -133,7 +133,7 @@ def _clocked_worker_entry(job, messages, *args) -> None:
 @contextlib.contextmanager
 def worker_clock(video, folder: str):
     """While active, every kept frame of every worker is timestamped into ``folder``
-    (one file per worker). Yields False (and changes nothing) when core.video lacks the
+    (one file per worker). Yields False (and changes nothing) when core.pipelines.video lacks the
     hooks this needs."""
     if not (hasattr(video, "fit_clip") and hasattr(video, "_worker_entry") and hasattr(video, "run_workers")):
         yield False
@@ -298,7 +298,7 @@ def _video_rows(video, model, presets, device, detector, clip, clip_desc, worker
                         val("original", w, "stage_fps"), val("default", w, "stage_fps"), "higher",
                         note=("kept frames / wall time of the whole per-frame stage (worker start-up, first frames "
                               "and clip_overlap included)"
-                              + ("" if clocked_all else "; steady-state clock unavailable (core.video changed)"))))
+                              + ("" if clocked_all else "; steady-state clock unavailable (core.pipelines.video changed)"))))
     for w in workers:
         rows.append(Row(SECTION, f"per-frame landmark NME (%), {w} worker{'s' if w > 1 else ''}",
                         nme("original", w), nme("default", w), "lower",

@@ -133,8 +133,8 @@ _SYNTHETIC: Dict[int, object] = {}
 def synthetic_model(vertices: int):
     """The synthetic face model of about ``vertices`` vertices (built once per size)."""
     if vertices not in _SYNTHETIC:
-        from core.model_io import model_from_arrays
-        from core.synthetic import make_face_model_arrays
+        from core.models.bfm09 import model_from_arrays
+        from core.models.synthetic import make_face_model_arrays
         log.info("building the synthetic face model (%d vertices)", vertices)
         _SYNTHETIC[vertices] = model_from_arrays(make_face_model_arrays(vertices), name="synthetic", label="synthetic")
     m = _SYNTHETIC[vertices]
@@ -146,7 +146,7 @@ def photo_model(model_path: Optional[str], shared: str, fallback_vertices: int =
     Surrey Face Model (<shared>/sfm when there, else the copy bundled in BFM/sfm, the same
     files) in the BFM09 layout, else the synthetic model (eos-py missing)."""
     from core.errors import UserError
-    from core.model_io import load_bfm09, model_from_arrays
+    from core.models.bfm09 import load_bfm09, model_from_arrays
     from core.resources import BUNDLED_SFM
     if model_path:
         m = load_bfm09(model_path)
@@ -155,7 +155,7 @@ def photo_model(model_path: Optional[str], shared: str, fallback_vertices: int =
     if not os.path.isdir(sfm):
         sfm = BUNDLED_SFM
     try:
-        from core.sfm import sfm_to_bfm09_arrays
+        from core.models.sfm import sfm_to_bfm09_arrays
         m = model_from_arrays(sfm_to_bfm09_arrays(sfm), name="sfm", label=sfm)
         return m, f"Surrey Face Model in the BFM09 layout ({os.path.relpath(sfm, REPO)}, {m.num_vertices} vertices)"
     except UserError as e:
@@ -197,8 +197,8 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
     machine = common.machine_info(device)
     # Import every pipeline module now, so the whole run uses one snapshot of the code even
     # when the checkout changes while it runs (spawned video workers import their own).
-    import core.detect  # noqa: F401
-    import core.photo  # noqa: F401
+    import core.landmarks.detect  # noqa: F401
+    import core.pipelines.photo  # noqa: F401
     from bench.rows_video import video_pipeline
     video_pipeline()
     settings: Dict[str, object] = {"plan": asdict(plan), "presets": {k: v.as_dict() for k, v in presets.items()},
@@ -210,7 +210,7 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
     settings["a_command_desc"] = f"Command: `{settings['command']}`"
     settings["b_presets_desc"] = ("Columns: original = `--preset original` (" + describe_preset(presets["original"])
                                   + "); default = `--preset default` (" + describe_preset(presets["default"])
-                                  + "), both read from core.config at run time. Renderer rows: original = "
+                                  + "), both read from core.fit.config at run time. Renderer rows: original = "
                                     "pytorch3d's rasterizer, default = the built-in one.")
     settings["c_ratio_desc"] = ("ratio > 1 means the default is better: original / default for times, errors and "
                                 "losses, default / original for fps.")
@@ -231,7 +231,7 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
     needs_real = {"photo", "video", "load"} & set(plan.sections)
     detector = None
     if needs_real:
-        from core.detect import make_detector
+        from core.landmarks.detect import make_detector
         if real_model is None:
             real_model, real_desc = photo_model(model_path, shared)
         else:
@@ -318,7 +318,7 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
 def video_section(plan: Plan, model, presets, device, detector, renderer, report: Report) -> List[Row]:
     from bench.rows_video import make_clip, unavailable_rows, video_pipeline, video_rows
     if video_pipeline() is None:
-        report.notes.append("Video rows: video pipeline not available (core.video does not import); "
+        report.notes.append("Video rows: video pipeline not available (core.pipelines.video does not import); "
                             "rerun when it exists.")
         return unavailable_rows("video pipeline not available")
     if not plan.video or not os.path.isfile(plan.video):
@@ -396,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
-    from core.config import get_preset
+    from core.fit.config import get_preset
     from core.device import resolve_device
     from core.errors import UserError
     try:

@@ -1,15 +1,19 @@
 """core: a differentiable 3D Morphable Face Model fitting library in PyTorch.
 
-Modules (one job each):
-    errors      UserError: the one-line errors the scripts print
-    atomic      write files under a temporary name, then rename
-    coeffs      the coefficient layout (id | exp | tex | angles | gamma | trans)
-    camera      the pinhole camera of SPEC §3 and the pixel convention
-    geometry    rotations, normals, spherical-harmonics lighting
-    model       the face model (nn.Module with buffers)
-    render      differentiable rasterizer (builtin, pure PyTorch) and pytorch3d backend
-    losses      landmark, photometric, reflectance and regularisation losses
-    detect      face and 68-landmark detection (face-alignment FAN, dlib)
-    crop        square face box, crop/resize and paste back
-    fitting     the rigid and non-rigid fitting stages
+Wings (sub-packages, each with one kind of job; docs/architecture.md has the map):
+    models      the face model (nn.Module with buffers), its coefficient layout and geometry,
+                the loaders and their registry (BFM09, Surrey, BFM 2017, synthetic), landmark
+                maps, and the one-off BFM09 conversion
+    render      the camera of SPEC §3 and the differentiable rasterizer (pure PyTorch, or
+                pytorch3d where it imports)
+    fit         the objective of SPEC §4 (loss terms and their weighted total, defined once),
+                the solvers (Adam, Levenberg-Marquardt, Gauss-Newton) and the Fitter
+    landmarks   where the face is: 68-point detectors, tracking through a video, the square
+                face crop, landmark error measures
+    io          images, videos, result files, atomic writes
+    pipelines   what the scripts run: the session (model + camera + renderer + fitter from
+                flags), the photo pipeline and the video pipeline
+
+Ground floor (flat, used by every wing): errors (UserError), resources (the shipped files),
+device, threads (the adaptive CPU thread count), cli (the scripts' flags and exit codes).
 """

@@ -15,8 +15,8 @@ import math
 import sys
 from typing import Callable, Optional, Sequence
 
-from .atomic import ignore_file_size_signal
-from .config import FitConfig, PRESETS, get_preset
+from core.io.atomic import ignore_file_size_signal
+from core.fit.config import FitConfig, PRESETS, get_preset
 from .errors import UserError
 
 EXIT_USER_ERROR = 2

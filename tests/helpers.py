@@ -20,5 +20,5 @@ def shared_path(*parts: str) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def synthetic_arrays(target_vertices: int = 1500, seed: int = 0):
-    from core.synthetic import make_face_model_arrays
+    from core.models.synthetic import make_face_model_arrays
     return make_face_model_arrays(target_vertices, seed=seed)

@@ -1,10 +1,10 @@
-"""core.atomic.atomic_path leaves no temporary file behind, whatever fails."""
+"""core.io.atomic.atomic_path leaves no temporary file behind, whatever fails."""
 import os
 
 import pytest
 
-from core import atomic
-from core.atomic import atomic_path, write_text_atomic
+from core.io import atomic
+from core.io.atomic import atomic_path, write_text_atomic
 
 
 def test_success_renames_and_keeps_usual_permissions(tmp_path):

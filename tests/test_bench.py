@@ -148,7 +148,7 @@ def test_plan_quick_and_full_defaults():
 # --- a tiny end-to-end run ---------------------------------------------------------------------
 
 def _tiny_presets():
-    from core.config import get_preset
+    from core.fit.config import get_preset
     return {"original": get_preset("original").with_overrides(first_rf_iters=4, first_nrf_iters=2,
                                                                rest_rf_iters=2, rest_nrf_iters=1),
             "default": get_preset("default").with_overrides(first_rf_iters=2, lm_init_iters=1, first_nrf_iters=2,
@@ -156,12 +156,12 @@ def _tiny_presets():
 
 
 def _tiny_model():
-    from core.model_io import model_from_arrays
+    from core.models.bfm09 import model_from_arrays
     return model_from_arrays(synthetic_arrays(800), name="synthetic", label="tiny")
 
 
 def _dlib_or_skip():
-    from core.detect import DlibDetector
+    from core.landmarks.detect import DlibDetector
     if not DlibDetector.available():
         pytest.skip("dlib and its landmark model are not installed")
 
@@ -211,7 +211,7 @@ def test_tiny_video_run_with_two_worker_processes(tmp_path):
     from bench.rows_video import make_clip, video_pipeline, video_rows
     if video_pipeline() is None:
         pytest.skip("video pipeline not available")
-    from core.detect import make_detector
+    from core.landmarks.detect import make_detector
     clip = str(tmp_path / "clip.mp4")
     meta = make_clip(str(video_src), clip, start=0, frames=5, width=320)
     assert meta["frames"] == 5 and meta["size"][0] == 320

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.bfm2017 import CONTOUR_FILE, MAPPING_FILE, load_bfm2017
+from core.models.bfm2017 import CONTOUR_FILE, MAPPING_FILE, load_bfm2017
 from core.errors import UserError
 from tests.helpers import synthetic_arrays
 
@@ -60,7 +60,7 @@ def test_loads_units_layout_and_landmarks(tmp_path):
 
 
 def test_missing_maps_and_bad_files(tmp_path, monkeypatch):
-    from core import bfm2017
+    from core.models import bfm2017
 
     path = write_fake_bfm2017(tmp_path, with_maps=False)
     # Neither beside the model nor bundled: the error names the files and where they are.
@@ -81,7 +81,7 @@ def test_missing_maps_and_bad_files(tmp_path, monkeypatch):
 def test_bundled_landmark_files_are_eos_bfm_nomouth():
     """The shipped mapping and contour as eos has them: the chin, nose tip, eye corners and
     the 20 mouth points (no brows or nose bridge), ids inside the 53149-vertex mesh."""
-    from core.landmark_maps import contour_definition, read_ibug_mapping
+    from core.models.landmark_maps import contour_definition, read_ibug_mapping
     from core.resources import BUNDLED_LANDMARKS
 
     mapping = read_ibug_mapping(os.path.join(BUNDLED_LANDMARKS, MAPPING_FILE))

@@ -1,6 +1,6 @@
 import torch
 
-from core.camera import Camera
+from core.render.camera import Camera
 
 
 def test_projection_by_hand():

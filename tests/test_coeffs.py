@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from core.coeffs import BFM09_LAYOUT, CoeffLayout
+from core.models.coeffs import BFM09_LAYOUT, CoeffLayout
 
 
 def test_bfm09_layout_matches_spec():

@@ -1,4 +1,4 @@
-"""Tests of core/convert_bfm09.py and convert_bfm09_data.py.
+"""Tests of core/models/convert_bfm09.py and convert_bfm09_data.py.
 
 Inputs are built here from seeded random numbers in the Basel / Exp_Pca.bin / index-file
 layouts; the result is compared with a straightforward float64 computation of SPEC §1
@@ -30,7 +30,7 @@ import pytest
 import scipy.io
 
 import convert_bfm09_data
-from core import convert_bfm09 as cb
+from core.models import convert_bfm09 as cb
 from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -697,7 +697,7 @@ def _script(args, tmp_path, fsize=None, patch=""):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    code = ("import sys\nimport convert_bfm09_data as c\nfrom core import convert_bfm09 as cb\n"
+    code = ("import sys\nimport convert_bfm09_data as c\nfrom core.models import convert_bfm09 as cb\n"
             f"{patch}\nsys.exit(c.main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO,

@@ -1,10 +1,10 @@
-"""Tests for core.crop: the box, the point mapping, crop_face and paste_back agree."""
+"""Tests for core.landmarks.crop: the box, the point mapping, crop_face and paste_back agree."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from core.crop import crop_face, crop_to_photo, paste_back, photo_to_crop, square_box
+from core.landmarks.crop import crop_face, crop_to_photo, paste_back, photo_to_crop, square_box
 
 
 def _blob_image(h, w, centres, sigma):

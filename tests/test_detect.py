@@ -1,4 +1,4 @@
-"""Tests for core.detect: dlib on real photos, face choice, detector choice, FAN wrapper."""
+"""Tests for core.landmarks.detect: dlib on real photos, face choice, detector choice, FAN wrapper."""
 from __future__ import annotations
 
 import enum
@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from core import detect
-from core.detect import DlibDetector, Face, FanDetector, make_detector, pick_face
+from core.landmarks import detect
+from core.landmarks.detect import DlibDetector, Face, FanDetector, make_detector, pick_face
 from core.errors import UserError
-from core.image_io import read_image
+from core.io.image import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -155,7 +155,7 @@ def test_fan_without_weights_explains_the_fix(empty_torch_home):
 
 
 def test_auto_falls_back_to_dlib_and_says_why(empty_torch_home, caplog):
-    with caplog.at_level(logging.INFO, logger="core.detect"):
+    with caplog.at_level(logging.INFO, logger="core.landmarks.detect"):
         det = make_detector("auto")
     assert det.name == "dlib"
     assert "landmarks: dlib" in caplog.text and "face-alignment" in caplog.text

@@ -102,7 +102,7 @@ def test_cli_solver_flag_is_applied_and_recorded(tmp_path, synth_model):
 def test_real_shape_model_on_real_photos(tmp_path):
     """The public Surrey Face Model written in the BFM09 layout, on shared CelebA photos."""
     pytest.importorskip("eos")
-    from core.sfm import sfm_to_bfm09_arrays
+    from core.models.sfm import sfm_to_bfm09_arrays
     model_file = str(tmp_path / "sfm09.mat")
     sio.savemat(model_file, sfm_to_bfm09_arrays(str(shared_path("sfm"))))
     photos = [str(shared_path("data", f)) for f in ("000002.jpg", "000006.jpg")]
@@ -197,8 +197,8 @@ def test_without_recon_model_and_bfm09_the_bundled_sfm_fits(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("where", ["below_a_file", "proc", "is_a_file"])
 def test_unwritable_res_folder_fails_before_the_fit(where, tmp_path, synth_model, capsys, monkeypatch):
-    import core.session
-    monkeypatch.setattr(core.session, "load_model", lambda *a, **k: pytest.fail("checked after the model loaded"))
+    import core.pipelines.session
+    monkeypatch.setattr(core.pipelines.session, "load_model", lambda *a, **k: pytest.fail("checked after the model loaded"))
     (tmp_path / "file.txt").write_text("x")
     res = {"below_a_file": tmp_path / "file.txt" / "out", "proc": "/proc/no_such_dir/out",
            "is_a_file": tmp_path / "file.txt"}[where]

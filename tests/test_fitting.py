@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from core.camera import Camera
-from core.config import get_preset
-from core.fitting import Fitter, PoseRef
-from core.model_io import model_from_arrays
+from core.render.camera import Camera
+from core.fit.config import get_preset
+from core.fit.fitter import Fitter, PoseRef
+from core.models.bfm09 import model_from_arrays
 from core.render import MeshRenderer, interpolate
 from tests.helpers import synthetic_arrays
 

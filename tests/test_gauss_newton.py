@@ -3,12 +3,12 @@ pixel Jacobians, and fits that recover known coefficients."""
 import pytest
 import torch
 
-from core.camera import Camera
-from core.coeffs import Coeffs
-from core.config import get_preset
-from core.fitting import Fitter
-from core.gauss_newton import PhotometricProblem
-from core.model_io import model_from_arrays
+from core.render.camera import Camera
+from core.models.coeffs import Coeffs
+from core.fit.config import get_preset
+from core.fit.fitter import Fitter
+from core.fit.gauss_newton import PhotometricProblem
+from core.models.bfm09 import model_from_arrays
 from core.render import MeshRenderer, interpolate, interpolation_jacobian
 from tests.helpers import synthetic_arrays
 

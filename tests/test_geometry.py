@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from core import geometry as G
+from core.models import geometry as G
 
 
 def _explicit_rotation(a):
@@ -81,7 +81,7 @@ def test_sh_shade_ambient_offset_and_channels():
 
 
 def test_sh_basis_derivative_matches_forward_mode_autodiff():
-    from core.geometry import sh_basis, sh_basis_derivative
+    from core.models.geometry import sh_basis, sh_basis_derivative
     g = torch.Generator().manual_seed(3)
     n = torch.nn.functional.normalize(torch.randn(50, 3, generator=g, dtype=torch.float64), dim=-1)
     dn = torch.randn(50, 3, generator=g, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Tests for core.image_io: formats, normalisation to RGB uint8, and one-line errors."""
+"""Tests for core.io.image: formats, normalisation to RGB uint8, and one-line errors."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from core.image_io import _jpeg_complete, read_image, write_image
+from core.io.image import _jpeg_complete, read_image, write_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,7 @@ def test_decompression_bomb_is_refused_from_the_header(bomb):
 def test_opencv_errors_become_user_errors(bomb, monkeypatch):
     # With our limit lifted the file reaches cv2.imdecode, whose own limit (2^30 pixels)
     # raises cv2.error; that must be a one-line UserError too, not a traceback.
-    monkeypatch.setattr("core.image_io.MAX_PIXELS", 10**12)
+    monkeypatch.setattr("core.io.image.MAX_PIXELS", 10**12)
     _assert_one_line_error(str(bomb), "OpenCV cannot decode it", "CV_IO_MAX_IMAGE_PIXELS")
 
 
@@ -244,15 +244,15 @@ def test_pixel_limit_boundary(tmp_path, monkeypatch, fmt, via):
     path = tmp_path / f"p.{fmt}"
     path.write_bytes(_encode(f".{fmt}", img[..., ::-1]))
     if via == "after decoding":  # no header reader for the format (e.g. Pillow missing)
-        monkeypatch.setattr("core.image_io._pillow_size", lambda buf: None)
-    monkeypatch.setattr("core.image_io.MAX_PIXELS", 2400)
+        monkeypatch.setattr("core.io.image._pillow_size", lambda buf: None)
+    monkeypatch.setattr("core.io.image.MAX_PIXELS", 2400)
     assert read_image(path).shape == (40, 60, 3)
-    monkeypatch.setattr("core.image_io.MAX_PIXELS", 2399)
+    monkeypatch.setattr("core.io.image.MAX_PIXELS", 2399)
     _assert_one_line_error(str(path), "60x40 pixels (0.0024 megapixels) is above the 0.002399-megapixel limit")
 
 
 def test_header_size_matches_the_decoded_size(tmp_path):
-    from core.image_io import image_size
+    from core.io.image import image_size
     img = _pattern(37, 53)
     for ext in (".png", ".jpg", ".bmp", ".tiff", ".webp"):
         assert image_size(_encode(ext, img)) == (53, 37), ext
@@ -266,7 +266,7 @@ def test_header_size_matches_the_decoded_size(tmp_path):
 def test_pillow_bomb_guard_is_left_as_it_was():
     Image = pytest.importorskip("PIL.Image")
     before = Image.MAX_IMAGE_PIXELS
-    from core.image_io import image_size
+    from core.io.image import image_size
     bmp = _with_size(_encode(".bmp", _pattern()), "bmp", 60000, 50000)
     assert image_size(bmp) == (60000, 50000)  # read although Pillow would call it a bomb
     assert Image.MAX_IMAGE_PIXELS == before

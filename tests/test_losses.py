@@ -1,6 +1,6 @@
 import torch
 
-from core import losses as L
+from core.fit import losses as L
 
 
 def test_landmark_weights():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.geometry import euler_to_rotation
-from core.model import FaceModel
-from core.model_io import model_from_arrays
+from core.models.geometry import euler_to_rotation
+from core.models.face_model import FaceModel
+from core.models.bfm09 import model_from_arrays
 from tests.helpers import synthetic_arrays
 
 
@@ -45,7 +45,7 @@ def test_forward_by_hand():
     assert torch.allclose(out.colors, out.albedo * 0.8 * a0c0)
     # Normals are computed on the shape, then rotated: unit length, and rotation about z
     # keeps their z component.
-    from core.geometry import vertex_normals
+    from core.models.geometry import vertex_normals
     n0 = vertex_normals(m.shape(c.id, c.exp), m.tri, m.point_buf)
     assert torch.allclose(out.normals.norm(dim=-1), torch.ones(1, 4, dtype=torch.float64))
     assert torch.allclose(out.normals[..., 2], n0[..., 2]) and torch.allclose(out.normals[..., 0], -n0[..., 1])

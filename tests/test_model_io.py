@@ -4,7 +4,7 @@ import scipy.io as sio
 import torch
 
 from core.errors import UserError
-from core.model_io import load_bfm09
+from core.models.bfm09 import load_bfm09
 from tests.helpers import synthetic_arrays
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import fit_single_img
-from core import landmark_maps, sfm
-from core.camera import Camera
+from core.models import landmark_maps, sfm
+from core.render.camera import Camera
 from core.cli import run_main
 from core.errors import UserError
-from core.model import FaceModel
+from core.models.face_model import FaceModel
 from tests.helpers import REPO
 from tests.test_fit_single_img import nme
 

@@ -1,4 +1,4 @@
-"""Tests for core.tracking: the tracker follows a face moved by a known similarity
+"""Tests for core.landmarks.tracking: the tracker follows a face moved by a known similarity
 transform, reports blank frames as "no face" and detects again after them and after a cut,
 and the plausibility checks and box relation behave."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from core.detect import DlibDetector
-from core.image_io import read_image
-from core.tracking import (SOURCE_DETECT, SOURCE_TRACK, FaceTracker, apply_box_relation, box_relation,
+from core.landmarks.detect import DlibDetector
+from core.io.image import read_image
+from core.landmarks.tracking import (SOURCE_DETECT, SOURCE_TRACK, FaceTracker, apply_box_relation, box_relation,
                            interocular, landmarks_box, landmarks_plausible)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""fit_video.py and core.video end to end on a short real clip with blank frames: the pkl
+"""fit_video.py and core.pipelines.video end to end on a short real clip with blank frames: the pkl
 layout, the composed video, 1 vs 2 CPU workers, cache reuse and exact resumption, the cache
 lock, frame ranges, failing workers and encoders, workers ending with the main process,
 every bad input; and the pure helpers (clip split, shape frames, pose transfer).
@@ -26,15 +26,15 @@ import scipy.io as sio
 import torch
 
 import fit_video
-from core import video as V
-from core.camera import Camera
+from core.pipelines import video as V
+from core.render.camera import Camera
 from core.cli import run_main
-from core.config import get_preset
+from core.fit.config import get_preset
 from core.errors import UserError
-from core.metrics import landmark_nme
-from core.synthetic import make_face_model
-from core.tracking import interocular
-from core.video_io import VideoReader, VideoWriter, probe_video
+from core.landmarks.metrics import landmark_nme
+from core.models.synthetic import make_face_model
+from core.landmarks.tracking import interocular
+from core.io.video import VideoReader, VideoWriter, probe_video
 from tests.helpers import REPO, SHARED, synthetic_arrays
 
 N_FRAMES = 16
@@ -49,7 +49,7 @@ LOUD = [a for a in FAST if a != "--quiet"]  # the same run, with its INFO messag
 
 def _moving_photo_frames(n: int, size=(480, 360)):
     """Fallback clip without ../shared: data/astronaut.jpg moved by known similarities."""
-    from core.image_io import read_image
+    from core.io.image import read_image
     photo = read_image(REPO / "data" / "astronaut.jpg")
     out = []
     for k in range(n):
@@ -214,7 +214,7 @@ def test_pkl_dtypes(runs):
 
 
 def _check_landmark_nme(pkl, info, model_path, tracked, first=0):
-    """info's per-frame landmark NME = core.metrics.landmark_nme (its default points, as for
+    """info's per-frame landmark NME = core.landmarks.metrics.landmark_nme (its default points, as for
     photos) of the pkl's coefficients (SPEC formulas) against the tracked landmarks
     (``tracked[i - first]`` for source frame i); returns the values."""
     nme = info["landmark_nme_interocular"]
@@ -476,7 +476,7 @@ def test_more_cpu_workers_than_cores_warns(cores, warned, runs, clip, model_path
 
 @pytest.fixture(scope="module")
 def track(clip) -> V.LandmarkTrack:
-    from core.detect import DlibDetector
+    from core.landmarks.detect import DlibDetector
     return V.landmark_pass(clip, DlibDetector(), progress=False)
 
 
@@ -496,7 +496,7 @@ def _job(track, clip, tmp_path, worker=0, start=0, stop=6, video=None) -> V.Clip
 
 def _interrupted_tracker(detector, at_call: int):
     """A FaceTracker that raises KeyboardInterrupt on its ``at_call``-th update (1-based)."""
-    from core.tracking import FaceTracker
+    from core.landmarks.tracking import FaceTracker
 
     class Interrupted(FaceTracker):
         calls = 0
@@ -511,7 +511,7 @@ def _interrupted_tracker(detector, at_call: int):
 
 
 def test_interrupted_landmark_pass_resumes_exactly(clip, track, tmp_path):
-    from core.detect import DlibDetector
+    from core.landmarks.detect import DlibDetector
 
     det = DlibDetector()
     with pytest.raises(KeyboardInterrupt):
@@ -532,7 +532,7 @@ def test_interrupted_frame_range_pass_resumes_exactly(clip, track, tmp_path):
     """A landmark pass over frames 5..11 seeks to frame 5 and, as frame 5 is a fresh
     detection after the blank frames in the whole pass too, finds the same landmarks; an
     interruption resumes exactly; the range has its own cache file."""
-    from core.detect import DlibDetector
+    from core.landmarks.detect import DlibDetector
 
     det = DlibDetector()
     with pytest.raises(KeyboardInterrupt):
@@ -779,7 +779,7 @@ def test_presets_and_defaults():
     """--preset original is the original schedule (one learning rate everywhere, first/rest
     iterations 1000/500 and 50/30); the fast preset refines warm-started frames gently."""
     from core import cli
-    from core.config import PRESETS
+    from core.fit.config import PRESETS
 
     p = fit_video.build_parser()
     args = p.parse_args(["--v_path", "x.mp4", "--res_folder", "r", "--preset", "original"])
@@ -842,7 +842,7 @@ def test_transfer_pose_keeps_the_face_in_place():
     """The model landmarks, mapped to the photo through each crop's box, stay put when the
     pose is carried from one box to another: exactly at the face centre, and to a small
     fraction of a pixel elsewhere for frame-to-frame box changes (a few per cent)."""
-    from core.crop import crop_to_photo
+    from core.landmarks.crop import crop_to_photo
 
     model = make_face_model(600)
     cam = Camera(image_size=128)

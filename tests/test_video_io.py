@@ -1,4 +1,4 @@
-"""Tests for core.video_io: streaming reads, exact seeks, the atomic H.264 writer and
+"""Tests for core.io.video: streaming reads, exact seeks, the atomic H.264 writer and
 one-line errors for bad videos."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from core.video_io import VideoReader, VideoWriter, check_video_file, has_audio_stream, probe_video
+from core.io.video import VideoReader, VideoWriter, check_video_file, has_audio_stream, probe_video
 
 
 def _frame(k: int, w: int = 96, h: int = 64) -> np.ndarray:
@@ -153,7 +153,7 @@ def test_writer_encoder_death_is_a_user_error(tmp_path):
 def test_writer_checks_the_file_before_the_rename(tmp_path, monkeypatch):
     """ffmpeg's exit status is not trusted alone: a file that does not read back with
     every frame written is not renamed into place."""
-    import core.video_io as vio
+    import core.io.video as vio
 
     real = vio.check_video_file
     seen = []

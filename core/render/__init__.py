@@ -1,5 +1,6 @@
-"""Differentiable mesh rendering on screen-space vertices (SPEC §3).
+"""The camera and differentiable mesh rendering on screen-space vertices (SPEC §3).
 
+    camera      the pinhole camera and the pixel convention, written down once
 Primitives (pure PyTorch, no cameras or lights inside):
     rasterize(verts_screen, faces, image_size) -> Fragments (pix_to_face, zbuf)
     barycentrics(verts_screen, faces, pix_to_face) -> (B, H, W, 3)

@@ -14,8 +14,8 @@ from typing import Dict, Mapping
 
 import numpy as np
 
-from .errors import UserError
-from .image_io import write_image
+from core.errors import UserError
+from .image import write_image
 
 
 def check_writable_folder(folder: str, what: str = "output folder") -> str:

@@ -142,7 +142,7 @@ def make_face_model_arrays(target_vertices: int = 2000, n_id: int = 80, n_exp: i
 
 
 def make_face_model(target_vertices: int = 2000, seed: int = 0, **kw):
-    """A :class:`~core.model.FaceModel` built from :func:`make_face_model_arrays`."""
-    from .model_io import model_from_arrays
+    """A :class:`~core.models.face_model.FaceModel` built from :func:`make_face_model_arrays`."""
+    from .bfm09 import model_from_arrays
     return model_from_arrays(make_face_model_arrays(target_vertices, seed=seed, **kw),
                              name="synthetic", label="synthetic")

@@ -4,12 +4,12 @@ worker processes, merged results and a composed video.
 Stages (each with a tqdm bar, each cached under ``<cache_folder>/<video name>/``):
 
 1. :func:`landmark_pass`: one streaming pass over the video with a
-   :class:`~core.tracking.FaceTracker`: 68 landmarks and a face box per frame, or "no
+   :class:`~core.landmarks.tracking.FaceTracker`: 68 landmarks and a face box per frame, or "no
    face". Cached in ``landmarks.npz`` (checkpointed while it runs) under a key of the
    video's path, size and modification time and the detector.
 2. :func:`fit_shape`: identity and albedo from ``nframes_shape`` face frames spread over
    the whole video, one batched fit with id/tex shared by all frames (stored with batch 1,
-   see :func:`core.fitting.expand`) and per-frame exp/gamma/pose.
+   see :func:`core.fit.fitter.expand`) and per-frame exp/gamma/pose.
 3. :func:`fit_clip`, run by :func:`run_workers` in ``nworkers`` processes
    (torch.multiprocessing, spawn), each on a contiguous clip from :func:`split_clips`:
    id/tex fixed, every frame warm-started from the previous frame's fit (its pose carried
@@ -23,7 +23,7 @@ Stages (each with a tqdm bar, each cached under ``<cache_folder>/<video name>/``
    and ``tar_size``, ``fps``, ``frames_without_face``, ``num_frames``),
    ``<video>_recon_video.mp4`` (every source frame, the render pasted on the frames that
    have a fit) and ``<video>_info.json`` (with each frame's landmark NME as
-   :func:`core.metrics.landmark_nme` defines it for photos), all three renamed into place
+   :func:`core.landmarks.metrics.landmark_nme` defines it for photos), all three renamed into place
    only at the end, the video only once it reads back complete.
 
 ``VideoOptions.frame_range`` restricts every stage to source frames [start, stop): the
@@ -58,20 +58,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_path
-from .camera import Camera
-from .coeffs import Coeffs
-from .config import FitConfig
-from .crop import crop_face, crop_to_photo, paste_back, photo_to_crop, square_box
-from .errors import UserError
-from .fitting import Fitter, PoseRef
-from .model import FaceModel
+from core.io.atomic import atomic_path
+from core.render.camera import Camera
+from core.models.coeffs import Coeffs
+from core.fit.config import FitConfig
+from core.landmarks.crop import crop_face, crop_to_photo, paste_back, photo_to_crop, square_box
+from core.errors import UserError
+from core.fit.fitter import Fitter, PoseRef
+from core.models.face_model import FaceModel
 from .session import Session
-from .metrics import landmark_nme
-from .outputs import check_writable_folder
-from . import threads as thread_control
-from .tracking import SOURCE_NONE, FaceTracker
-from .video_io import VideoReader, VideoWriter
+from core.landmarks.metrics import landmark_nme
+from core.io.outputs import check_writable_folder
+from core import threads as thread_control
+from core.landmarks.tracking import SOURCE_NONE, FaceTracker
+from core.io.video import VideoReader, VideoWriter
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class LandmarkTrack:
 
     landmarks: (N, 68, 2) float32 photo pixels, NaN where no face.
     face_boxes: (N, 4) float64 detector-style face boxes, NaN where no face.
-    source: (N,) int8, core.tracking.SOURCE_* (0 = no face).
+    source: (N,) int8, core.landmarks.tracking.SOURCE_* (0 = no face).
     timestamps: (N,) float64 ms, the decoder's timestamp of each frame (seek checks).
     fps, width, height: of the source video.
     """
@@ -159,7 +159,7 @@ class LandmarkTrack:
 
     def source_timestamps(self) -> np.ndarray:
         """Timestamps indexed by source frame (NaN before ``start``), for
-        :meth:`core.video_io.VideoReader.frames` seeks."""
+        :meth:`core.io.video.VideoReader.frames` seeks."""
         return np.concatenate([np.full(self.start, np.nan), self.timestamps])
 
     def crop_boxes(self, padding_ratio: float) -> np.ndarray:
@@ -462,7 +462,7 @@ def _landmark_files(cache_dir: Optional[str], frame_range) -> Tuple[Optional[str
 def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, progress: bool = True,
                   checkpoint_s: float = 30.0, tracker: Optional[FaceTracker] = None,
                   frame_range: Optional[Tuple[int, Optional[int]]] = None) -> LandmarkTrack:
-    """Stage 1: landmarks and face box of every frame (see :mod:`core.tracking`), or of
+    """Stage 1: landmarks and face box of every frame (see :mod:`core.landmarks.tracking`), or of
     the source frames ``frame_range`` = (start, stop or None) only (the reader seeks to
     start; the track's ``start`` is then ``start``).
 
@@ -1061,7 +1061,7 @@ def _render_video(session: Session, video_path: str, track: LandmarkTrack, boxes
                   batch: int = 8) -> Dict[str, object]:
     """Stage 5: paste each fitted frame's render into it and write every frame of the
     track in order. Returns the landmark NME of each fitted frame ({source index: value},
-    :func:`core.metrics.landmark_nme` with its default points, model vs tracked, as for
+    :func:`core.landmarks.metrics.landmark_nme` with its default points, model vs tracked, as for
     photos) and its mean, median, p95 and max."""
     fitter, cam = session.fitter, session.camera
     dev, dt = session.device, fitter.dtype
@@ -1148,7 +1148,7 @@ def _info(session, detector, video_path, track, shape, options, timings, nme, n_
         "renderer": session.renderer.backend,
         "fit_config": session.fitter.cfg.as_dict(),
         "rest_nrf_lr": session.fitter.cfg.rest_nrf_lr or session.fitter.cfg.nrf_lr,
-        # core.metrics.landmark_nme (chin + 51 inner points, / eye-centre distance) as for photos:
+        # core.landmarks.metrics.landmark_nme (chin + 51 inner points, / eye-centre distance) as for photos:
         # a fraction; per_frame by source frame index (JSON keys are strings).
         "landmark_nme_interocular": {**{k: round(float(nme[k]), 5) for k in ("mean", "median", "p95", "max")},
                                      "per_frame": {str(i): round(v, 6) for i, v in sorted(nme["per_frame"].items())}},

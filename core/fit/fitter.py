@@ -23,13 +23,13 @@ import torch
 from tqdm import tqdm
 
 from . import losses as L
-from . import threads
-from .camera import Camera
-from .coeffs import Coeffs
+from core import threads
+from core.render.camera import Camera
+from core.models.coeffs import Coeffs
 from .config import FitConfig
 from .gauss_newton import PhotometricProblem
-from .geometry import sh_basis
-from .model import FaceModel
+from core.models.geometry import sh_basis
+from core.models.face_model import FaceModel
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ class Fitter:
     def _gn(self, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
             pose_ref: Optional[PoseRef], desc: str) -> Coeffs:
         """Levenberg-Marquardt on the full per-frame loss with the Gauss-Newton model of
-        :mod:`core.gauss_newton` (IRLS photometric term, exact landmark and prior terms).
+        :mod:`core.fit.gauss_newton` (IRLS photometric term, exact landmark and prior terms).
 
         ``schedule``: (photo camera or None, images, steps) stages as for :meth:`_adam`;
         a step solves the damped normal equations and keeps the result for the frames

@@ -15,7 +15,7 @@ point, so they follow the silhouette as the head turns.
 
 :func:`sfm_to_bfm09_arrays` also writes it in the converted BFM09 file layout (bases padded
 to 80 / 64 / 80, fixed keypoints), for tools that expect that file. iBUG points the
-mapping lacks are filled by :func:`core.landmark_maps.ibug68_vertices`.
+mapping lacks are filled by :func:`core.models.landmark_maps.ibug68_vertices`.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from typing import Dict
 
 import numpy as np
 
-from .errors import UserError
+from core.errors import UserError
 from .landmark_maps import contour_definition, ibug68_vertices, read_ibug_mapping
-from .resources import BUNDLED_SFM
+from core.resources import BUNDLED_SFM
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ def _read_sfm(folder: str):
 
 
 def load_sfm(folder=None):
-    """The Surrey Face Model as a :class:`~core.model.FaceModel` with its own layout and
+    """The Surrey Face Model as a :class:`~core.models.face_model.FaceModel` with its own layout and
     dynamic jaw contour. ``folder`` None: the copy bundled with the project (``BFM/sfm``)."""
     from .geometry import adjacent_triangles
-    from .model import FaceModel
+    from .face_model import FaceModel
 
     if folder is None:
         folder = BUNDLED_SFM

@@ -9,7 +9,7 @@ from the renderer's :func:`core.render.interpolation_jacobian` (how a pixel move
 triangle's corners and colours) and per-vertex Jacobians of the screen positions and
 colours, written out analytically here, the shading's dependence on the shape through
 the vertex normals included (left out with ``normals_grad=False``, as the Adam path does).
-The LM loop in :class:`core.fitting.Fitter` accepts a step on the exact loss.
+The LM loop in :class:`core.fit.fitter.Fitter` accepts a step on the exact loss.
 
 Every function is per frame: frames whose groups are all per-frame are independent
 problems (the data terms summed over frames, as ``Fitter.loss_terms`` scales them).
@@ -24,10 +24,10 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from . import losses as L
-from .camera import Camera
-from .coeffs import Coeffs
-from .geometry import AMBIENT_OFFSET, euler_rotation_jacobian, sh_basis, sh_basis_derivative
-from .render import interpolation_jacobian
+from core.render.camera import Camera
+from core.models.coeffs import Coeffs
+from core.models.geometry import AMBIENT_OFFSET, euler_rotation_jacobian, sh_basis, sh_basis_derivative
+from core.render import interpolation_jacobian
 
 # Smallest colour distance (0..255 units) a pixel's IRLS weight 1/‖r‖ is computed with.
 RHO_MIN = 2.0
@@ -71,7 +71,7 @@ class PhotometricProblem:
     """SPEC §4's loss of B independent frames and its Gauss-Newton model.
 
     Args:
-        fitter: the :class:`core.fitting.Fitter` (model, renderer, crop camera, weights).
+        fitter: the :class:`core.fit.fitter.Fitter` (model, renderer, crop camera, weights).
         landmarks: (B, L, 2) target points in crop pixels.
         images: (B, S, S, 3) 0..255 targets at the photometric camera's size.
         camera: the photometric camera (the crop camera or a coarse one).
@@ -349,7 +349,7 @@ class PhotometricProblem:
     def _normal_derivative(self, fr: "_Frame", vids: torch.Tensor, groups) -> torch.Tensor:
         """d(unit world normal)/d(coefficients of ``groups``, concatenated) at the vertices
         ``vids``: (U, 3, K). The normal is the normalised sum m of the adjacent triangles'
-        (v1 − v2) × (v2 − v3) (core.geometry.vertex_normals); dm is linear in the vertex
+        (v1 − v2) × (v2 − v3) (core.models.geometry.vertex_normals); dm is linear in the vertex
         displacements, dm = A · d(shape), with A sparse (3U, 3N): a triangle with edges
         e1 = v1 − v2, e2 = v2 − v3 contributes −[e2]× at v1, [e2]× + [e1]× at v2 and −[e1]×
         at v3 ([a]× b = a × b)."""

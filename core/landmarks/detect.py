@@ -7,7 +7,7 @@ Both detectors share one small interface::
     detector.landmarks_in_box(image_rgb, box)  (68, 2) landmarks for a known face box,
                                                no face detection (video tracking)
 
-``image_rgb`` is an (H, W, 3) uint8 RGB array (``core.image_io.read_image``).
+``image_rgb`` is an (H, W, 3) uint8 RGB array (``core.io.image.read_image``).
 Coordinates are photo pixels, (x, y) = (column, row), integer = pixel centre, as both
 libraries report them; they are used at face value downstream.
 

@@ -25,7 +25,7 @@ import warnings
 import cv2
 import numpy as np
 
-from core.atomic import atomic_path
+from .atomic import atomic_path
 from core.errors import UserError
 
 __all__ = ["read_image", "write_image", "image_size", "SUPPORTED", "MAX_PIXELS"]

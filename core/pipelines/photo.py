@@ -15,14 +15,14 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .coeffs import BFM09_LAYOUT
-from .crop import crop_face, crop_to_photo, paste_back, photo_to_crop, square_box
-from .detect import pick_face
-from .errors import UserError
-from .fitting import FitResult
-from .image_io import read_image
-from .metrics import landmark_nme
-from .outputs import format_obj, write_outputs
+from core.models.coeffs import BFM09_LAYOUT
+from core.landmarks.crop import crop_face, crop_to_photo, paste_back, photo_to_crop, square_box
+from core.landmarks.detect import pick_face
+from core.errors import UserError
+from core.fit.fitter import FitResult
+from core.io.image import read_image
+from core.landmarks.metrics import landmark_nme
+from core.io.outputs import format_obj, write_outputs
 from .session import Session
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from typing import Dict
 
 import numpy as np
 
-from .errors import UserError
-from .model import FaceModel
+from core.errors import UserError
+from .face_model import FaceModel
 
 REQUIRED_KEYS = ("meanshape", "idBase", "exBase", "meantex", "texBase", "tri", "point_buf", "keypoints")
 OPTIONAL_KEYS = ("skinmask", "frontmask2_idx", "tri_mask2")

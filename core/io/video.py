@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from .atomic import ignore_file_size_signal
-from .errors import UserError
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 

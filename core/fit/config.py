@@ -5,7 +5,7 @@
 video frames). ``default`` reaches the same loss far sooner (bench/): the rigid stage and
 a landmark-driven initialisation of identity and expression are solved by
 Levenberg-Marquardt on the 68 landmark vertices, and the photometric stage by
-Gauss-Newton / Levenberg-Marquardt steps on the full loss (core.gauss_newton), most of
+Gauss-Newton / Levenberg-Marquardt steps on the full loss (core.fit.gauss_newton), most of
 them at 128 px; a following video frame, warm-started from the previous one, takes two
 landmark LM iterations and one photometric step at 128 px.
 """
@@ -41,7 +41,7 @@ class FitConfig:
     # Solvers. "adam": the original; "lm": Levenberg-Marquardt on the landmark residuals.
     rigid_solver: str = "adam"
     # Photometric stage: "adam" (the original) or "gn": Levenberg-Marquardt steps with a
-    # Gauss-Newton model of the full loss (core.gauss_newton); the photometric iteration
+    # Gauss-Newton model of the full loss (core.fit.gauss_newton); the photometric iteration
     # counts are then the most steps (a stage stops once the loss no longer moves).
     nonrigid_solver: str = "adam"
     # Landmark-only LM on pose + id + exp before the photometric stage (0 = off).

@@ -318,7 +318,7 @@ class FaceModel(nn.Module):
         """Full forward model of SPEC §3.
 
         Args:
-            coeffs: batch of B coefficients (see :class:`~core.coeffs.Coeffs`).
+            coeffs: batch of B coefficients (see :class:`~core.models.coeffs.Coeffs`).
             albedo: optional (B or 1, N, 3) albedo used instead of meantex + texBase·tex
                 (a cached albedo when tex is fixed, or one estimated for shape-only models).
             identity: optional (B or 1, 3N) cached meanshape + idBase·id (when id is fixed);

@@ -22,9 +22,9 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import UserError
+from core.errors import UserError
 from .landmark_maps import contour_definition, ibug68_vertices, read_ibug_mapping
-from .resources import BFM_FOLDER, BUNDLED_LANDMARKS
+from core.resources import BFM_FOLDER, BUNDLED_LANDMARKS
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def _landmark_files(h5_path: str, bundled: Optional[str] = None):
 
 
 def load_bfm2017(path: Optional[str] = None):
-    """The BFM 2017/2019 model in ``path`` as a :class:`~core.model.FaceModel` (own
+    """The BFM 2017/2019 model in ``path`` as a :class:`~core.models.face_model.FaceModel` (own
     layout: id K_shape | exp K_exp | tex K_color | angles | gamma | trans)."""
     from .geometry import adjacent_triangles
-    from .model import FaceModel
+    from .face_model import FaceModel
 
     path = path or DEFAULT_PATH
     if not os.path.isfile(path):

@@ -8,25 +8,25 @@ from typing import Optional
 
 import torch
 
-from .camera import Camera
-from .config import FitConfig
-from .device import resolve_device
-from .errors import UserError
-from .fitting import Fitter
-from .model import FaceModel
-from .model_io import load_bfm09
-from .render import MeshRenderer
-from .resources import bfm09_candidates, default_bfm09_path
+from core.render.camera import Camera
+from core.fit.config import FitConfig
+from core.device import resolve_device
+from core.errors import UserError
+from core.fit.fitter import Fitter
+from core.models.face_model import FaceModel
+from core.models.bfm09 import load_bfm09
+from core.render import MeshRenderer
+from core.resources import bfm09_candidates, default_bfm09_path
 
 log = logging.getLogger(__name__)
 
 def _load_sfm(path: Optional[str]) -> FaceModel:
-    from .sfm import load_sfm
+    from core.models.sfm import load_sfm
     return load_sfm(path)
 
 
 def _load_bfm2017(path: Optional[str]) -> FaceModel:
-    from .bfm2017 import load_bfm2017
+    from core.models.bfm2017 import load_bfm2017
     return load_bfm2017(path)
 
 

@@ -21,7 +21,7 @@
    frame, so these checks are what says "no face".
 
 Coordinates: photo pixels (x, y) = (column, row), integer = pixel centre, as the
-detectors report them. Boxes are [x0, y0, x1, y1] floats (``core.detect.Face.box``).
+detectors report them. Boxes are [x0, y0, x1, y1] floats (``core.landmarks.detect.Face.box``).
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ class FaceTracker:
     """Per-frame landmarks of one face in a video (see the module docstring).
 
     Args:
-        detector: a :class:`core.detect.Detector` (``detect`` and ``landmarks_in_box``).
+        detector: a :class:`core.landmarks.detect.Detector` (``detect`` and ``landmarks_in_box``).
         min_similarity: the face region (grey, normalised) must correlate at least this much
             with the previous frame's, else tracking is lost. Consecutive frames of real
             footage correlate > 0.9; a different face or background < 0.55.

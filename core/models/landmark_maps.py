@@ -7,7 +7,7 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
-from .errors import UserError
+from core.errors import UserError
 
 # iBUG jaw landmarks (0-based) whose vertex follows the silhouette, per contour side.
 RIGHT_JAW = tuple(range(0, 8))

@@ -59,7 +59,7 @@ import numpy as np
 import scipy.io
 from scipy.io.matlab import MatReadError
 
-from core.atomic import atomic_path
+from core.io.atomic import atomic_path
 from core.errors import UserError
 
 log = logging.getLogger(__name__)

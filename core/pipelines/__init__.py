@@ -1,0 +1,7 @@
+"""What the scripts run, built from the other wings.
+
+    session   Session: the model, camera, renderer and fitter chosen by the flags
+    photo     the single-photo pipeline (SPEC §5): read, detect, crop, fit, write
+    video     the video pipeline: landmark pass, shared identity/albedo fit, clip workers on
+              torch.multiprocessing, cache, compose and encode
+"""
