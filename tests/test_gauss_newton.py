@@ -46,13 +46,13 @@ def scene(f, gt):
 
 @pytest.mark.parametrize("normals_grad", [True, False])
 def test_loss_and_gradient_match_autograd(model, normals_grad):
-    """evaluate() is Fitter.loss_terms' total; linearize()'s gradient is autograd's of it
+    """evaluate() is the objective's total (Fitter.loss_terms); linearize()'s gradient is autograd's of it
     (the shading through the normals included or not, as in the Adam path)."""
     f = fitter(model, normals_grad=normals_grad)
     gt = truth(model)
     img, lms = scene(f, gt)
     x0 = perturbed(gt)
-    prob = PhotometricProblem(f, lms, img, f.camera, GROUPS)
+    prob = PhotometricProblem(f.objective, lms, img, f.camera, GROUPS)
     st = prob.evaluate(x0, None)
     hess, grad = prob.linearize(st)
     leaves = {k: getattr(x0, k).clone().requires_grad_(True) for k in GROUPS}
@@ -72,7 +72,7 @@ def test_vertex_jacobians_match_forward_mode_autodiff(model):
     """The analytic d(colour, screen)/d(parameters) at a few vertices, normals included."""
     f = fitter(model)
     x0 = perturbed(truth(model))
-    prob = PhotometricProblem(f, torch.zeros(1, 68, 2), torch.zeros(1, 128, 128, 3), f.camera, GROUPS)
+    prob = PhotometricProblem(f.objective, torch.zeros(1, 68, 2), torch.zeros(1, 128, 128, 3), f.camera, GROUPS)
     st = prob.evaluate(x0, None)
     vids = torch.tensor([3, 100, 700, 1200])
     sizes = [getattr(x0, g).shape[1] for g in GROUPS]
@@ -189,7 +189,7 @@ def test_adjoint_gradient_is_the_transpose_of_the_vertex_jacobians(model, normal
     rule equals the forward one (checked against jacfwd above)."""
     f = fitter(model, normals_grad=normals_grad)
     x0 = perturbed(truth(model))
-    prob = PhotometricProblem(f, torch.zeros(1, 68, 2), torch.zeros(1, 128, 128, 3), f.camera, GROUPS)
+    prob = PhotometricProblem(f.objective, torch.zeros(1, 68, 2), torch.zeros(1, 128, 128, 3), f.camera, GROUPS)
     st = prob.evaluate(x0, None)
     sizes = [getattr(x0, g).shape[1] for g in GROUPS]
     offs, start = {}, 0

@@ -9,10 +9,11 @@ from the renderer's :func:`core.render.interpolation_jacobian` (how a pixel move
 triangle's corners and colours) and per-vertex Jacobians of the screen positions and
 colours, written out analytically here, the shading's dependence on the shape through
 the vertex normals included (left out with ``normals_grad=False``, as the Adam path does).
-The LM loop in :class:`core.fit.fitter.Fitter` accepts a step on the exact loss.
+The loss itself, its terms and weights, come from :class:`core.fit.objective.Objective`;
+the Levenberg-Marquardt loops of :mod:`core.fit.gn` accept a step on that exact loss.
 
 Every function is per frame: frames whose groups are all per-frame are independent
-problems (the data terms summed over frames, as ``Fitter.loss_terms`` scales them).
+problems (the data terms summed over frames, as ``Objective.total`` scales them).
 Shapes: B frames, N vertices, P optimised parameters (the groups' sizes, in order).
 """
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from . import losses as L
-from core.render.camera import Camera
 from core.models.coeffs import Coeffs
 from core.models.geometry import AMBIENT_OFFSET, euler_rotation_jacobian, sh_basis, sh_basis_derivative
 from core.render import interpolation_jacobian
+from core.render.camera import Camera
+from .objective import Objective
 
 # Smallest colour distance (0..255 units) a pixel's IRLS weight 1/‖r‖ is computed with.
 RHO_MIN = 2.0
@@ -42,9 +43,8 @@ GEOMETRY = ("id", "exp", "angles", "trans")
 class State:
     """The loss at one point: per-frame totals (B,) and what the linearisation reuses."""
 
-    cost: torch.Tensor
-    data: torch.Tensor    # (B,) the data terms (landmarks, photometric, albedo smoothness)
-    priors: Dict[str, torch.Tensor]  # group -> (B,) its weighted prior
+    cost: torch.Tensor    # (B,) each frame's own total (Objective.frame_costs)
+    terms: Dict[str, torch.Tensor]  # (B,) each unweighted term (Objective.evaluate)
     coeffs: Coeffs
     out: object          # FaceOutput
     screen: torch.Tensor  # (B, N, 3)
@@ -71,7 +71,8 @@ class PhotometricProblem:
     """SPEC §4's loss of B independent frames and its Gauss-Newton model.
 
     Args:
-        fitter: the :class:`core.fit.fitter.Fitter` (model, renderer, crop camera, weights).
+        objective: the :class:`core.fit.objective.Objective` (model, renderer, crop
+            camera, weights).
         landmarks: (B, L, 2) target points in crop pixels.
         images: (B, S, S, 3) 0..255 targets at the photometric camera's size.
         camera: the photometric camera (the crop camera or a coarse one).
@@ -83,12 +84,12 @@ class PhotometricProblem:
             basis column is zero, as in a model padded to a larger layout).
     """
 
-    def __init__(self, fitter, landmarks: torch.Tensor, images: torch.Tensor, camera: Camera,
+    def __init__(self, objective: Objective, landmarks: torch.Tensor, images: torch.Tensor, camera: Camera,
                  groups: Sequence[str], pose_ref=None, cached: Optional[Dict[str, torch.Tensor]] = None,
                  columns: Optional[Dict[str, torch.Tensor]] = None):
-        self.f = fitter
-        self.model = fitter.model
-        self.cfg = fitter.cfg
+        self.objective = objective
+        self.model = objective.model
+        self.cfg = objective.cfg
         self.landmarks = landmarks
         self.images = images
         self.camera = camera
@@ -101,31 +102,14 @@ class PhotometricProblem:
     @torch.no_grad()
     def evaluate(self, c: Coeffs, keypoints: Optional[torch.Tensor]) -> State:
         """Per-frame total loss at ``c`` (B frames) with the given landmark vertex ids."""
-        cfg, model = self.cfg, self.model
-        out = model(c, albedo=self.cached.get("albedo"), identity=self.cached.get("identity"))
-        screen = self.camera.project(out.vertices)
-        size = self.camera.image_size
-        p2f = self.f.renderer.rasterize(screen, model.tri, (size, size)).pix_to_face
-        rgba = self.f.renderer.shade(screen, model.tri, out.colors, p2f)
-        rgb, mask = rgba[..., :3], rgba[..., 3]
-        verts = out.landmarks if keypoints is None else out.vertices.gather(1, keypoints[..., None].expand(-1, -1, 3))
-        lms = self.f.camera.project_points(verts)
-        data = cfg.lm_loss_w * L.landmark_loss_per_frame(lms, self.landmarks, self.f.lm_weights, self.f.camera.image_size)
-        data = data + cfg.rgb_loss_w * L.photo_loss_per_frame(rgb, self.images, mask)
-        data = data + cfg.tex_w * L.reflectance_loss_per_frame(out.albedo, model.skinmask)
-        priors = {g: w * (((getattr(c, g) if ref is None else getattr(c, g) - ref)) ** 2).sum(1)
-                  for g, (w, ref) in self._priors().items()}
-        return State(cost=data + sum(priors.values()), data=data, priors=priors, coeffs=c, out=out, screen=screen,
-                     pix_to_face=p2f, keypoints=keypoints)
+        ev = self.objective.evaluate(c, self.landmarks, self.images, pose_ref=self.pose_ref, keypoints=keypoints,
+                                     photo_camera=self.camera, cached=self.cached)
+        return State(cost=self.objective.frame_costs(ev.terms), terms=ev.terms, coeffs=c, out=ev.out,
+                     screen=ev.screen, pix_to_face=ev.pix_to_face, keypoints=keypoints)
 
-    def _priors(self) -> Dict[str, Tuple[float, Optional[torch.Tensor]]]:
-        """group -> (weight, reference or None) of the quadratic priors of SPEC §4."""
-        cfg = self.cfg
-        priors = {"id": (cfg.id_reg_w, None), "exp": (cfg.exp_reg_w, None), "tex": (cfg.tex_reg_w, None)}
-        if self.pose_ref is not None:
-            priors["angles"] = (cfg.rot_reg_w, self.pose_ref.angles)
-            priors["trans"] = (cfg.trans_reg_w, self.pose_ref.trans)
-        return priors
+    def priors(self) -> Dict[str, Tuple[float, Optional[torch.Tensor]]]:
+        """group -> (weight, reference or None) of the quadratic priors (the objective's)."""
+        return self.objective.priors(self.pose_ref, photo=True)
 
     # -- the Gauss-Newton model ------------------------------------------------------------
     def cols(self, c: Coeffs, g: str) -> torch.Tensor:
@@ -159,7 +143,7 @@ class PhotometricProblem:
             grad[b] += gb
         self._landmarks(st, offs, hess, grad)
         # Quadratic terms: regularisers and the temporal pose prior, the albedo smoothness.
-        for g, (w, ref) in (self._priors() if with_priors else {}).items():
+        for g, (w, ref) in (self.priors() if with_priors else {}).items():
             if g not in offs or w == 0:
                 continue
             sl = offs[g]
@@ -169,7 +153,7 @@ class PhotometricProblem:
             hess[:, idx, idx] += 2 * w
             grad[:, sl] += 2 * w * x
         if "tex" in offs and cfg.tex_w != 0 and self.model.has_albedo_basis:
-            qtq, qtq0 = self._reflectance_quadratic()
+            qtq, qtq0 = self.objective.reflectance_quadratic()
             sl, cols = offs["tex"], self.cols(c, "tex")
             hess[:, sl, sl] += 2 * cfg.tex_w * qtq[cols][:, cols]
             grad[:, sl] += 2 * cfg.tex_w * (c.tex @ qtq[:, cols] + qtq0[cols])
@@ -384,7 +368,7 @@ class PhotometricProblem:
         key = tuple(groups)
         cache = self.__dict__.setdefault("_bases", {})
         if key not in cache:
-            c = self.f.zeros(1)
+            c = self.model.layout.zeros(1, dtype=self.model.id_base.dtype, device=self.model.id_base.device)
             cache[key] = torch.cat([(self.model.id_base if g == "id" else self.model.exp_base)[:, self.cols(c, g)]
                                     for g in groups], 1)
         return cache[key]
@@ -394,10 +378,10 @@ class PhotometricProblem:
         geo = [g for g in GEOMETRY if g in offs]
         if not geo:
             return
-        c, cam = st.coeffs, self.f.camera
+        c, cam = st.coeffs, self.objective.camera
         jac = self.model.landmarks_3d_jacobian(c, geo, st.keypoints)
         dproj = cam.project_points_jacobian(jac["value"])  # (B, L, 2, 3)
-        w = (torch.sqrt(self.cfg.lm_loss_w * self.f.lm_weights) / cam.image_size)[None, :, None]
+        w = self.objective.landmark_residual_weights()[None, :, None]
         r = ((cam.project_points(jac["value"]) - self.landmarks) * w).reshape(c.angles.shape[0], -1)
         batch, p = grad.shape
         full = r.new_zeros(batch, r.shape[1], p)
@@ -406,27 +390,6 @@ class PhotometricProblem:
             full[:, :, offs[g]] = jg.reshape(batch, r.shape[1], -1)
         hess += 2 * full.transpose(1, 2) @ full
         grad += 2 * (full.transpose(1, 2) @ r[..., None])[..., 0]
-
-    def _reflectance_quadratic(self):
-        """The albedo smoothness as a quadratic in tex: (QᵀQ (K, K), Qᵀq0 (K,)) with the
-        per-frame residual Q·tex + q0 (see losses.reflectance_loss_per_frame); cached on
-        the fitter, it depends only on the model."""
-        cache = getattr(self.f, "_reflectance_quadratic", None)
-        if cache is None:
-            model = self.model
-            n = model.num_vertices
-            skin = model.skinmask[:, None, None]
-            denom = model.skinmask.sum().clamp_min(1.0)
-            scale = skin / 255.0 / denom.sqrt()
-
-            def centred(x):  # (N, 3, K) -> the smoothness residual's linear map
-                return (x - (x * skin).sum(0, keepdim=True) / denom) * scale
-
-            q = centred(model.tex_base.view(n, 3, -1)).reshape(3 * n, -1)
-            q0 = centred(model.meantex.view(n, 3, 1)).reshape(-1)
-            cache = (q.T @ q, q.T @ q0)
-            self.f._reflectance_quadratic = cache
-        return cache
 
 
 def _skew(v: torch.Tensor) -> torch.Tensor:

@@ -97,18 +97,15 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
     model, cam = session.model, session.camera
     c = result.coeffs
     one = type(c)(**{k: v[index:index + 1] for k, v in c.as_dict().items()})
-    dev, dt = session.device, session.fitter.dtype
-    kp = result.keypoints[index].to(dev)
-    with torch.no_grad():
-        rgba, out = session.fitter.render(one)
-        # This photo's own final losses (the batch's are means over its photos).
-        terms = session.fitter.loss_terms(
-            one, torch.as_tensor(photo.landmarks_crop[None], dtype=dt, device=dev),
-            torch.as_tensor(photo.crop[None], dtype=dt, device=dev), keypoints=kp[None])
-    rgba = rgba[0].cpu().numpy()
+    kp = result.keypoints[index]
+    # The fit's own render and this photo's own losses (the batch's are means over its
+    # photos), both from the one evaluation at the end of the fit.
+    rgba = result.renders[index].cpu().numpy()
+    verts_t = result.output.vertices[index]
+    terms = {k: float(v[index]) for k, v in result.frame_losses.items()}
     composed = paste_back(photo.image, np.clip(rgba[..., :3], 0, 255).astype(np.uint8),
                           rgba[..., 3], photo.box)
-    model_lms_crop = cam.project_points(out.vertices[0, kp]).cpu().numpy()
+    model_lms_crop = cam.project_points(verts_t[kp.to(verts_t.device)]).cpu().numpy()
     model_lms_photo = crop_to_photo(model_lms_crop, photo.box, cam.image_size)
     nme = landmark_nme(model_lms_photo, photo.landmarks_photo)
     info = {
@@ -130,8 +127,8 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
         "renderer": session.renderer.backend,
     }
     info.update(info_extra or {})
-    verts = out.vertices[0].cpu().numpy()
-    colors = out.colors[0].cpu().numpy()
+    verts = verts_t.cpu().numpy()
+    colors = result.output.colors[index].cpu().numpy()
     log.info("%s: landmark loss %.6f, photo loss %.4f, landmark NME %.2f%% of the inter-ocular distance",
              photo.name, float(terms["lm"]), float(terms["photo"]), 100 * nme)
     if model.layout == BFM09_LAYOUT:  # the original's 257-vector

@@ -1,0 +1,216 @@
+"""Levenberg-Marquardt steps with the Gauss-Newton model of the full objective (the
+photometric stage of the default preset).
+
+:class:`core.fit.gauss_newton.PhotometricProblem` gives each frame's exact loss (from the
+objective) and its Gauss-Newton model; the loops here solve the damped normal equations
+and keep a step only where the exact loss went down. ``gn_frames``: every group per-frame
+(independent frames, one damping each). ``gn_shared``: some groups shared by the frames
+(the video identity/albedo fit), one system over all frames.
+
+A schedule is a list of (photo camera or None for the crop camera, images (B, T, T, 3),
+steps) stages, coarse to fine; ``steps`` is the most a stage takes.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from core import threads
+from core.models.coeffs import Coeffs
+from .gauss_newton import PhotometricProblem
+from .lm import solve_each
+from .objective import Objective, PoseRef, expand
+
+# Levenberg-Marquardt damping: start, and the factors applied after a step that lowered /
+# did not lower a frame's loss.
+GN_LAMBDA0, GN_LAMBDA_DOWN, GN_LAMBDA_UP = 1e-2, 0.3, 10.0
+# A frame's GN stage ends early once a step gains less than GN_RTOL of its loss, or once
+# its damping exceeds GN_LAMBDA_MAX (steps too short to matter).
+GN_RTOL, GN_LAMBDA_MAX = 1e-4, 1e3
+
+
+def _setup(objective: Objective, coeffs: Coeffs, groups: Sequence[str], batch: int):
+    """What both solvers start from: the coefficients expanded to the batch, the fixed
+    groups and the model pieces they make constant, the optimised columns of id / exp /
+    tex (``columns``) and of every group (``cols``), and the full group values the
+    optimised columns are written into (``start``)."""
+    c = expand(coeffs, batch)
+    fixed = {k: v for k, v in c.as_dict().items() if k not in groups}
+    cached = objective.fixed_pieces({k: getattr(coeffs, k) for k in fixed})
+    columns = {g: objective.active_columns(g) for g in groups if g in ("id", "exp", "tex")}
+    cols = {g: columns.get(g, torch.arange(getattr(c, g).shape[1], device=objective.device)) for g in groups}
+    # Coefficients outside cols only enter their prior: its minimiser, zero.
+    start = {g: torch.zeros_like(getattr(c, g)) if g in columns else getattr(c, g).detach() for g in groups}
+    return c, fixed, cached, columns, cols, start
+
+
+def _stages(objective: Objective, schedule, landmarks: torch.Tensor, groups: Sequence[str],
+            pose_ref: Optional[PoseRef], cached, columns):
+    """(PhotometricProblem, steps) of each stage of ``schedule`` that has steps: the
+    stage's camera (the crop camera when None) and images, the optimised groups in their
+    order and the fixed model pieces."""
+    for cam, images, steps in schedule:
+        if steps > 0:
+            yield PhotometricProblem(objective, landmarks, images, cam or objective.camera, groups, pose_ref,
+                                     cached, columns), steps
+
+
+def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
+              pose_ref: Optional[PoseRef] = None, progress: bool = False, desc: str = "non-rigid (GN)") -> Coeffs:
+    """Levenberg-Marquardt on the full per-frame loss with the Gauss-Newton model of
+    :mod:`core.fit.gauss_newton` (IRLS photometric term, exact landmark and prior terms).
+
+    ``schedule``: (photo camera or None, images, steps) stages (see the module docstring);
+    a step solves the damped normal equations and keeps the result for the frames
+    whose exact loss went down (each frame has its own damping); ``steps`` is the most:
+    a stage stops when every frame has converged (GN_RTOL, GN_LAMBDA_MAX). Every
+    group must be per-frame (frames are independent problems)."""
+    batch = landmarks.shape[0]
+    c, fixed, cached, columns, cols, start = _setup(objective, coeffs, groups, batch)
+    sizes = [cols[g].numel() for g in groups]
+    x = torch.cat([getattr(c, g)[:, cols[g]] for g in groups], dim=1).detach()
+
+    def unpack(v):
+        parts = dict(zip(groups, torch.split(v, sizes, dim=1)))
+        return Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in groups})
+
+    bar = tqdm(total=sum(n for _, _, n in schedule), desc=desc, disable=not progress, leave=False)
+    for prob, steps in _stages(objective, schedule, landmarks, groups, pose_ref, cached, columns):
+        kp = objective.keypoints(unpack(x), landmarks)
+        st = prob.evaluate(unpack(x), kp)
+        hess, grad = prob.linearize(st)
+        lam = torch.full((batch,), GN_LAMBDA0, dtype=torch.float64, device=objective.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=objective.device)
+        for step in range(steps):
+            threads.tick()
+            h = hess.double()
+            damp = lam[:, None] * torch.diagonal(h, dim1=1, dim2=2) + 1e-12
+            delta = solve_each(h + torch.diag_embed(damp), -grad.double()).to(x.dtype)
+            delta = torch.where(done[:, None], torch.zeros_like(delta), delta)
+            trial = prob.evaluate(unpack(x + delta), kp)
+            better = (trial.cost < st.cost) & ~done
+            # A frame is done when a step gains less than GN_RTOL of its loss, or when
+            # the damping has grown so large that steps no longer move it.
+            small = better & (st.cost - trial.cost < GN_RTOL * st.cost)
+            lam = torch.where(better, lam * GN_LAMBDA_DOWN, lam * GN_LAMBDA_UP).clamp(1e-8, 1e8)
+            done |= small | (lam > GN_LAMBDA_MAX)
+            bar.update(1)
+            if bool(better.any()):
+                x = torch.where(better[:, None], x + delta, x)
+            if bool(done.all()) or step == steps - 1:
+                break
+            if not bool(better.any()):
+                continue
+            if bool(better.all()) and not objective.model.has_contour:
+                st = trial
+            else:  # some frames kept their old point, or the contour moves: re-evaluate
+                kp = objective.keypoints(unpack(x), landmarks)
+                st = prob.evaluate(unpack(x), kp)
+            # Frames that did not move (or are done) keep their Gauss-Newton model.
+            moved = better & ~done
+            h_new, g_new = prob.linearize(st, frames=moved)
+            hess = torch.where(moved[:, None, None], h_new, hess)
+            grad = torch.where(moved[:, None], g_new, grad)
+    bar.close()
+    return Coeffs(**{k: v.detach() for k, v in unpack(x).as_dict().items()})
+
+def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
+              pose_ref: Optional[PoseRef] = None, progress: bool = False,
+              desc: str = "non-rigid, shared groups (GN)") -> Coeffs:
+    """Levenberg-Marquardt with the Gauss-Newton model when some groups are shared by
+    the B frames (batch 1 in ``coeffs``; the video identity/albedo fit).
+
+    The loss is Objective.total's for shared groups: the mean over the frames of the
+    data terms plus every prior once (a shared group's once, a per-frame group's for
+    every frame). One system over [shared | frame 1 | ... | frame B] parameters: the
+    frames' Gauss-Newton models (data terms) averaged into the shared block and its
+    couplings, the priors added on the diagonal; one damping for the whole fit."""
+    batch = landmarks.shape[0]
+    shared = [g for g in groups if getattr(coeffs, g).shape[0] == 1]
+    order = tuple(shared + [g for g in groups if g not in shared])
+    c, fixed, cached, columns, cols, start = _setup(objective, coeffs, order, batch)
+    ks = sum(cols[g].numel() for g in shared)
+    kf = sum(cols[g].numel() for g in order if g not in shared)
+    xs = torch.cat([getattr(c, g)[:1, cols[g]] for g in shared], dim=1).detach()          # (1, ks)
+    xf = torch.cat([getattr(c, g)[:, cols[g]] for g in order if g not in shared], dim=1).detach()  # (B, kf)
+
+    def unpack(vs, vf):
+        full = torch.cat([vs.expand(batch, -1), vf], dim=1)
+        parts = dict(zip(order, torch.split(full, [cols[g].numel() for g in order], dim=1)))
+        return Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in order})
+
+    def total(st):  # the shared-mode loss (see the docstring)
+        return objective.total(st.terms, shared)
+
+    def system(st, prob):
+        hb, gb = prob.linearize(st, with_priors=False)  # (B, P, P), (B, P), data terms of each frame
+        n = ks + batch * kf
+        h = torch.zeros(n, n, dtype=torch.float64, device=objective.device)
+        g = torch.zeros(n, dtype=torch.float64, device=objective.device)
+        hb, gb = hb.double() / batch, gb.double() / batch
+        h[:ks, :ks] = hb[:, :ks, :ks].sum(0)
+        g[:ks] = gb[:, :ks].sum(0)
+        for b in range(batch):
+            blk = slice(ks + b * kf, ks + (b + 1) * kf)
+            h[:ks, blk] = hb[b, :ks, ks:]
+            h[blk, :ks] = hb[b, ks:, :ks]
+            h[blk, blk] = hb[b, ks:, ks:]
+            g[blk] = gb[b, ks:]
+        # The priors, each once per coefficient of the system.
+        x = torch.cat([xs[0], xf.reshape(-1)]).double()
+        diag, ref = torch.zeros(n, dtype=torch.float64, device=objective.device), torch.zeros_like(x)
+        weights = prob.priors()
+        pos = 0
+        for grp in shared:
+            k = cols[grp].numel()
+            diag[pos:pos + k] = weights.get(grp, (0.0, None))[0]
+            pos += k
+        off = 0
+        for grp in (g2 for g2 in order if g2 not in shared):
+            k = cols[grp].numel()
+            w, r = weights.get(grp, (0.0, None))
+            for b in range(batch):
+                i = ks + b * kf + off
+                diag[i:i + k] = w
+                if r is not None:
+                    ref[i:i + k] = r[b, cols[grp]].double()
+            off += k
+        idx = torch.arange(n, device=objective.device)
+        h[idx, idx] += 2 * diag
+        g += 2 * diag * (x - ref)
+        return h, g
+
+    bar = tqdm(total=sum(n for _, _, n in schedule), desc=desc, disable=not progress, leave=False)
+    for prob, steps in _stages(objective, schedule, landmarks, order, pose_ref, cached, columns):
+        kp = objective.keypoints(unpack(xs, xf), landmarks)
+        st = prob.evaluate(unpack(xs, xf), kp)
+        cost = total(st)
+        h, g = system(st, prob)
+        lam = GN_LAMBDA0
+        for step in range(steps):
+            threads.tick()
+            delta = torch.linalg.solve(h + torch.diag(lam * torch.diagonal(h) + 1e-12), -g).to(xs.dtype)
+            ts, tf = xs + delta[:ks][None], xf + delta[ks:].view(batch, kf)
+            trial = prob.evaluate(unpack(ts, tf), kp)
+            new = total(trial)
+            bar.update(1)
+            if not bool(new < cost):
+                lam *= GN_LAMBDA_UP
+                if lam > GN_LAMBDA_MAX:
+                    break
+                continue
+            gain = float(cost - new)
+            xs, xf, cost, st = ts, tf, new, trial
+            lam *= GN_LAMBDA_DOWN
+            if gain < GN_RTOL * float(cost) or step == steps - 1:
+                break
+            if objective.model.has_contour:
+                kp = objective.keypoints(unpack(xs, xf), landmarks)
+                st = prob.evaluate(unpack(xs, xf), kp)
+                cost = total(st)
+            h, g = system(st, prob)
+    bar.close()
+    out = unpack(xs, xf).as_dict()
+    return Coeffs(**{k: (v[:1] if k in shared else v).detach() for k, v in out.items()})
