@@ -21,7 +21,7 @@ import logging
 import sys
 from typing import Sequence
 
-from core import cli
+from core import cli, defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,11 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img_path", required=True, nargs="+",
                    help="photo(s) to fit, or folders of photos")
     g.add_argument("--res_folder", required=True, help="output folder")
-    g.add_argument("--face_index", default="largest",
+    g.add_argument("--face_index", default=defaults.FACE_INDEX,
                    help="which face when a photo has several: 'largest' or an index into the faces sorted "
-                        "by size, 0 = largest (default: largest)")
-    g.add_argument("--batch_size", type=cli.positive_int, default=8,
-                   help="photos fitted together in one batch (default: 8)")
+                        "by size, 0 = largest (default: %(default)s)")
+    g.add_argument("--batch_size", type=cli.positive_int, default=defaults.PHOTO_BATCH_SIZE,
+                   help="photos fitted together in one batch (default: %(default)s)")
     g.add_argument("--cache_folder", default="fitting_cache", help="accepted for compatibility (photos need no cache)")
     cli.add_model_flags(p)
     cli.add_detection_flags(p)

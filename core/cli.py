@@ -15,6 +15,7 @@ import math
 import sys
 from typing import Callable, Optional, Sequence
 
+from core import defaults
 from core.io.atomic import ignore_file_size_signal
 from core.fit.config import FitConfig, PRESETS, get_preset
 from .errors import UserError
@@ -51,21 +52,21 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_detection_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("face detection and crop")
-    g.add_argument("--lm_detector", default="auto", choices=["auto", "fan", "dlib"],
+    g.add_argument("--lm_detector", default=defaults.LM_DETECTOR, choices=["auto", "fan", "dlib"],
                    help="68-landmark detector: face-alignment's FAN when its weights are available, "
-                        "else dlib (default: auto)")
-    g.add_argument("--tar_size", type=_ranged(int, 32, 4096), default=256,
-                   help="side of the square crop that is fitted and rendered, 32..4096 (default: 256)")
-    g.add_argument("--padding_ratio", type=_ranged(float, 0.0, 10.0), default=0.3,
-                   help="enlarge the detected face box by this ratio, 0..10 (default: 0.3)")
+                        "else dlib (default: %(default)s)")
+    g.add_argument("--tar_size", type=_ranged(int, 32, 4096), default=defaults.TAR_SIZE,
+                   help="side of the square crop that is fitted and rendered, 32..4096 (default: %(default)s)")
+    g.add_argument("--padding_ratio", type=_ranged(float, 0.0, 10.0), default=defaults.PADDING_RATIO,
+                   help="enlarge the detected face box by this ratio, 0..10 (default: %(default)s)")
 
 
 def add_fit_flags(parser: argparse.ArgumentParser, video: bool = False) -> None:
     """The SPEC §4 flags; each defaults to the chosen preset's value."""
     g = parser.add_argument_group("fitting (defaults come from --preset)")
-    g.add_argument("--preset", default="default", choices=sorted(PRESETS),
+    g.add_argument("--preset", default=defaults.PRESET, choices=sorted(PRESETS),
                    help="'original' is exactly the original schedule (Adam, 1000 rigid + 500 non-rigid iterations); "
-                        "'default' is the fast schedule (default: default)")
+                        "'default' is the fast schedule (default: %(default)s)")
     ref = PRESETS["original"]
     helps = {
         "first_rf_iters": "rigid iterations (photo, or a clip's first frame)",
@@ -144,10 +145,10 @@ def non_negative_int(text: str) -> int:
 
 def add_runtime_flags(parser: argparse.ArgumentParser, threads_help: Optional[str] = None) -> None:
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--device", default=defaults.DEVICE, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--gpu", type=int, default=None, help="GPU index used by --device auto/cuda (the original's flag)")
-    g.add_argument("--renderer", default="auto", choices=["auto", "builtin", "pytorch3d"],
-                   help="rasterizer: pytorch3d when it imports, else the built-in one (default: auto)")
+    g.add_argument("--renderer", default=defaults.RENDERER, choices=["auto", "builtin", "pytorch3d"],
+                   help="rasterizer: pytorch3d when it imports, else the built-in one (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, default=None,
                    help=threads_help or "CPU threads (default: adaptive: every core that other programs leave free, "
                                         "re-checked while fitting)")

@@ -44,3 +44,26 @@ def test_failing_chmod_leaves_no_temporary(tmp_path, monkeypatch):
         with atomic_path(str(tmp_path / "a.txt")):
             pass
     assert os.listdir(tmp_path) == []
+
+
+def test_group_renames_all_or_none(tmp_path):
+    """atomic_group: every file of the group appears, or (one writer failed) none does and
+    no temporary file is left; old files under the final names stay as they were."""
+    names = [str(tmp_path / n) for n in ("a.txt", "b.json", "c.jpg")]
+    (tmp_path / "b.json").write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic.atomic_group(names) as tmps:
+            assert sorted(tmps) == sorted(names) and all(os.path.exists(t) for t in tmps.values())
+            assert [os.path.splitext(t)[1] for t in tmps.values()] == [".txt", ".json", ".jpg"]
+            for i, t in enumerate(tmps.values()):
+                if i == 2:
+                    raise OSError(28, "disk full")
+                with open(t, "w") as f:
+                    f.write("new")
+    assert sorted(os.listdir(tmp_path)) == ["b.json"] and (tmp_path / "b.json").read_text() == "old"
+    with atomic.atomic_group(names) as tmps:
+        for t in tmps.values():
+            with open(t, "w") as f:
+                f.write("new")
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.json", "c.jpg"]
+    assert all(open(n).read() == "new" for n in names)

@@ -10,7 +10,7 @@ import os
 import signal
 import tempfile
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterator, Sequence
 
 
 def ignore_file_size_signal() -> None:
@@ -26,13 +26,9 @@ def ignore_file_size_signal() -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str, suffix: str | None = None) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success rename it to ``path``.
-
-    ``suffix`` is the temporary file's extension (default: that of ``path``), for writers
-    that pick the format from the name (cv2.imwrite, imageio). On an exception the
-    temporary file is removed and the exception propagates.
-    """
+def _temporary(path: str, suffix: str | None = None) -> Iterator[str]:
+    """A new empty file beside ``path`` (extension ``suffix``, default that of ``path``)
+    with the usual permissions; removed on the way out unless renamed by then."""
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     if suffix is None:
@@ -44,11 +40,34 @@ def atomic_path(path: str, suffix: str | None = None) -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
         yield tmp
-        os.replace(tmp, path)
-    except BaseException:
+    finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str | None = None) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    ``suffix`` is the temporary file's extension (default: that of ``path``), for writers
+    that pick the format from the name (cv2.imwrite, imageio). On an exception the
+    temporary file is removed and the exception propagates.
+    """
+    with _temporary(path, suffix) as tmp:
+        yield tmp
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_group(paths: Sequence[str]) -> Iterator[Dict[str, str]]:
+    """Yield {final path: temporary path} for several files written as one group: when
+    the block ends without an exception each is renamed into place, else none is and every
+    temporary file is removed (a failed rename leaves the ones before it renamed)."""
+    with contextlib.ExitStack() as stack:
+        tmps = {p: stack.enter_context(_temporary(p)) for p in paths}
+        yield tmps
+        for p, tmp in tmps.items():
+            os.replace(tmp, p)
 
 
 def write_atomic(path: str, writer: Callable[[str], object], suffix: str | None = None) -> None:

@@ -6,7 +6,6 @@ complete.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -15,6 +14,7 @@ from typing import Dict, Mapping
 import numpy as np
 
 from core.errors import UserError
+from .atomic import atomic_group
 from .image import write_image
 
 
@@ -85,23 +85,16 @@ def write_outputs(folder: str, files: Mapping[str, object]) -> Dict[str, str]:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output folder '{folder}': {e.strerror or e}") from None
-    paths = {}
-    with contextlib.ExitStack() as stack:
-        tmps = {}
-        for name, content in files.items():
-            path = os.path.join(folder, name)
-            tmp = stack.enter_context(_deferred(path))
-            try:
-                _write_one(tmp, name, content)
-            except OSError as e:
-                raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
-            tmps[path] = tmp
-        for path, tmp in tmps.items():
-            try:
-                os.replace(tmp, path)
-            except OSError as e:
-                raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
-            paths[os.path.basename(path)] = path
+    paths = {name: os.path.join(folder, name) for name in files}
+    try:
+        with atomic_group(list(paths.values())) as tmps:
+            for name, content in files.items():
+                try:
+                    _write_one(tmps[paths[name]], name, content)
+                except OSError as e:
+                    raise UserError(f"cannot write '{paths[name]}': {e.strerror or e}") from None
+    except OSError as e:  # creating a temporary file, or renaming one into place
+        raise UserError(f"cannot write '{e.filename2 or folder}': {e.strerror or e}") from None
     return paths
 
 
@@ -121,16 +114,3 @@ def _write_one(tmp: str, name: str, content) -> None:
     else:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(content)
-
-
-@contextlib.contextmanager
-def _deferred(path: str):
-    """A temporary name beside ``path`` (same extension), removed if not renamed."""
-    folder, base = os.path.split(os.path.abspath(path))
-    ext = os.path.splitext(base)[1]
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp{ext}")
-    try:
-        yield tmp
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)

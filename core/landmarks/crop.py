@@ -28,12 +28,14 @@ import math
 import cv2
 import numpy as np
 
+from core import defaults
+
 __all__ = ["square_box", "photo_to_crop", "crop_to_photo", "crop_face", "paste_back"]
 
 Box = tuple[int, int, int, int]
 
 
-def square_box(face_box, padding_ratio: float = 0.3) -> Box:
+def square_box(face_box, padding_ratio: float = defaults.PADDING_RATIO) -> Box:
     """Square crop box around a face box.
 
     face_box: (4,) [x0, y0, x1, y1] in photo pixels (any floats, x1 > x0, y1 > y0).

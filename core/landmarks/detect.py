@@ -30,6 +30,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from core import defaults
 from core.errors import UserError
 
 __all__ = ["Face", "Detector", "DlibDetector", "FanDetector", "make_detector", "pick_face",
@@ -356,7 +357,7 @@ def make_detector(name: str = "auto", device: str = "cpu") -> Detector:
     return det
 
 
-def pick_face(faces: Sequence[Face], which: str | int = "largest", label: str = "image") -> Face:
+def pick_face(faces: Sequence[Face], which: str | int = defaults.FACE_INDEX, label: str = "image") -> Face:
     """Choose one face: ``"largest"`` (default) or an index into the faces sorted by box
     area, largest first (0 = largest). ``label`` names the input in error messages.
 

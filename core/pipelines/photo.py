@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from core import defaults
 from core.models.coeffs import BFM09_LAYOUT
 from core.landmarks.crop import crop_face, crop_to_photo, paste_back, photo_to_crop, square_box
 from core.landmarks.detect import pick_face
@@ -68,7 +69,7 @@ def expand_inputs(paths: Sequence[str]) -> List[str]:
 
 
 def prepare_photo(path: str, detector, tar_size: int, padding_ratio: float,
-                  face_index: Union[str, int] = "largest") -> PreparedPhoto:
+                  face_index: Union[str, int] = defaults.FACE_INDEX) -> PreparedPhoto:
     """Read the photo, detect the chosen face and crop it (UserError when impossible)."""
     image = read_image(path)
     t0 = time.perf_counter()
@@ -144,8 +145,9 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
     }
 
 
-def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str, padding_ratio: float = 0.3,
-               face_index: Union[str, int] = "largest", batch_size: int = 8, info_extra: Optional[dict] = None) -> PhotoReport:
+def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str,
+               padding_ratio: float = defaults.PADDING_RATIO, face_index: Union[str, int] = defaults.FACE_INDEX,
+               batch_size: int = defaults.PHOTO_BATCH_SIZE, info_extra: Optional[dict] = None) -> PhotoReport:
     """Fit every photo in ``paths`` and write its outputs into ``res_folder``."""
     report = PhotoReport()
     prepared: List[PreparedPhoto] = []

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from core import defaults
 from core.render.camera import Camera
 from core.fit.config import FitConfig
 from core.device import resolve_device
@@ -80,8 +81,9 @@ class Session:
     device: torch.device
 
     @classmethod
-    def create(cls, model: FaceModel, config: FitConfig, tar_size: int = 256, device: str = "auto",
-               gpu: Optional[int] = None, renderer: str = "auto", progress: bool = True) -> "Session":
+    def create(cls, model: FaceModel, config: FitConfig, tar_size: int = defaults.TAR_SIZE,
+               device: str = defaults.DEVICE, gpu: Optional[int] = None, renderer: str = defaults.RENDERER,
+               progress: bool = True) -> "Session":
         dev = resolve_device(device, gpu)
         if tar_size < 32 or tar_size > 4096:
             raise UserError(f"--tar_size must be between 32 and 4096; got {tar_size}")
