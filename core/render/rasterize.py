@@ -45,6 +45,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .checks import check_image_size, check_inputs, check_pix_to_face
+
 __all__ = ["Fragments", "PixelJacobian", "rasterize", "barycentrics", "interpolate", "interpolation_jacobian"]
 
 # Bound on the number of (triangle, pixel) candidate pairs tested at once (memory).
@@ -81,36 +83,6 @@ class Fragments:
         return self.pix_to_face >= 0
 
 
-def _check_inputs(verts_screen: torch.Tensor, faces: torch.Tensor) -> None:
-    if verts_screen.dim() != 3 or verts_screen.shape[-1] != 3:
-        raise ValueError(
-            f"Expected verts_screen to have shape (B, N, 3); got {tuple(verts_screen.shape)}")
-    if not verts_screen.is_floating_point():
-        raise ValueError(f"Expected verts_screen to be floating point; got {verts_screen.dtype}")
-    if faces.dim() != 2 or faces.shape[-1] != 3:
-        raise ValueError(f"Expected faces to have shape (F, 3); got {tuple(faces.shape)}")
-    if faces.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"Expected faces to be int64 or int32; got {faces.dtype}")
-
-
-def _check_image_size(image_size) -> Tuple[int, int]:
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
-    try:
-        height, width = (int(s) for s in image_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"Expected image_size to be (H, W); got {image_size!r}") from None
-    if height <= 0 or width <= 0:
-        raise ValueError(f"Expected a positive image_size (H, W); got {(height, width)}")
-    return height, width
-
-
-def _check_pix_to_face(pix_to_face: torch.Tensor, batch: int) -> None:
-    if pix_to_face.dim() != 3 or pix_to_face.shape[0] != batch:
-        raise ValueError(
-            f"Expected pix_to_face to have shape ({batch}, H, W); got {tuple(pix_to_face.shape)}")
-
-
 def rasterize(
     verts_screen: torch.Tensor,
     faces: torch.Tensor,
@@ -132,8 +104,8 @@ def rasterize(
         Fragments with pix_to_face (B, H, W) long and zbuf (B, H, W) float, see
         :class:`Fragments`.
     """
-    _check_inputs(verts_screen, faces)
-    height, width = _check_image_size(image_size)
+    check_inputs(verts_screen, faces)
+    height, width = check_image_size(image_size)
     with torch.no_grad():
         return _rasterize(verts_screen.detach(), faces, height, width, float(znear), float(zfar))
 
@@ -560,9 +532,9 @@ def _per_chunk(fn, verts_screen: torch.Tensor, faces: torch.Tensor,
                pix_to_face: torch.Tensor, attrs=None) -> torch.Tensor:
     """Check the inputs, then compute image = fn(idx, vidx, px, py, verts, attrs,
     image_shape) (see _covered_pixels) for groups of frames, concatenated over the batch."""
-    _check_inputs(verts_screen, faces)
+    check_inputs(verts_screen, faces)
     batch, num_verts, _ = verts_screen.shape
-    _check_pix_to_face(pix_to_face, batch)
+    check_pix_to_face(pix_to_face, batch)
     device = verts_screen.device
     faces_t = _face_columns(faces, device)  # (3, F)
     pix_to_face = pix_to_face.to(device)
@@ -664,9 +636,9 @@ def interpolation_jacobian(attrs: torch.Tensor, verts_screen: torch.Tensor, face
     Args:
         attrs: (B, N, C), verts_screen: (B, N, 3), faces: (F, 3), pix_to_face: (B, H, W).
     """
-    _check_inputs(verts_screen, faces)
+    check_inputs(verts_screen, faces)
     batch, num_verts, _ = verts_screen.shape
-    _check_pix_to_face(pix_to_face, batch)
+    check_pix_to_face(pix_to_face, batch)
     faces_t = _face_columns(faces, verts_screen.device)
     with torch.no_grad():
         idx, vidx, px, py = _covered_pixels(pix_to_face.to(verts_screen.device), faces_t, num_verts,
