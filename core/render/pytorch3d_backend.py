@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_image_size, check_inputs
-from .rasterize import Fragments
+from .coverage import Fragments
 
 
 def screen_to_ndc(verts_screen: torch.Tensor, image_size) -> torch.Tensor:
@@ -35,7 +35,7 @@ def rasterize_pytorch3d(
     bin_size=None,
     max_faces_per_bin=None,
 ) -> Fragments:
-    """Same contract as :func:`core.render.rasterize.rasterize`, computed by pytorch3d.
+    """Same contract as :func:`core.render.coverage.rasterize`, computed by pytorch3d.
 
     Args:
         verts_screen: (B, N, 3) float, screen-space vertices (col, row, depth).
