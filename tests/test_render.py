@@ -3,15 +3,14 @@ here, hand-computed coverage, depth order and barycentrics, float64 gradchecks, 
 skipped triangles, and the pytorch3d backend (parity test skipped without pytorch3d)."""
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
-import importlib
-from core.render import MeshRenderer, barycentrics, interpolate, rasterize
+from core.render import MeshRenderer, barycentrics, coverage, interpolate, layout, rasterize
 from core.render.pytorch3d_backend import screen_to_ndc
-
-rast = importlib.import_module("core.render.rasterize")  # the module, not the function
 
 
 # --------------------------------------------------------------------------- reference
@@ -110,7 +109,7 @@ def test_in_place_candidates_match_reference(monkeypatch, in_place):
             for d in (0, 1)]
     counts = set((span[0] * span[1]).long().tolist())
     assert {1, 2, 3, 4} <= counts and max(counts) > 4  # every path is exercised
-    monkeypatch.setattr(rast, "_IN_PLACE", in_place)
+    monkeypatch.setattr(coverage, "_IN_PLACE", in_place)
     frags = rasterize(verts, faces, (20, 20))
     ref_p2f, ref_z = reference_rasterize(verts.numpy(), faces.numpy(), 20, 20)
     assert (frags.pix_to_face.numpy() == ref_p2f).all()
@@ -256,8 +255,8 @@ def test_chunking_gives_the_same_result(monkeypatch):
     attrs = torch.rand(3, verts.shape[1], 3, dtype=torch.float64)
     frags = rasterize(verts, faces, (20, 24))
     image = interpolate(attrs, verts, faces, frags.pix_to_face)
-    monkeypatch.setattr(rast, "_MAX_CANDIDATES", 7)
-    monkeypatch.setattr(rast, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(coverage, "_MAX_CANDIDATES", 7)
+    monkeypatch.setattr(layout, "_CHUNK_ELEMENTS", 1)
     chunked = rasterize(verts, faces, (20, 24))
     assert torch.equal(chunked.pix_to_face, frags.pix_to_face)
     assert torch.equal(chunked.zbuf, frags.zbuf)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from .rasterize import Fragments, _check_image_size, _check_inputs
+from .checks import check_image_size, check_inputs
+from .coverage import Fragments
 
 
 def screen_to_ndc(verts_screen: torch.Tensor, image_size) -> torch.Tensor:
     """(B, N, 3) screen (col, row, depth) -> (B, N, 3) pytorch3d NDC (x, y, depth)."""
-    height, width = _check_image_size(image_size)
+    height, width = check_image_size(image_size)
     scale = float(min(height, width))
     col, row, depth = verts_screen.unbind(-1)
     return torch.stack([(width - 2.0 * col) / scale, (height - 2.0 * row) / scale, depth], -1)
@@ -34,7 +35,7 @@ def rasterize_pytorch3d(
     bin_size=None,
     max_faces_per_bin=None,
 ) -> Fragments:
-    """Same contract as :func:`core.render.rasterize.rasterize`, computed by pytorch3d.
+    """Same contract as :func:`core.render.coverage.rasterize`, computed by pytorch3d.
 
     Args:
         verts_screen: (B, N, 3) float, screen-space vertices (col, row, depth).
@@ -52,8 +53,8 @@ def rasterize_pytorch3d(
     from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes
     from pytorch3d.structures import Meshes
 
-    _check_inputs(verts_screen, faces)
-    height, width = _check_image_size(image_size)
+    check_inputs(verts_screen, faces)
+    height, width = check_image_size(image_size)
     with torch.no_grad():
         verts = verts_screen.detach().float()
         faces = faces.to(device=verts.device, dtype=torch.int64)

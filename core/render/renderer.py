@@ -7,7 +7,8 @@ import logging
 import torch
 from torch import nn
 
-from .rasterize import Fragments, interpolate, rasterize
+from .coverage import Fragments, rasterize
+from .interpolation import interpolate
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +24,14 @@ def _pytorch3d_available() -> bool:
 
 
 class MeshRenderer(nn.Module):
-    """Render vertex-coloured meshes given in screen space (see core.render.rasterize).
+    """Render vertex-coloured meshes given in screen space (see core.render.coverage).
 
     Args:
         backend: "builtin" (the pure-PyTorch rasterizer), "pytorch3d" (pytorch3d's
             rasterize_meshes; it must import), or "auto" (pytorch3d if it imports, else
             builtin). Only the rasterization differs; interpolation is the same code, so
             the gradients are the same.
-        znear, zfar: depth limits, see :func:`core.render.rasterize.rasterize`.
+        znear, zfar: depth limits, see :func:`core.render.coverage.rasterize`.
     """
 
     def __init__(self, backend: str = "auto", znear: float = 0.01, zfar: float = 50.0):
