@@ -129,7 +129,7 @@ class PhotometricProblem:
         ``frames``: optional (B,) bool, the frames whose photometric term is needed (the
         others get only the cheap landmark and prior terms, e.g. frames already converged).
         ``with_priors``: False leaves out the quadratic priors (the data terms only)."""
-        c, cfg = st.coeffs, self.cfg
+        c = st.coeffs
         sizes = self.sizes(c)
         offs = dict(zip(self.groups, _offsets(sizes)))
         batch, p = c.angles.shape[0], sum(sizes)
@@ -152,11 +152,12 @@ class PhotometricProblem:
             idx = torch.arange(sl.start, sl.stop, device=hess.device)
             hess[:, idx, idx] += 2 * w
             grad[:, sl] += 2 * w * x
-        if "tex" in offs and cfg.tex_w != 0 and self.model.has_albedo_basis:
+        w_refl = self.objective.data_weights()["reflectance"]
+        if "tex" in offs and w_refl != 0 and self.model.has_albedo_basis:
             qtq, qtq0 = self.objective.reflectance_quadratic()
             sl, cols = offs["tex"], self.cols(c, "tex")
-            hess[:, sl, sl] += 2 * cfg.tex_w * qtq[cols][:, cols]
-            grad[:, sl] += 2 * cfg.tex_w * (c.tex @ qtq[:, cols] + qtq0[cols])
+            hess[:, sl, sl] += 2 * w_refl * qtq[cols][:, cols]
+            grad[:, sl] += 2 * w_refl * (c.tex @ qtq[:, cols] + qtq0[cols])
         return hess, grad
 
     def _frame(self, st: State, b: int) -> "_Frame":
@@ -177,7 +178,7 @@ class PhotometricProblem:
         (:meth:`_gradient`). The Hessian JᵀQJ is assembled from at most
         ``HESSIAN_PIXELS`` evenly spaced covered pixels (each standing for ``stride``
         pixels): it only shapes the step, which the LM loop accepts on the exact loss."""
-        cfg, model = self.cfg, self.model
+        model = self.model
         n = model.num_vertices
         pj = interpolation_jacobian(st.out.colors[b:b + 1], st.screen[b:b + 1], model.tri,
                                     st.pix_to_face[b:b + 1])
@@ -190,7 +191,7 @@ class PhotometricProblem:
         r = pj.values.clamp(0.0, 255.0) - target
         live = ((pj.values > 0) & (pj.values < 255)).to(r.dtype)  # clamped channels: no slope
         rho = torch.linalg.vector_norm(r, dim=0).clamp_min(RHO_MIN)
-        q = cfg.rgb_loss_w / (255.0 * m) / rho  # (M,) IRLS weights
+        q = self.objective.data_weights()["photo"] / (255.0 * m) / rho  # (M,) IRLS weights
         # Gradient: adjoint of each pixel value, splatted to its corners' colours / screen.
         adj = r * live * q  # (3, M)
         u_color = torch.einsum("km,cm->kmc", pj.weights, adj)
