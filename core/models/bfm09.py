@@ -15,7 +15,6 @@ from .face_model import FaceModel
 
 REQUIRED_KEYS = ("meanshape", "idBase", "exBase", "meantex", "texBase", "tri", "point_buf", "keypoints")
 OPTIONAL_KEYS = ("skinmask", "frontmask2_idx", "tri_mask2")
-DEFAULT_MODEL_PATH = os.path.join("BFM", "BFM09_model_info.mat")
 BFM09_COLUMNS = {"idBase": 80, "exBase": 64, "texBase": 80}
 
 _HOW_TO_GET = ("download 01_MorphableModel.mat (Basel Face Model 2009) and Exp_Pca.bin into BFM/ "
@@ -119,6 +118,6 @@ def model_from_arrays(data: Dict[str, np.ndarray], name: str = "bfm09", label: s
         raise UserError(f"face model '{label}': {e} ({_FIX})") from None
 
 
-def load_bfm09(path: str = DEFAULT_MODEL_PATH) -> FaceModel:
+def load_bfm09(path: str) -> FaceModel:
     """Load the converted BFM09 model (SPEC §1) from ``path``."""
     return model_from_arrays(read_model_arrays(path), name="bfm09", label=path)

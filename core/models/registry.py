@@ -3,8 +3,9 @@
 Each loader takes the ``--model_path`` given, or None for the model's default place: for
 bfm09 the converted file found by :func:`core.resources.default_bfm09_path` (``BFM/`` of
 the working directory, then the project's ``BFM/``), for sfm the copy bundled with the
-project. Everything downstream (fitting, rendering, losses, outputs) works on the
-:class:`~core.models.face_model.FaceModel` interface alone.
+project, for bfm2017 / bfm2019 :data:`core.resources.DEFAULT_BFM2017`; the model modules'
+own loaders take explicit paths. Everything downstream (fitting, rendering, losses,
+outputs) works on the :class:`~core.models.face_model.FaceModel` interface alone.
 
 The model modules are imported when a model is loaded, so reading the names
 (:data:`MODEL_NAMES`, for the scripts' flags) costs nothing.
@@ -30,7 +31,7 @@ def _load_sfm(path: Optional[str]) -> FaceModel:
 
 def _load_bfm2017(path: Optional[str]) -> FaceModel:
     from .bfm2017 import load_bfm2017
-    return load_bfm2017(path)
+    return load_bfm2017(path or resources.DEFAULT_BFM2017)
 
 
 def _load_bfm09(path: Optional[str]) -> FaceModel:
