@@ -3,8 +3,8 @@
     python convert_bfm09_data.py [--bfm_folder BFM] [--out BFM/BFM09_model_info.mat]
                                  [--download] [--from_front_mat PATH] [--quiet]
 
-See BFM/README.md for where the input files come from. The work is done by
-core/models/convert_bfm09.py.
+See BFM/README.md for where the input files come from. The work is done by the package
+core/models/convert_bfm09/.
 """
 from __future__ import annotations
 

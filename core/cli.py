@@ -18,11 +18,11 @@ from typing import Callable, Optional, Sequence
 from core import defaults
 from core.io.atomic import ignore_file_size_signal
 from core.fit.config import FitConfig, PRESETS, get_preset
+from core.models.registry import MODEL_NAMES
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
-MODEL_NAMES = ("bfm09", "sfm", "bfm2017", "bfm2019")
 
 
 class ArgumentParser(argparse.ArgumentParser):

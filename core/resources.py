@@ -8,7 +8,12 @@ directory): the bundled Surrey Face Model and the landmark definitions of other 
 * ``BFM/landmarks/``: eos's iBUG-68 mapping and jaw contour of the Basel 2017/2019
   ``bfm_nomouth`` topology (Apache 2.0);
 * ``BFM/BFM09_model_info.mat``: where ``convert_bfm09_data.py`` writes the converted
-  Basel Face Model 2009 (not shipped: it needs a registration).
+  Basel Face Model 2009 (not shipped: it needs a registration);
+* ``BFM/model2017-1_bfm_nomouth.h5``: where the Basel Face Model 2017 is looked for when
+  no ``--model_path`` is given (not shipped either).
+
+The model loaders take explicit paths; these defaults are applied by
+:mod:`core.models.registry`.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ BFM_FOLDER = os.path.join(PROJECT_ROOT, "BFM")
 BUNDLED_SFM = os.path.join(BFM_FOLDER, "sfm")
 BUNDLED_LANDMARKS = os.path.join(BFM_FOLDER, "landmarks")
 BFM09_FILE = "BFM09_model_info.mat"
+DEFAULT_BFM2017 = os.path.join(BFM_FOLDER, "model2017-1_bfm_nomouth.h5")
 
 
 def bfm09_candidates() -> list:

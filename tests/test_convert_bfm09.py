@@ -1,4 +1,4 @@
-"""Tests of core/models/convert_bfm09.py and convert_bfm09_data.py.
+"""Tests of core/models/convert_bfm09/ and convert_bfm09_data.py.
 
 Inputs are built here from seeded random numbers in the Basel / Exp_Pca.bin / index-file
 layouts; the result is compared with a straightforward float64 computation of SPEC §1
@@ -31,6 +31,7 @@ import scipy.io
 
 import convert_bfm09_data
 from core.models import convert_bfm09 as cb
+from core.models.convert_bfm09 import conversion
 from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -618,11 +619,12 @@ def test_output_folder_is_created(bfm, capsys, tmp_path):
 
 
 def _no_conversion(monkeypatch):
-    """Make the (long) conversion fail loudly: a check that must come first cannot reach it."""
+    """Make the (long) conversion fail loudly: a check that must come first cannot reach it
+    (patched where convert_folder looks them up)."""
     def boom(*args, **kwargs):
         raise AssertionError("the conversion ran before the output was checked")
-    monkeypatch.setattr(cb, "convert", boom)
-    monkeypatch.setattr(cb, "read_front_mat", boom)
+    monkeypatch.setattr(conversion, "convert", boom)
+    monkeypatch.setattr(conversion, "read_front_mat", boom)
 
 
 def test_out_that_is_a_folder_fails_before_converting(bfm, capsys, monkeypatch, tmp_path):
@@ -697,7 +699,8 @@ def _script(args, tmp_path, fsize=None, patch=""):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    code = ("import sys\nimport convert_bfm09_data as c\nfrom core.models import convert_bfm09 as cb\n"
+    code = ("import sys\nimport convert_bfm09_data as c\n"
+            "from core.models.convert_bfm09 import conversion\n"
             f"{patch}\nsys.exit(c.main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO,
@@ -742,7 +745,7 @@ def test_script_under_a_file_size_limit(bfm, tmp_path):
     # Without that check the write itself fails (EFBIG, as SIGXFSZ is ignored): same result,
     # and the temporary file is gone.
     proc = _script(["--bfm_folder", folder, "--out", out, "--quiet"], tmp_path, fsize=20_000,
-                   patch="cb.check_output_space = lambda *a: None")
+                   patch="conversion.check_output_space = lambda *a: None")
     _assert_one_line(proc, f"cannot write '{out}'", os.strerror(errno.EFBIG), "ulimit -f")
     assert list(out.parent.iterdir()) == []
     # And with room to spare the same command works.

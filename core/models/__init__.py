@@ -9,5 +9,6 @@
     landmark_maps  iBUG-68 landmark vertices and contour definitions of a model
     synthetic      small smooth random models for tests and benchmarks
     registry       the models the scripts know by name (--recon_model) and how to load them
-    convert_bfm09  the one-off conversion of the downloaded BFM09 files (convert_bfm09_data.py)
+    convert_bfm09  the one-off conversion of the downloaded BFM09 files (convert_bfm09_data.py),
+                   a package: mat, layout, inputs, index_files, conversion
 """

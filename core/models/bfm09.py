@@ -9,13 +9,13 @@ import os
 from typing import Dict
 
 import numpy as np
+import torch
 
 from core.errors import UserError
-from .face_model import FaceModel
+from .face_model import FaceModel, checked_ids
 
 REQUIRED_KEYS = ("meanshape", "idBase", "exBase", "meantex", "texBase", "tri", "point_buf", "keypoints")
 OPTIONAL_KEYS = ("skinmask", "frontmask2_idx", "tri_mask2")
-DEFAULT_MODEL_PATH = os.path.join("BFM", "BFM09_model_info.mat")
 BFM09_COLUMNS = {"idBase": 80, "exBase": 64, "texBase": 80}
 
 _HOW_TO_GET = ("download 01_MorphableModel.mat (Basel Face Model 2009) and Exp_Pca.bin into BFM/ "
@@ -42,20 +42,13 @@ N_KEYPOINTS = 68
 _FIX = "re-create it with 'python convert_bfm09_data.py'"
 
 
-def _file_ids(data: Dict[str, np.ndarray], key: str, label: str, high: int, meaning: str) -> np.ndarray:
-    """``data[key]`` as int64 after checking it holds whole numbers in 1..high (1-based)."""
-    a = np.asarray(data[key])
-    if a.size == 0:
-        raise UserError(f"face model '{label}': '{key}' is empty; expected {meaning} ({_FIX})")
-    if a.dtype.kind == "f":
-        if not np.isfinite(a).all() or (a != np.round(a)).any():
-            raise UserError(f"face model '{label}': '{key}' holds values that are not whole numbers; "
-                            f"expected 1-based {meaning} ({_FIX})")
-    lo, hi = a.min(), a.max()
-    if lo < 1 or hi > high:
-        raise UserError(f"face model '{label}': '{key}' holds ids {lo:.0f}..{hi:.0f}; expected "
-                        f"1..{high} (1-based {meaning}) ({_FIX})")
-    return a.astype(np.int64)
+def _file_ids(data: Dict[str, np.ndarray], key: str, label: str, count: int, meaning: str) -> torch.Tensor:
+    """``data[key]`` as a long tensor, still 1-based, after :func:`checked_ids` (whole
+    numbers in 1..count); a failure is a UserError naming the file."""
+    try:
+        return checked_ids(data[key], key, count, meaning, base=1)
+    except ValueError as e:
+        raise UserError(f"face model '{label}': {e} ({_FIX})") from None
 
 
 def model_from_arrays(data: Dict[str, np.ndarray], name: str = "bfm09", label: str = "model",
@@ -119,6 +112,6 @@ def model_from_arrays(data: Dict[str, np.ndarray], name: str = "bfm09", label: s
         raise UserError(f"face model '{label}': {e} ({_FIX})") from None
 
 
-def load_bfm09(path: str = DEFAULT_MODEL_PATH) -> FaceModel:
+def load_bfm09(path: str) -> FaceModel:
     """Load the converted BFM09 model (SPEC §1) from ``path``."""
     return model_from_arrays(read_model_arrays(path), name="bfm09", label=path)

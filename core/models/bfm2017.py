@@ -24,13 +24,12 @@ import numpy as np
 
 from core.errors import UserError
 from .landmark_maps import contour_definition, ibug68_vertices, read_ibug_mapping
-from core.resources import BFM_FOLDER, BUNDLED_LANDMARKS
+from core.resources import BUNDLED_LANDMARKS
 
 log = logging.getLogger(__name__)
 
 MAPPING_FILE = "ibug_to_bfm2017-1_bfm_nomouth.txt"
 CONTOUR_FILE = "bfm2017-1_bfm_nomouth_model_contours.json"
-DEFAULT_PATH = os.path.join(BFM_FOLDER, "model2017-1_bfm_nomouth.h5")
 
 
 def _unit_scale(mean: np.ndarray) -> float:
@@ -69,13 +68,12 @@ def _landmark_files(h5_path: str, bundled: Optional[str] = None):
                     f"copy them from eos's share/ folder (https://github.com/patrikhuber/eos/tree/master/share)")
 
 
-def load_bfm2017(path: Optional[str] = None):
+def load_bfm2017(path: str):
     """The BFM 2017/2019 model in ``path`` as a :class:`~core.models.face_model.FaceModel` (own
     layout: id K_shape | exp K_exp | tex K_color | angles | gamma | trans)."""
     from .geometry import adjacent_triangles
     from .face_model import FaceModel
 
-    path = path or DEFAULT_PATH
     if not os.path.isfile(path):
         raise UserError(f"BFM 2017/2019 model not found at '{path}': download model2017-1_bfm_nomouth.h5 "
                         f"(or model2019_bfm.h5) from https://faces.dmi.unibas.ch/bfm/bfm2017.html and pass --model_path")

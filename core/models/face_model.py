@@ -71,25 +71,31 @@ def _float_matrix(x, what: str) -> torch.Tensor:
     return t
 
 
-def _ids(x, what: str) -> torch.Tensor:
-    """``x`` as a long tensor; float input must hold whole numbers (no silent truncation)."""
+def checked_ids(x, what: str, count: int, meaning: str, base: int = 0) -> torch.Tensor:
+    """``x`` (any shape; array, tensor or list) as a long tensor of the same shape, after
+    checking that it holds ``base``-based ids of ``count`` things: whole numbers in
+    ``base .. base + count - 1``. The one check of a model's index arrays, 0-based here
+    and 1-based in the converted BFM09 file (:mod:`core.models.bfm09`).
+
+    meaning: what the ids count, for the message ("vertex ids of the 4 vertices").
+    Raises ValueError "'<what>' holds ...; expected ..." (float values that are not whole
+    numbers, bool or complex values, ids out of range), so a loader can prefix its file.
+    """
     t = torch.as_tensor(x)
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all()) or bool((t != t.round()).any()):
-            raise ValueError(f"'{what}' holds values that are not whole numbers; expected integer ids")
+            raise ValueError(f"'{what}' holds values that are not whole numbers; "
+                             f"expected {base}-based {meaning}")
     elif t.dtype == torch.bool or t.is_complex():
-        raise ValueError(f"'{what}' holds {t.dtype} values; expected integer ids")
+        raise ValueError(f"'{what}' holds {t.dtype} values; expected {base}-based {meaning}")
+    else:
+        t = t.to(torch.long)  # min / max of unsigned tensors beyond uint8 are not implemented
+    if t.numel() > 0:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < base or hi > base + count - 1:
+            raise ValueError(f"'{what}' holds ids {lo}..{hi}; expected {base}..{base + count - 1} "
+                             f"({base}-based {meaning})")
     return t.to(torch.long)
-
-
-def _check_range(t: torch.Tensor, what: str, low: int, high: int, meaning: str) -> None:
-    """ValueError unless every id of ``t`` is in [low, high]."""
-    if t.numel() == 0:
-        return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < low or hi > high:
-        raise ValueError(f"'{what}' holds ids {lo}..{hi}; expected {low}..{high} "
-                         f"(0-based {meaning})")
 
 
 @dataclass(frozen=True)
@@ -168,20 +174,20 @@ class FaceModel(nn.Module):
             raise ValueError(f"'meantex' has {meantex.numel()} values; expected {3 * n} "
                              f"(r, g, b of the {n} vertices of meanshape)")
         _check_finite(meantex, "meantex")
-        tri = _ids(tri, "tri")
+        tri = torch.as_tensor(tri)
         if tri.ndim != 2 or tri.shape[1] != 3 or tri.shape[0] == 0:
             raise ValueError(f"'tri' has shape {tuple(tri.shape)}; expected (F, 3) with F > 0 triangles")
-        _check_range(tri, "tri", 0, n - 1, f"vertex ids of the {n} vertices")
+        tri = checked_ids(tri, "tri", n, f"vertex ids of the {n} vertices")
         nf = tri.shape[0]
-        point_buf = _ids(point_buf, "point_buf")
+        point_buf = torch.as_tensor(point_buf)
         if point_buf.ndim != 2 or point_buf.shape[0] != n or point_buf.shape[1] == 0:
             raise ValueError(f"'point_buf' has shape {tuple(point_buf.shape)}; expected ({n}, K): "
                              f"adjacent triangles of each of the {n} vertices")
-        _check_range(point_buf, "point_buf", 0, nf, f"triangle ids, {nf} = no triangle")
-        keypoints = _ids(keypoints, "keypoints").reshape(-1)
+        point_buf = checked_ids(point_buf, "point_buf", nf + 1, f"triangle ids, {nf} = no triangle")
+        keypoints = torch.as_tensor(keypoints).reshape(-1)
         if keypoints.numel() == 0:
             raise ValueError("'keypoints' is empty; expected the landmark vertex ids")
-        _check_range(keypoints, "keypoints", 0, n - 1, f"vertex ids of the {n} vertices")
+        keypoints = checked_ids(keypoints, "keypoints", n, f"vertex ids of the {n} vertices")
         skin = torch.ones(n) if skinmask is None else torch.as_tensor(skinmask, **f32).reshape(-1)
         if skin.numel() != n:
             raise ValueError(f"'skinmask' has {skin.numel()} values; expected {n}, one per vertex")
@@ -207,15 +213,15 @@ class FaceModel(nn.Module):
         if contour is None:
             c_lm, c_cand = torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long)
         else:
-            c_lm = _ids(contour[0], "contour landmarks").reshape(-1)
-            c_cand = _ids(contour[1], "contour candidates")
+            c_lm = torch.as_tensor(contour[0]).reshape(-1)
+            c_cand = torch.as_tensor(contour[1])
             if c_cand.ndim != 2 or c_cand.shape[0] != c_lm.numel() \
                     or (c_lm.numel() > 0 and c_cand.shape[1] == 0):
                 raise ValueError(f"'contour' has landmark ids {tuple(c_lm.shape)} and candidates "
                                  f"{tuple(c_cand.shape)}; expected (C,) and (C, K), K > 0")
-            _check_range(c_lm, "contour landmarks", 0, keypoints.numel() - 1,
-                         f"indices into the {keypoints.numel()} landmarks")
-            _check_range(c_cand, "contour candidates", 0, n - 1, f"vertex ids of the {n} vertices")
+            c_lm = checked_ids(c_lm, "contour landmarks", keypoints.numel(),
+                               f"indices into the {keypoints.numel()} landmarks")
+            c_cand = checked_ids(c_cand, "contour candidates", n, f"vertex ids of the {n} vertices")
         self.register_buffer("contour_landmarks", c_lm)
         self.register_buffer("contour_candidates", c_cand)
 

@@ -15,59 +15,10 @@ from core.device import resolve_device
 from core.errors import UserError
 from core.fit.fitter import Fitter
 from core.models.face_model import FaceModel
-from core.models.bfm09 import load_bfm09
+from core.models.registry import choose_model, load_model  # noqa: F401 (the scripts import them from here)
 from core.render import MeshRenderer
-from core.resources import bfm09_candidates, default_bfm09_path
 
 log = logging.getLogger(__name__)
-
-def _load_sfm(path: Optional[str]) -> FaceModel:
-    from core.models.sfm import load_sfm
-    return load_sfm(path)
-
-
-def _load_bfm2017(path: Optional[str]) -> FaceModel:
-    from core.models.bfm2017 import load_bfm2017
-    return load_bfm2017(path)
-
-
-def _load_bfm09(path: Optional[str]) -> FaceModel:
-    return load_bfm09(path or default_bfm09_path() or bfm09_candidates()[0])
-
-
-# Model registry: --recon_model name -> loader(model_path or None). Everything downstream
-# (fitting, rendering, losses, outputs) works on the FaceModel interface alone.
-MODELS = {
-    "bfm09": _load_bfm09,
-    "sfm": _load_sfm,
-    "bfm2017": _load_bfm2017,
-    "bfm2019": _load_bfm2017,
-}
-
-
-def choose_model(recon_model: Optional[str], model_path: Optional[str]) -> str:
-    """The model to load when ``--recon_model`` may be unset (None): ``bfm09`` when a
-    ``--model_path`` is given or the converted BFM09 file exists (see
-    :func:`core.resources.bfm09_candidates`), else the bundled Surrey Face Model, said in
-    one log line. An explicit name is returned as it is (``bfm09`` stays strict)."""
-    if recon_model is not None:
-        return recon_model
-    if model_path is not None or default_bfm09_path() is not None:
-        return "bfm09"
-    log.info("no converted Basel Face Model (%s): fitting with the bundled Surrey Face Model "
-             "(--recon_model sfm); for BFM09 see BFM/README.md (python convert_bfm09_data.py)", bfm09_candidates()[0])
-    return "sfm"
-
-
-def load_model(recon_model: Optional[str] = "bfm09", model_path: Optional[str] = None) -> FaceModel:
-    """The face model named ``recon_model`` (None: see :func:`choose_model`) from
-    ``model_path`` (None: the model's default place), or a UserError."""
-    recon_model = choose_model(recon_model, model_path)
-    try:
-        loader = MODELS[recon_model]
-    except KeyError:
-        raise UserError(f"unknown --recon_model '{recon_model}'; choose from {', '.join(MODELS)}") from None
-    return loader(model_path)
 
 
 @dataclass
