@@ -122,7 +122,7 @@ def _file_sink(folder: str) -> Callable[[int, float], None]:
 
 def _clocked_worker_entry(job, messages, *args) -> None:
     """Spawned-worker target: core.pipelines.video's own entry, with its fit_clip clocked."""
-    import core.pipelines.video as video
+    import core.pipelines.video.workers as video
 
     folder = os.environ.get(TICKS_ENV)
     if folder:
@@ -249,7 +249,7 @@ def _video_rows(video, model, presets, device, detector, clip, clip_desc, worker
             opts = _options(video, nframes_shape=nframes_shape, nworkers=w, ngpus=1, clip_overlap=clip_overlap,
                             cache_folder=cache, keep_audio=False, checkpoint_s=1e9, threads=threads)
             torch_threads = torch.get_num_threads()
-            with worker_clock(video, ticks_dir) as clocked:
+            with worker_clock(getattr(video, "workers", video), ticks_dir) as clocked:
                 t0 = time.perf_counter()
                 try:
                     report = video.run_video(session, detector, clip, out_dir, opts, progress=False)

@@ -27,6 +27,7 @@ import torch
 
 import fit_video
 from core.pipelines import video as V
+from core.pipelines.video import run as video_run  # where run_video looks its stages up (monkeypatched)
 from core.render.camera import Camera
 from core.cli import run_main
 from core.fit.config import get_preset
@@ -403,8 +404,8 @@ def test_a_second_run_on_the_same_cache_fails_at_once(runs, clip, model_path, tm
         second["landmark_passes"] = len(calls)
         return real_shape(*a, **kw)
 
-    monkeypatch.setattr(V, "landmark_pass", counted_pass)
-    monkeypatch.setattr(V, "fit_shape", shape_then_second_run)
+    monkeypatch.setattr(video_run, "landmark_pass", counted_pass)
+    monkeypatch.setattr(video_run, "fit_shape", shape_then_second_run)
     assert run_main(fit_video.main, args + ["--res_folder", str(tmp_path / "first")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     lock_dir = os.path.join(cache, "talk")
@@ -458,8 +459,8 @@ def test_more_cpu_workers_than_cores_warns(cores, warned, runs, clip, model_path
         seen.extend(jobs)
         raise UserError("stopped before fitting")
 
-    monkeypatch.setattr(V, "_cpu_count", lambda: cores)
-    monkeypatch.setattr(V, "run_workers", stop)
+    monkeypatch.setattr(video_run, "cpu_count", lambda: cores)
+    monkeypatch.setattr(video_run, "run_workers", stop)
     no_threads = [a for i, a in enumerate(FAST) if a != "--threads" and FAST[i - 1] != "--threads"]
     rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(tmp_path / "res"), "--cache_folder",
                                    _cache_copy(runs, tmp_path), "--model_path", model_path, "--nworkers", "3"]
@@ -723,7 +724,7 @@ def test_no_half_written_outputs_when_a_worker_fails(clip, model_path, tmp_path,
     def boom(jobs, progress=None, **kw):
         raise UserError("worker 1 failed: simulated")
 
-    monkeypatch.setattr(V, "run_workers", boom)
+    monkeypatch.setattr(video_run, "run_workers", boom)
     res = tmp_path / "res"
     rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(res), "--cache_folder",
                                    str(tmp_path / "cache"), "--model_path", model_path] + FAST)
