@@ -27,6 +27,7 @@ import torch
 
 import fit_video
 from core.pipelines import video as V
+from core.pipelines.session import SessionSpec
 from core.pipelines.video import run as video_run  # where run_video looks its stages up (monkeypatched)
 from core.render.camera import Camera
 from core.cli import run_main
@@ -467,7 +468,7 @@ def test_more_cpu_workers_than_cores_warns(cores, warned, runs, clip, model_path
                   + no_threads)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1] == "error: stopped before fitting"
-    assert len(seen) == 3 and all(j.device == "cpu" for j in seen)
+    assert len(seen) == 3 and all(j.session.device == "cpu" for j in seen)
     assert [j.threads for j in seen] == [max(1, cores // 3)] * 3
     expected = V.cpu_oversubscription(3, cores)
     assert (expected in err) == warned and (expected is not None) == warned
@@ -482,17 +483,30 @@ def track(clip) -> V.LandmarkTrack:
 
 
 def _job(track, clip, tmp_path, worker=0, start=0, stop=6, video=None) -> V.ClipJob:
-    det_track = track
-    model = make_face_model(600)
-    boxes = det_track.crop_boxes(0.3)
+    boxes = track.crop_boxes(0.3)
     cfg = get_preset("default").with_overrides(first_rf_iters=4, first_nrf_iters=2, rest_rf_iters=2,
                                                rest_nrf_iters=1)
-    return V.ClipJob(worker=worker, video_path=video or clip, timestamps=det_track.timestamps, fit_start=start,
-                     start=start, stop=stop, landmarks=det_track.landmarks[start:stop],
+    spec = SessionSpec(model=make_face_model(600), config=cfg, tar_size=48, renderer="builtin", device="cpu")
+    return V.ClipJob(worker=worker, session=spec, video_path=video or clip, timestamps=track.timestamps,
+                     fit_start=start, start=start, stop=stop, landmarks=track.landmarks[start:stop],
                      crop_boxes=boxes[start:stop], id=np.zeros(80, np.float32), tex=np.zeros(80, np.float32),
-                     model=model, config=cfg, tar_size=48, renderer="builtin", device="cpu", threads=1,
-                     cache_path=str(tmp_path / f"clip{worker}.npz"),
-                     partial_path=str(tmp_path / f"clip{worker}.partial.npz"), key="k", checkpoint_s=0.0)
+                     threads=1, cache_path=str(tmp_path / f"clip{worker}.npz"), key="k", checkpoint_s=0.0)
+
+
+def test_session_spec_pickles_and_rebuilds_the_session():
+    """What a worker receives: the session as a picklable spec, rebuilt on its device."""
+    from core.pipelines.session import Session
+
+    cfg = get_preset("default")
+    session = Session.create(make_face_model(600), cfg, tar_size=48, device="cpu", renderer="builtin", progress=False)
+    spec = pickle.loads(pickle.dumps(SessionSpec.of(session)))
+    again = spec.build()
+    assert (again.camera.image_size, again.renderer.backend, str(again.device)) == (48, session.renderer.backend, "cpu")
+    assert again.fitter.cfg == cfg
+    for (name, a), (_, b) in zip(sorted(session.model.named_buffers()), sorted(again.model.named_buffers())):
+        assert torch.equal(a, b), name
+    rest = again.fitter_for(cfg.following_frames())
+    assert rest.cfg == cfg.following_frames() and rest.model is again.model and rest.camera is again.camera
 
 
 def _interrupted_tracker(detector, at_call: int):

@@ -23,16 +23,14 @@ import torch
 
 from core import threads as thread_control
 from core.errors import UserError
-from core.fit.config import FitConfig
-from core.fit.fitter import Fitter, PoseRef
+from core.fit.fitter import PoseRef
 from core.io.video import VideoReader
 from core.landmarks.crop import crop_face, photo_to_crop
 from core.models.coeffs import Coeffs
-from core.models.face_model import FaceModel
 from core.render.camera import Camera
 
-from ..session import Session
-from .cache import load_npz, save_npz
+from ..session import SessionSpec
+from .cache import load_npz, partial_path, save_npz
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +42,32 @@ class ClipJob:
     """Everything one worker needs to fit frames [start, stop) (see :func:`fit_clip`).
 
     Frames [fit_start, start) are warm-up: fitted, not kept. ``landmarks`` and
-    ``crop_boxes`` cover [fit_start, stop). ``cache_path``: where the result goes;
-    ``partial_path``: its checkpoint.
+    ``crop_boxes`` cover [fit_start, stop); ``timestamps`` are the track's, indexed by
+    source frame (seek checks). ``session`` rebuilds the fitting session in the worker, on
+    its device. ``cache_path``: where the result goes, written with ``key``
+    (``partial_path``: its checkpoint, every ``checkpoint_s`` seconds).
     """
 
     worker: int
+    session: SessionSpec
     video_path: str
     timestamps: np.ndarray
     fit_start: int
     start: int
     stop: int
-    landmarks: np.ndarray       # (stop - fit_start, 68, 2) float32, NaN = no face
+    landmarks: np.ndarray       # (stop - fit_start, 68, 2) float32 photo pixels, NaN = no face
     crop_boxes: np.ndarray      # (stop - fit_start, 4) int64
-    id: np.ndarray
-    tex: np.ndarray
-    model: FaceModel
-    config: FitConfig
-    tar_size: int
-    renderer: str
-    device: str
+    id: np.ndarray              # (n_id,) float32, shared by every frame
+    tex: np.ndarray             # (n_tex,) float32
     threads: int
     cache_path: str
-    partial_path: str
     key: str
     checkpoint_s: float = 30.0
     adaptive_threads: bool = True  # threads follow the free cores (core.threads), at most ``threads``
+
+    @property
+    def partial_path(self) -> str:
+        return partial_path(self.cache_path)
 
 
 def split_clips(n_frames: int, n_workers: int) -> List[Tuple[int, int]]:
@@ -140,13 +139,11 @@ def fit_clip(job: ClipJob, progress: Optional[Callable[[int], None]] = None) -> 
 
 
 def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.ndarray]:
-    device = torch.device(job.device)
-    session = Session.create(job.model, job.config, tar_size=job.tar_size, device=job.device,
-                             renderer=job.renderer, progress=False)
-    fitter, model, cam = session.fitter, session.model, session.camera
-    rest_fitter = fitter
-    if job.config.following_frames() != job.config:
-        rest_fitter = Fitter(model, session.renderer, cam, job.config.following_frames(), progress=False)
+    session = job.session.build()
+    fitter, model, cam, device = session.fitter, session.model, session.camera, session.device
+    cfg, tar_size = job.session.config, cam.image_size
+    rest_cfg = cfg.following_frames()
+    rest_fitter = fitter if rest_cfg == cfg else session.fitter_for(rest_cfg)
     dt = fitter.dtype
     total = job.stop - job.fit_start
     sizes = model.layout.sizes()
@@ -179,8 +176,8 @@ def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.nda
                 lms = job.landmarks[j]
                 if np.all(np.isfinite(lms)):
                     box = job.crop_boxes[j]
-                    crop = crop_face(frame, box, job.tar_size)
-                    lm_crop = photo_to_crop(lms, box, job.tar_size)
+                    crop = crop_face(frame, box, tar_size)
+                    lm_crop = photo_to_crop(lms, box, tar_size)
                     if j > 0 and fitted[j - 1]:
                         prev = coeffs_of(j - 1)
                         ang, tr = transfer_pose(out["angles"][j - 1], out["trans"][j - 1],
@@ -189,11 +186,11 @@ def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.nda
                         tr_t = torch.as_tensor(tr, dtype=dt, device=device)[None]
                         init = prev.replace(angles=ang_t, trans=tr_t)
                         pose_ref = PoseRef(angles=ang_t, trans=tr_t)
-                        rf, nrf, stage = job.config.rest_rf_iters, job.config.rest_nrf_iters, rest_fitter
+                        rf, nrf, stage = cfg.rest_rf_iters, cfg.rest_nrf_iters, rest_fitter
                     else:
                         init = fitter.zeros(1).replace(id=id_t, tex=tex_t)
                         pose_ref = None
-                        rf, nrf, stage = job.config.first_rf_iters, job.config.first_nrf_iters, fitter
+                        rf, nrf, stage = cfg.first_rf_iters, cfg.first_nrf_iters, fitter
                     res = stage.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
                                      torch.as_tensor(crop[None], dtype=dt, device=device),
                                      init=init, rf_iters=rf, nrf_iters=nrf,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -19,7 +18,7 @@ from core.errors import UserError
 from core.io.outputs import check_writable_folder
 from core.io.video import VideoReader
 
-from ..session import Session
+from ..session import Session, SessionSpec
 from .cache import array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir, CACHE_VERSION
 from .clips import ClipJob, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
@@ -120,9 +119,9 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
         if reused:
             log.info("fitting: reusing %d of %d finished clips from %s", reused, len(clips), cache_dir)
         log.info("fitting %d frames in %d clip(s) on %s (%s%d thread(s) each)", todo, len(jobs),
-                 ", ".join(sorted(set(j.device for j in jobs))), "adaptive, at most " if options.threads is None else "",
-                 threads)
-        n_cpu = sum(j.device == "cpu" for j in jobs)
+                 ", ".join(sorted(set(j.session.device for j in jobs))),
+                 "adaptive, at most " if options.threads is None else "", threads)
+        n_cpu = sum(j.session.device == "cpu" for j in jobs)
         warning = cpu_oversubscription(n_cpu, cores, threads) if n_cpu > 1 else None
         if warning:
             log.warning("%s", warning)
@@ -171,7 +170,7 @@ def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads
     ({clip index: arrays})."""
     cfg, first = session.fitter.cfg, track.start
     source_ts = track.source_timestamps()
-    model_cpu = session.model if session.device.type == "cpu" else copy.deepcopy(session.model).cpu()
+    spec = None  # built for the first job (a model on a GPU is copied to the CPU)
     jobs, results = [], {}
     for k, (start, stop) in enumerate(clips):
         fit_start = max(first, start - options.clip_overlap)
@@ -182,14 +181,13 @@ def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads
         if cached is not None:
             results[k] = cached
             continue
+        spec = spec or SessionSpec.of(session)
         jobs.append(ClipJob(
-            worker=k, video_path=video_path, timestamps=source_ts, fit_start=fit_start, start=start,
-            stop=stop, landmarks=track.landmarks[fit_start - first:stop - first],
-            crop_boxes=boxes[fit_start - first:stop - first], id=shape.id, tex=shape.tex, model=model_cpu,
-            config=cfg, tar_size=session.camera.image_size, renderer=session.renderer.backend, device=devices[k],
-            threads=threads, cache_path=cache_path,
-            partial_path=os.path.join(cache_dir, f"clip_{start:07d}_{stop:07d}.partial.npz"),
-            key=key, checkpoint_s=options.checkpoint_s, adaptive_threads=options.threads is None))
+            worker=k, session=replace(spec, device=devices[k]), video_path=video_path, timestamps=source_ts,
+            fit_start=fit_start, start=start, stop=stop, landmarks=track.landmarks[fit_start - first:stop - first],
+            crop_boxes=boxes[fit_start - first:stop - first], id=shape.id, tex=shape.tex, threads=threads,
+            cache_path=cache_path, key=key, checkpoint_s=options.checkpoint_s,
+            adaptive_threads=options.threads is None))
     return jobs, results
 
 
