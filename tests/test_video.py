@@ -456,7 +456,7 @@ def test_cpu_oversubscription_message():
 def test_more_cpu_workers_than_cores_warns(cores, warned, runs, clip, model_path, tmp_path, monkeypatch, capsys):
     seen = []
 
-    def stop(jobs, progress=None, **kw):
+    def stop(jobs, on_frame=None, **kw):
         seen.extend(jobs)
         raise UserError("stopped before fitting")
 
@@ -573,17 +573,19 @@ def test_interrupted_clip_resumes_exactly(track, clip, tmp_path):
 
     calls = []
 
-    def stop_after_six(n):
-        calls.append(n)
+    def stop_after_six(event):
+        calls.append(event)
         if len(calls) == 6:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        V.fit_clip(job, progress=stop_after_six)
+        V.fit_clip(job, on_frame=stop_after_six)
     assert os.path.exists(job.partial_path) and not os.path.exists(job.cache_path)
     seen = []
-    resumed = V.fit_clip(job, progress=seen.append)
-    assert sum(seen) == 8  # the 5 frames already done are reported at once, then 3 more
+    resumed = V.fit_clip(job, on_frame=seen.append)
+    # The 5 frames already done are reported at once (restored), then 3 more.
+    assert [(e.worker, e.frame, e.restored) for e in seen] == [(0, i, i < 5) for i in range(8)]
+    assert [e.fitted for e in seen] == whole["fitted"].tolist()
     assert not os.path.exists(job.partial_path)
     for g in ("exp", "gamma", "angles", "trans"):
         np.testing.assert_array_equal(resumed[g], whole[g])
@@ -622,6 +624,20 @@ def test_clip_overlap_fades_the_clip_start(track, clip, tmp_path):
     d_cold = np.linalg.norm(landmarks(cold, 0) - landmarks(ref, 7), axis=1).mean()
     d_warm = np.linalg.norm(landmarks(warm, 0) - landmarks(ref, 7), axis=1).mean()
     assert d_warm < 0.5 * d_cold, (d_warm, d_cold)  # measured: 0.35 (../shared clip), 0.25 (photo clip)
+
+
+def test_spawned_workers_report_every_kept_frame(track, clip, tmp_path):
+    """run_workers' on_frame hook, in this process, for the frames of two worker processes."""
+    jobs = [_job(track, clip, tmp_path, worker=0, stop=3), _job(track, clip, tmp_path, worker=1, start=5, stop=8)]
+    jobs[1].fit_start, jobs[1].landmarks = 4, track.landmarks[4:8]  # frame 4 (no face): warm-up, not reported
+    jobs[1].crop_boxes = track.crop_boxes(0.3)[4:8]
+    events = []
+    V.run_workers(jobs, on_frame=events.append, in_process=False)
+    assert {w: [e.frame for e in events if e.worker == w] for w in (0, 1)} == {0: [0, 1, 2], 1: [5, 6, 7]}
+    assert all(e.fitted and not e.restored for e in events)
+    for w in (0, 1):
+        times = [e.time for e in events if e.worker == w]
+        assert times == sorted(times)
 
 
 def test_failing_worker_stops_the_run(track, clip, tmp_path):
@@ -735,7 +751,7 @@ def test_workers_end_with_the_main_process(runs, clip, model_path, tmp_path):
 
 
 def test_no_half_written_outputs_when_a_worker_fails(clip, model_path, tmp_path, monkeypatch, capsys):
-    def boom(jobs, progress=None, **kw):
+    def boom(jobs, on_frame=None, **kw):
         raise UserError("worker 1 failed: simulated")
 
     monkeypatch.setattr(video_run, "run_workers", boom)

@@ -37,6 +37,26 @@ log = logging.getLogger(__name__)
 PER_FRAME_GROUPS = ("exp", "gamma", "angles", "trans")
 
 
+@dataclass(frozen=True)
+class FrameDone:
+    """One kept frame of a clip is finished (the argument of the ``on_frame`` callbacks of
+    :func:`fit_clip`, :func:`~core.pipelines.video.workers.run_workers` and
+    :func:`~core.pipelines.video.run.run_video`).
+
+    worker: the clip's :attr:`ClipJob.worker`. frame: its source frame index. time: when it
+    finished, ``time.time()`` seconds in the worker's process. fitted: False for a frame
+    without a face. restored: read back from the clip's checkpoint (an interrupted run
+    resumed), not fitted now; such frames are reported at once when the clip starts.
+    Warm-up frames (before :attr:`ClipJob.start`) are not reported.
+    """
+
+    worker: int
+    frame: int
+    time: float
+    fitted: bool
+    restored: bool = False
+
+
 @dataclass
 class ClipJob:
     """Everything one worker needs to fit frames [start, stop) (see :func:`fit_clip`).
@@ -111,17 +131,17 @@ def transfer_pose(angles: np.ndarray, trans: np.ndarray, box_from, box_to, camer
     return np.array(angles, copy=True), t.astype(np.asarray(trans).dtype)
 
 
-def fit_clip(job: ClipJob, progress: Optional[Callable[[int], None]] = None) -> Dict[str, np.ndarray]:
+def fit_clip(job: ClipJob, on_frame: Optional[Callable[[FrameDone], None]] = None) -> Dict[str, np.ndarray]:
     """Fit frames [job.fit_start, job.stop) one after the other and keep [start, stop).
 
     Returns (and writes to ``job.cache_path``) arrays over the kept frames: ``frames``
     (K,), ``fitted`` (K,) bool, and ``exp``, ``gamma``, ``angles``, ``trans`` (K, n),
-    float32 (zeros where no face). ``progress(n)`` is called as kept frames finish.
+    float32 (zeros where no face). ``on_frame`` receives a :class:`FrameDone` as each kept
+    frame finishes, in order.
     Runs with at most ``job.threads`` torch threads: fewer while other programs hold
     cores when ``job.adaptive_threads`` and a :mod:`core.threads` governor is installed
     (the scripts and the workers install one), else exactly that many; restored afterwards.
     """
-
     before = torch.get_num_threads()
     governor = thread_control.current() if job.adaptive_threads else None
     limit = governor.max_threads if governor is not None else None
@@ -131,14 +151,14 @@ def fit_clip(job: ClipJob, progress: Optional[Callable[[int], None]] = None) -> 
     else:
         torch.set_num_threads(max(1, job.threads))
     try:
-        return _fit_clip(job, progress or (lambda n: None))
+        return _fit_clip(job, on_frame or (lambda event: None))
     finally:
         if governor is not None:
             governor.max_threads = limit
         torch.set_num_threads(before)
 
 
-def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.ndarray]:
+def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, np.ndarray]:
     session = job.session.build()
     fitter, model, cam, device = session.fitter, session.model, session.camera, session.device
     cfg, tar_size = job.session.config, cam.image_size
@@ -156,9 +176,10 @@ def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.nda
         fitted[:done] = saved["fitted"][:done]
         for g in PER_FRAME_GROUPS:
             out[g][:done] = saved[g][:done]
-        kept_done = max(0, job.fit_start + done - job.start)
-        if kept_done:
-            progress(kept_done)
+        now = time.time()
+        for index in range(job.start, job.fit_start + done):
+            j = index - job.fit_start
+            on_frame(FrameDone(job.worker, index, now, bool(fitted[j]), restored=True))
         log.info("worker %d: resuming clip [%d, %d) at frame %d", job.worker, job.start, job.stop, job.fit_start + done)
 
     id_t = torch.as_tensor(job.id, dtype=dt, device=device)[None]
@@ -200,7 +221,7 @@ def _fit_clip(job: ClipJob, progress: Callable[[int], None]) -> Dict[str, np.nda
                     fitted[j] = True
                 done = j + 1
                 if index >= job.start:
-                    progress(1)
+                    on_frame(FrameDone(job.worker, index, time.time(), bool(fitted[j])))
                 if time.monotonic() - last_save > job.checkpoint_s and done < total:
                     save_npz(job.partial_path, job.key, done=np.array(done), fitted=fitted, **out)
                     last_save = time.monotonic()

@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from core.io.video import VideoReader
 
 from ..session import Session, SessionSpec
 from .cache import array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir, CACHE_VERSION
-from .clips import ClipJob, split_clips
+from .clips import ClipJob, FrameDone, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
 from .landmarks import LandmarkTrack, landmark_key, landmark_pass
 from .options import VideoOptions, check_frame_range, check_options
@@ -43,10 +43,17 @@ class VideoReport:
 
 def run_video(session: Session, detector, video_path: str, res_folder: str,
               options: VideoOptions = VideoOptions(), info_extra: Optional[dict] = None,
-              progress: bool = True) -> VideoReport:
+              progress: bool = True, on_frame: Optional[Callable[[FrameDone], None]] = None) -> VideoReport:
     """Fit every frame of ``video_path`` (or of ``options.frame_range``) and write the
     outputs into ``res_folder``. The cache folder is locked for the run (see
-    :func:`cache_lock`)."""
+    :func:`cache_lock`).
+
+    ``info_extra``: more keys for ``<video>_info.json``. ``progress``: tqdm bars.
+    ``on_frame``: called in this process, in the thread that runs ``run_video``, with the
+    :class:`FrameDone` (worker, source frame, finish time in the worker, ...) of each kept
+    frame of each clip fitted in this run, whichever worker process fits it (clips reused
+    from the cache report nothing). Each worker's frames arrive in order.
+    """
     check_options(options)
     t_start = time.perf_counter()
     VideoReader(video_path).close()  # fail early on a missing / corrupt / empty video
@@ -67,12 +74,13 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
             torch.set_num_threads(options.threads)
         try:
             return _run(session, detector, video_path, res_folder, options, info_extra or {}, progress,
-                        cache_dir, names, t_start)
+                        on_frame, cache_dir, names, t_start)
         finally:
             torch.set_num_threads(threads)
 
 
-def _run(session, detector, video_path, res_folder, options, info_extra, progress, cache_dir, names, t_start):
+def _run(session, detector, video_path, res_folder, options, info_extra, progress, on_frame, cache_dir, names,
+         t_start):
     timings: Dict[str, float] = {}
     cfg = session.fitter.cfg
     tar_size = session.camera.image_size
@@ -126,7 +134,12 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
         if warning:
             log.warning("%s", warning)
     with tqdm(total=todo, desc="fitting", unit="frame", disable=not progress or not jobs) as bar:
-        run_workers(jobs, progress=bar.update)
+        def frame_done(event: FrameDone) -> None:
+            bar.update(1)
+            if on_frame is not None:
+                on_frame(event)
+
+        run_workers(jobs, on_frame=frame_done)
     for job in jobs:
         loaded = load_npz(job.cache_path, job.key)
         if loaded is None:

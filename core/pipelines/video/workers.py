@@ -22,7 +22,7 @@ from core import threads as thread_control
 from core.errors import UserError
 
 from ..session import Session
-from .clips import ClipJob, fit_clip
+from .clips import ClipJob, FrameDone, fit_clip
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,16 @@ def _die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
 
 
 def _worker_entry(job: ClipJob, messages, parent_pid: Optional[int] = None) -> None:
-    """Process target: run :func:`fit_clip`, report progress, completion or the error.
-    The worker ends with the main process ``parent_pid`` (see :func:`_die_with_parent`)."""
+    """Process target: run :func:`fit_clip` and put its messages on the queue
+    ``messages``: ``("frame", worker, FrameDone)`` for each kept frame, then ``("done",
+    worker)`` or ``("error", worker, one-line message, traceback)``. The worker ends with
+    the main process ``parent_pid`` (see :func:`_die_with_parent`)."""
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
     thread_control.install(None if job.adaptive_threads else job.threads, max_threads=job.threads)
     try:
-        fit_clip(job, progress=lambda n: messages.put(("progress", job.worker, n)))
+        fit_clip(job, on_frame=lambda event: messages.put(("frame", job.worker, event)))
     except BaseException as e:  # report everything, including KeyboardInterrupt
         text = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         messages.put(("error", job.worker, text.splitlines()[0] if text else type(e).__name__,
@@ -109,18 +111,20 @@ def _worker_entry(job: ClipJob, messages, parent_pid: Optional[int] = None) -> N
     messages.put(("done", job.worker))
 
 
-def run_workers(jobs: Sequence[ClipJob], progress: Optional[Callable[[int], None]] = None,
+def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone], None]] = None,
                 in_process: Optional[bool] = None, poll_s: float = 0.2) -> None:
     """Run :func:`fit_clip` for every job, each in its own spawned process (one job: in
-    this process unless ``in_process`` is False). Any failing worker stops the others and
-    raises ``UserError("worker k failed: ...")``; results are in the jobs' cache files."""
-    progress = progress or (lambda n: None)
+    this process unless ``in_process`` is False). ``on_frame`` is called in this process
+    with the :class:`FrameDone` of every kept frame of every worker, as its message
+    arrives (each worker's in order). Any failing worker stops the others and raises
+    ``UserError("worker k failed: ...")``; results are in the jobs' cache files."""
+    on_frame = on_frame or (lambda event: None)
     if in_process is None:
         in_process = len(jobs) == 1
     if in_process:
         for job in jobs:
             try:
-                fit_clip(job, progress)
+                fit_clip(job, on_frame)
             except UserError as e:
                 raise UserError(f"worker {job.worker} failed: {e}") from None
         return
@@ -141,8 +145,8 @@ def run_workers(jobs: Sequence[ClipJob], progress: Optional[Callable[[int], None
                 msg = None
             if msg is not None:
                 kind, worker = msg[0], msg[1]
-                if kind == "progress":
-                    progress(msg[2])
+                if kind == "frame":
+                    on_frame(msg[2])
                 elif kind == "done":
                     finished.add(worker)
                 elif kind == "error":
@@ -160,8 +164,8 @@ def run_workers(jobs: Sequence[ClipJob], progress: Optional[Callable[[int], None
                                 raise UserError(f"worker {msg[1]} failed: {msg[2]}")
                             if msg[0] == "done":
                                 finished.add(msg[1])
-                            elif msg[0] == "progress":
-                                progress(msg[2])
+                            elif msg[0] == "frame":
+                                on_frame(msg[2])
                     if worker not in finished:
                         raise UserError(f"worker {worker} failed: the process exited with code {p.exitcode} "
                                         f"(killed, e.g. out of memory?)")
