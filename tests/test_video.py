@@ -8,6 +8,7 @@ FIT3DMM_NO_SHARED=1 forces the photo clip (as in a clone without ../shared)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pickle
@@ -820,6 +821,10 @@ def test_presets_and_defaults():
     opts = fit_video.video_options(args)
     assert cfg.rest_nrf_lr is None  # = nrf_lr
     assert (opts.nframes_shape, opts.nworkers, opts.ngpus, opts.cache_folder) == (16, 1, 1, "fitting_cache")
+    # The flags' defaults are the library's, but for the cache folder, which only the script puts in the
+    # working directory (the library's default is a temporary folder).
+    assert opts == dataclasses.replace(V.VideoOptions(), cache_folder=fit_video.CACHE_FOLDER)
+    assert V.VideoOptions().cache_folder is None
     fast = cli.fit_config_from_args(p.parse_args(["--v_path", "x", "--res_folder", "r"]))
     assert fast.rest_nrf_lr == PRESETS["default"].rest_nrf_lr
     given = p.parse_args(["--v_path", "x", "--res_folder", "r", "--rest_nrf_lr", "0.02", "--rest_nrf_iters", "7",

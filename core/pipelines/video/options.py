@@ -19,7 +19,9 @@ class VideoOptions:
     nframes_shape: frames used for identity and albedo. nworkers: fitting processes.
     ngpus: GPUs used round-robin by the workers when the session runs on CUDA.
     clip_overlap: warm-up frames before each clip after the first (0: the original).
-    cache_folder: where stages are cached (None: a temporary folder, removed afterwards).
+    cache_folder: where stages are cached, ``<cache_folder>/<video name>/`` (None: a
+    temporary folder, removed afterwards; fit_video.py's --cache_folder gives the
+    original's ``fitting_cache``).
     padding_ratio: face box enlargement for the crop. checkpoint_s: seconds between
     checkpoints of a running stage. keep_audio: copy the source audio into the video.
     threads: torch CPU threads of each process (this one for the shape fit and the
@@ -32,7 +34,7 @@ class VideoOptions:
     nworkers: int = 1
     ngpus: int = 1
     clip_overlap: int = 8
-    cache_folder: Optional[str] = "fitting_cache"
+    cache_folder: Optional[str] = None
     padding_ratio: float = 0.3
     checkpoint_s: float = 30.0
     keep_audio: bool = True
