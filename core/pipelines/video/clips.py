@@ -184,10 +184,15 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
 
     id_t = torch.as_tensor(job.id, dtype=dt, device=device)[None]
     tex_t = torch.as_tensor(job.tex, dtype=dt, device=device)[None]
+    # The last fitted frame's exp and gamma, kept on the device as the next frame's start,
+    # rounded to float32 as ``out`` stores them (exactly what reading ``out`` back gives).
+    last: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None
 
-    def coeffs_of(j: int) -> Coeffs:
-        d = {g: torch.as_tensor(out[g][j], dtype=dt, device=device)[None] for g in PER_FRAME_GROUPS}
-        return Coeffs(id=id_t, tex=tex_t, **d)
+    def start_of(j: int) -> Dict[str, torch.Tensor]:
+        """Frame j's fitted exp and gamma, (1, n) tensors."""
+        if last is not None and last[0] == j:
+            return last[1]
+        return {g: torch.as_tensor(out[g][j], dtype=dt, device=device)[None] for g in ("exp", "gamma")}
 
     last_save = time.monotonic()
     if done < total:
@@ -200,12 +205,11 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
                     crop = crop_face(frame, box, tar_size)
                     lm_crop = photo_to_crop(lms, box, tar_size)
                     if j > 0 and fitted[j - 1]:
-                        prev = coeffs_of(j - 1)
                         ang, tr = transfer_pose(out["angles"][j - 1], out["trans"][j - 1],
                                                 job.crop_boxes[j - 1], box, cam)
                         ang_t = torch.as_tensor(ang, dtype=dt, device=device)[None]
                         tr_t = torch.as_tensor(tr, dtype=dt, device=device)[None]
-                        init = prev.replace(angles=ang_t, trans=tr_t)
+                        init = Coeffs(id=id_t, tex=tex_t, angles=ang_t, trans=tr_t, **start_of(j - 1))
                         pose_ref = PoseRef(angles=ang_t, trans=tr_t)
                         rf, nrf, stage = cfg.rest_rf_iters, cfg.rest_nrf_iters, rest_fitter
                     else:
@@ -218,6 +222,8 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
                                      nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref, losses=False)
                     for g in PER_FRAME_GROUPS:
                         out[g][j] = getattr(res.coeffs, g)[0].detach().cpu().numpy()
+                    last = j, {g: getattr(res.coeffs, g).detach()[:1].to(torch.float32).to(dt)
+                               for g in ("exp", "gamma")}
                     fitted[j] = True
                 done = j + 1
                 if index >= job.start:

@@ -108,6 +108,8 @@ def render_video(session: Session, video_path: str, track: LandmarkTrack, boxes:
     first = track.start
     pending: List[Tuple[int, np.ndarray]] = []  # (position in the track, frame)
     per_frame: Dict[int, float] = {}
+    id_t = torch.as_tensor(shape.id, dtype=dt, device=dev)[None]
+    tex_t = torch.as_tensor(shape.tex, dtype=dt, device=dev)[None]
 
     def flush():
         thread_control.tick()
@@ -116,8 +118,7 @@ def render_video(session: Session, video_path: str, track: LandmarkTrack, boxes:
         if todo:
             d = {g: torch.as_tensor(merged[g][todo], dtype=dt, device=dev) for g in PER_FRAME_GROUPS}
             b = len(todo)
-            c = Coeffs(id=torch.as_tensor(shape.id, dtype=dt, device=dev)[None].expand(b, -1),
-                       tex=torch.as_tensor(shape.tex, dtype=dt, device=dev)[None].expand(b, -1), **d)
+            c = Coeffs(id=id_t.expand(b, -1), tex=tex_t.expand(b, -1), **d)
             with torch.no_grad():
                 rgba, out = fitter.render(c)
                 model_lms = cam.project_points(out.landmarks).cpu().numpy()
