@@ -1,5 +1,12 @@
 """The whole video pipeline, :func:`run_video`: the stages in order, each cached under
-``<cache_folder>/<video name>/``, one run at a time per cache folder."""
+``<cache_folder>/<video name>/``.
+
+``VideoOptions.frame_range`` restricts every stage to source frames [start, stop): the
+landmark pass seeks to start, caches are keyed (and named) by the range, frame indices in
+the outputs stay source indices. One run at a time uses a cache folder
+(:func:`~core.pipelines.video.cache.cache_lock`); worker processes end with the main
+process however it ends (:mod:`core.pipelines.video.workers`).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +26,7 @@ from core.io.outputs import check_writable_folder
 from core.io.video import VideoReader
 
 from ..session import Session, SessionSpec
-from .cache import array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir, CACHE_VERSION
+from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir
 from .clips import ClipJob, FrameDone, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
 from .landmarks import LandmarkTrack, landmark_key, landmark_pass
