@@ -31,13 +31,19 @@ from typing import Sequence
 from core import cli
 
 
+CACHE_FOLDER = "fitting_cache"  # relative to the working directory, as in the original
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from core.pipelines.video import VideoOptions
+
+    defaults = VideoOptions()
     p = cli.make_parser(__doc__)
     g = p.add_argument_group("input and output")
     g.add_argument("--v_path", required=True, help="video to fit (anything OpenCV/FFmpeg decodes)")
     g.add_argument("--res_folder", required=True, help="output folder")
-    g.add_argument("--cache_folder", default="fitting_cache",
-                   help="folder for the per-stage caches, reused by re-runs (default: fitting_cache; "
+    g.add_argument("--cache_folder", default=CACHE_FOLDER,
+                   help=f"folder for the per-stage caches, reused by re-runs (default: {CACHE_FOLDER}; "
                         "'' for a temporary one)")
     g.add_argument("--no_audio", action="store_true", help="do not copy the source's audio into the composed video")
     g.add_argument("--frame_range", default=None, metavar="START:STOP",
@@ -45,13 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "'100:' to the end, ':250' from the start); outputs keep source frame indices "
                         "(default: every frame)")
     v = p.add_argument_group("video fitting")
-    v.add_argument("--nframes_shape", type=cli.positive_int, default=16,
-                   help="frames, spread over the video, used to estimate identity and albedo (default: 16)")
-    v.add_argument("--nworkers", type=cli.positive_int, default=1, help="fitting processes, each on a contiguous clip (default: 1)")
-    v.add_argument("--ngpus", type=cli.positive_int, default=1, help="GPUs the workers use, worker i on GPU i mod ngpus (default: 1)")
-    v.add_argument("--clip_overlap", type=cli.non_negative_int, default=8,
+    v.add_argument("--nframes_shape", type=cli.positive_int, default=defaults.nframes_shape,
+                   help="frames, spread over the video, used to estimate identity and albedo "
+                        f"(default: {defaults.nframes_shape})")
+    v.add_argument("--nworkers", type=cli.positive_int, default=defaults.nworkers,
+                   help=f"fitting processes, each on a contiguous clip (default: {defaults.nworkers})")
+    v.add_argument("--ngpus", type=cli.positive_int, default=defaults.ngpus,
+                   help=f"GPUs the workers use, worker i on GPU i mod ngpus (default: {defaults.ngpus})")
+    v.add_argument("--clip_overlap", type=cli.non_negative_int, default=defaults.clip_overlap,
                    help="warm-up frames fitted and dropped before each clip after the first, so the result does "
-                        "not depend on the worker count (default: 8; 0 = the original)")
+                        f"not depend on the worker count (default: {defaults.clip_overlap}; 0 = the original)")
     cli.add_model_flags(p)
     cli.add_detection_flags(p)
     cli.add_fit_flags(p, video=True)

@@ -12,9 +12,9 @@ rate is (its frames after its first kept frame) / (the time they took), and the 
 the sum over the workers. So the rate excludes process start-up, each clip's first frame
 (fitted with the ``first_*`` iterations) and the ``clip_overlap`` warm-up frames; the
 "fitting stage" row includes them (kept frames / wall time of the whole stage).
-The timestamps come from wrapping ``core.pipelines.video.fit_clip`` (in this process and, through
-``_clocked_worker_entry``, in each spawned worker); if the pipeline's internals change so
-that this is impossible, only the fitting-stage rate is reported, and the note says so.
+The timestamps come from the pipeline's own per-frame hook: ``run_video(...,
+on_frame=FrameClock())`` receives each kept frame's worker and finish time (taken in the
+worker process) in this process.
 
 Per-frame NME: the pipeline's ``<video>_fitting_res.pkl`` is read back, each frame's model
 landmarks are projected into its crop and mapped through its ``bbox`` into the frame, and
@@ -22,7 +22,6 @@ compared with the landmark pass's landmarks (:func:`bench.common.nme_interocular
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import pickle
 import tempfile
 import time
 from dataclasses import fields
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,7 +44,6 @@ from .rows_synthetic import model_landmarks
 log = logging.getLogger("bench")
 
 SECTION = "video"
-TICKS_ENV = "BENCH_VIDEO_TICKS_DIR"
 
 
 def video_pipeline():
@@ -99,66 +97,21 @@ def make_clip(src: str, dst: str, start: int, frames: int, width: int) -> Dict[s
 
 # --- per-worker clocks ---------------------------------------------------------------------
 
-def _clock(fit_clip: Callable, sink: Callable[[int, float], None]) -> Callable:
-    """``fit_clip`` that reports (worker, time) to ``sink`` as each kept frame finishes."""
-    def clocked(job, progress=None):
-        report = progress or (lambda n: None)
+class FrameClock:
+    """``run_video``'s ``on_frame`` callback that keeps the finish time of every kept frame
+    per worker: ``ticks`` = {worker: [time.time() seconds, ...]} (frames restored from a
+    checkpoint, which were not fitted in this run, are left out)."""
 
-        def tick(n):
-            now = time.time()
-            for _ in range(int(n)):
-                sink(job.worker, now)
-            report(n)
-        return fit_clip(job, tick)
-    return clocked
+    def __init__(self) -> None:
+        self.ticks: Dict[int, List[float]] = {}
 
+    def __call__(self, event) -> None:
+        if not event.restored:
+            self.ticks.setdefault(int(event.worker), []).append(float(event.time))
 
-def _file_sink(folder: str) -> Callable[[int, float], None]:
-    def sink(worker: int, t: float) -> None:
-        with open(os.path.join(folder, f"worker_{worker}.txt"), "a", encoding="utf-8") as f:
-            f.write(f"{t!r}\n")
-    return sink
-
-
-def _clocked_worker_entry(job, messages, *args) -> None:
-    """Spawned-worker target: core.pipelines.video's own entry, with its fit_clip clocked."""
-    import core.pipelines.video as video
-
-    folder = os.environ.get(TICKS_ENV)
-    if folder:
-        video.fit_clip = _clock(video.fit_clip, _file_sink(folder))
-    video._worker_entry(job, messages, *args)
-
-
-@contextlib.contextmanager
-def worker_clock(video, folder: str):
-    """While active, every kept frame of every worker is timestamped into ``folder``
-    (one file per worker). Yields False (and changes nothing) when core.pipelines.video lacks the
-    hooks this needs."""
-    if not (hasattr(video, "fit_clip") and hasattr(video, "_worker_entry") and hasattr(video, "run_workers")):
-        yield False
-        return
-    saved = video.fit_clip, video._worker_entry, os.environ.get(TICKS_ENV)
-    os.environ[TICKS_ENV] = folder
-    video.fit_clip = _clock(saved[0], _file_sink(folder))
-    video._worker_entry = _clocked_worker_entry
-    try:
-        yield True
-    finally:
-        video.fit_clip, video._worker_entry = saved[0], saved[1]
-        if saved[2] is None:
-            os.environ.pop(TICKS_ENV, None)
-        else:
-            os.environ[TICKS_ENV] = saved[2]
-
-
-def read_ticks(folder: str) -> Dict[int, List[float]]:
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("worker_") and name.endswith(".txt"):
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                out[int(name[7:-4])] = sorted(float(v) for v in f.read().split())
-    return out
+    def per_worker(self) -> Dict[int, List[float]]:
+        """{worker: its finish times, sorted}."""
+        return {w: sorted(t) for w, t in sorted(self.ticks.items())}
 
 
 def steady_fps(ticks: Mapping[int, Sequence[float]]) -> Optional[float]:
@@ -214,12 +167,17 @@ def unavailable_rows(reason: str) -> List[Row]:
 
 
 def video_rows(model, presets: Mapping[str, FitConfig], device, detector, clip: str, clip_desc: str,
-               workers: Sequence[int] = (1, 2), nframes_shape: int = 16, clip_overlap: int = 8,
-               renderer: str = "auto", tar_size: int = 256, work_dir: Optional[str] = None,
-               threads: Optional[int] = None) -> Tuple[List[Row], Dict[str, object]]:
+               workers: Sequence[int] = (1, 2), nframes_shape: Optional[int] = None,
+               clip_overlap: Optional[int] = None, renderer: str = "auto", tar_size: int = 256,
+               work_dir: Optional[str] = None, threads: Optional[int] = None) -> Tuple[List[Row], Dict[str, object]]:
+    """The video rows; ``nframes_shape`` and ``clip_overlap`` None: the pipeline's defaults
+    (``VideoOptions``)."""
     video = video_pipeline()
     if video is None:
         return unavailable_rows("video pipeline not available"), {"available": False}
+    defaults = video.VideoOptions()
+    nframes_shape = defaults.nframes_shape if nframes_shape is None else nframes_shape
+    clip_overlap = defaults.clip_overlap if clip_overlap is None else clip_overlap
     own_tmp = None
     if work_dir is None:
         own_tmp = tempfile.TemporaryDirectory(prefix="bench_video_")
@@ -243,20 +201,18 @@ def _video_rows(video, model, presets, device, detector, clip, clip_desc, worker
         for name, session in sessions.items():
             log.info("video: %s, %d worker(s)", name, w)
             out_dir = os.path.join(work_dir, f"out_{name}_{w}")
-            ticks_dir = os.path.join(work_dir, f"ticks_{name}_{w}")
             os.makedirs(out_dir)
-            os.makedirs(ticks_dir)
             opts = _options(video, nframes_shape=nframes_shape, nworkers=w, ngpus=1, clip_overlap=clip_overlap,
                             cache_folder=cache, keep_audio=False, checkpoint_s=1e9, threads=threads)
             torch_threads = torch.get_num_threads()
-            with worker_clock(video, ticks_dir) as clocked:
-                t0 = time.perf_counter()
-                try:
-                    report = video.run_video(session, detector, clip, out_dir, opts, progress=False)
-                finally:
-                    torch.set_num_threads(torch_threads)  # the pipeline may set this process's threads
-                wall = time.perf_counter() - t0
-            ticks = read_ticks(ticks_dir) if clocked else {}
+            clock = FrameClock()
+            t0 = time.perf_counter()
+            try:
+                report = video.run_video(session, detector, clip, out_dir, opts, progress=False, on_frame=clock)
+            finally:
+                torch.set_num_threads(torch_threads)  # the pipeline may set this process's threads
+            wall = time.perf_counter() - t0
+            ticks = clock.per_worker()
             fps = steady_fps(ticks)
             clocked_all &= fps is not None
             tm = dict(report.timings)
@@ -298,7 +254,8 @@ def _video_rows(video, model, presets, device, detector, clip, clip_desc, worker
                         val("original", w, "stage_fps"), val("default", w, "stage_fps"), "higher",
                         note=("kept frames / wall time of the whole per-frame stage (worker start-up, first frames "
                               "and clip_overlap included)"
-                              + ("" if clocked_all else "; steady-state clock unavailable (core.pipelines.video changed)"))))
+                              + ("" if clocked_all else "; no steady-state rate: a worker finished fewer than two "
+                                                        "kept frames"))))
     for w in workers:
         rows.append(Row(SECTION, f"per-frame landmark NME (%), {w} worker{'s' if w > 1 else ''}",
                         nme("original", w), nme("default", w), "lower",

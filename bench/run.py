@@ -330,12 +330,10 @@ def video_section(plan: Plan, model, presets, device, detector, renderer, report
         meta = make_clip(plan.video, clip, plan.video_start, plan.video_frames, plan.video_width)
         desc = (f"{meta['frames']} frames of {os.path.basename(plan.video)} from frame {meta['start']}, "
                 f"{meta['size'][0]}x{meta['size'][1]}")
-        kw = {} if plan.clip_overlap is None else {"clip_overlap": plan.clip_overlap}
-        if plan.threads:
-            kw["threads"] = plan.threads
         rows, details = video_rows(model, presets, device, detector, clip, desc, workers=plan.workers,
-                                   nframes_shape=plan.nframes_shape, renderer=renderer, tar_size=plan.tar_size,
-                                   work_dir=os.path.join(tmp, "work"), **kw)
+                                   nframes_shape=plan.nframes_shape, clip_overlap=plan.clip_overlap,
+                                   renderer=renderer, tar_size=plan.tar_size, work_dir=os.path.join(tmp, "work"),
+                                   threads=plan.threads or None)
     details["clip_meta"] = meta
     report.details["video"] = details
     return rows

@@ -84,29 +84,40 @@ def test_steady_fps_sums_worker_rates_after_their_first_frame():
     assert steady_fps({}) is None
 
 
-def test_worker_clock_timestamps_kept_frames_and_restores_the_module(tmp_path):
-    import types
-    from bench.rows_video import read_ticks, worker_clock
+def test_frame_clock_keeps_each_workers_finish_times():
+    from bench.rows_video import FrameClock
+    from core.pipelines.video import FrameDone
 
-    def fit_clip(job, progress=None):
-        for _ in range(3):
-            progress(1)
-        return "done"
+    clock = FrameClock()
+    for worker, frame, t in ((1, 8, 20.0), (0, 0, 10.0), (1, 9, 22.0), (0, 1, 10.5)):
+        clock(FrameDone(worker=worker, frame=frame, time=t, fitted=True))
+    clock(FrameDone(worker=0, frame=2, time=9.0, fitted=True, restored=True))  # not fitted in this run
+    assert clock.per_worker() == {0: [10.0, 10.5], 1: [20.0, 22.0]}
+    assert steady_fps(clock.per_worker()) == pytest.approx(1 / 0.5 + 1 / 2.0)
 
-    def entry(job, messages):
-        return None
 
-    fake = types.SimpleNamespace(fit_clip=fit_clip, _worker_entry=entry, run_workers=lambda jobs, progress=None: None)
-    seen = []
-    with worker_clock(fake, str(tmp_path)) as clocked:
-        assert clocked and fake.fit_clip is not fit_clip and fake._worker_entry is not entry
-        assert fake.fit_clip(types.SimpleNamespace(worker=1), seen.append) == "done"
-    assert fake.fit_clip is fit_clip and fake._worker_entry is entry
-    assert seen == [1, 1, 1]  # the pipeline's own progress still sees every frame
-    ticks = read_ticks(str(tmp_path))
-    assert list(ticks) == [1] and len(ticks[1]) == 3
-    with worker_clock(types.SimpleNamespace(), str(tmp_path)) as clocked:  # hooks missing: no clock
-        assert clocked is False
+def test_fit_clip_reports_every_kept_frame_through_the_hook(tmp_path):
+    """The hook the clock relies on, in process: one FrameDone per kept frame (warm-up
+    frames are not reported), in order, with the clip's worker id and a finish time."""
+    _dlib_or_skip()
+    import time
+    from core.landmarks.detect import DlibDetector
+    from core.pipelines import video
+    from core.pipelines.session import SessionSpec
+
+    clip = os.path.join(REPO, "data", "clip.mp4")
+    track = video.landmark_pass(clip, DlibDetector(), progress=False, frame_range=(0, 4))
+    spec = SessionSpec(model=_tiny_model(), config=_tiny_presets()["default"], tar_size=48, renderer="builtin",
+                       device="cpu")
+    job = video.ClipJob(worker=3, session=spec, video_path=clip, timestamps=track.timestamps, fit_start=0, start=1,
+                        stop=4, landmarks=track.landmarks, crop_boxes=track.crop_boxes(0.3),
+                        id=np.zeros(80, np.float32), tex=np.zeros(80, np.float32), threads=1,
+                        cache_path=str(tmp_path / "clip.npz"), key="k")
+    t0, events = time.time(), []
+    video.run_workers([job], on_frame=events.append)
+    assert [(e.worker, e.frame, e.restored) for e in events] == [(3, 1, False), (3, 2, False), (3, 3, False)]
+    times = [e.time for e in events]
+    assert t0 <= times[0] <= times[1] <= times[2] <= time.time()
 
 
 def test_machine_info_names_cpu_torch_and_device():
@@ -197,8 +208,8 @@ def test_tiny_run_has_every_row_with_both_schedules(tmp_path):
 
 
 def test_tiny_video_run_with_two_worker_processes(tmp_path):
-    """The 2-worker path: the clock must reach the spawned workers (the in-process
-    1-worker path is the same wrapper, tested above)."""
+    """The 2-worker path: run_video's on_frame hook must carry every kept frame's finish
+    time from the spawned workers (the in-process path is tested above)."""
     _dlib_or_skip()
     video_src = SHARED / "data" / "sample_video.mp4"
     if not video_src.is_file():

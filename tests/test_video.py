@@ -8,6 +8,7 @@ FIT3DMM_NO_SHARED=1 forces the photo clip (as in a clone without ../shared)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pickle
@@ -27,6 +28,8 @@ import torch
 
 import fit_video
 from core.pipelines import video as V
+from core.pipelines.session import SessionSpec
+from core.pipelines.video import run as video_run  # where run_video looks its stages up (monkeypatched)
 from core.render.camera import Camera
 from core.cli import run_main
 from core.fit.config import get_preset
@@ -403,8 +406,8 @@ def test_a_second_run_on_the_same_cache_fails_at_once(runs, clip, model_path, tm
         second["landmark_passes"] = len(calls)
         return real_shape(*a, **kw)
 
-    monkeypatch.setattr(V, "landmark_pass", counted_pass)
-    monkeypatch.setattr(V, "fit_shape", shape_then_second_run)
+    monkeypatch.setattr(video_run, "landmark_pass", counted_pass)
+    monkeypatch.setattr(video_run, "fit_shape", shape_then_second_run)
     assert run_main(fit_video.main, args + ["--res_folder", str(tmp_path / "first")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     lock_dir = os.path.join(cache, "talk")
@@ -454,19 +457,19 @@ def test_cpu_oversubscription_message():
 def test_more_cpu_workers_than_cores_warns(cores, warned, runs, clip, model_path, tmp_path, monkeypatch, capsys):
     seen = []
 
-    def stop(jobs, progress=None, **kw):
+    def stop(jobs, on_frame=None, **kw):
         seen.extend(jobs)
         raise UserError("stopped before fitting")
 
-    monkeypatch.setattr(V, "_cpu_count", lambda: cores)
-    monkeypatch.setattr(V, "run_workers", stop)
+    monkeypatch.setattr(video_run, "cpu_count", lambda: cores)
+    monkeypatch.setattr(video_run, "run_workers", stop)
     no_threads = [a for i, a in enumerate(FAST) if a != "--threads" and FAST[i - 1] != "--threads"]
     rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(tmp_path / "res"), "--cache_folder",
                                    _cache_copy(runs, tmp_path), "--model_path", model_path, "--nworkers", "3"]
                   + no_threads)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1] == "error: stopped before fitting"
-    assert len(seen) == 3 and all(j.device == "cpu" for j in seen)
+    assert len(seen) == 3 and all(j.session.device == "cpu" for j in seen)
     assert [j.threads for j in seen] == [max(1, cores // 3)] * 3
     expected = V.cpu_oversubscription(3, cores)
     assert (expected in err) == warned and (expected is not None) == warned
@@ -481,17 +484,30 @@ def track(clip) -> V.LandmarkTrack:
 
 
 def _job(track, clip, tmp_path, worker=0, start=0, stop=6, video=None) -> V.ClipJob:
-    det_track = track
-    model = make_face_model(600)
-    boxes = det_track.crop_boxes(0.3)
+    boxes = track.crop_boxes(0.3)
     cfg = get_preset("default").with_overrides(first_rf_iters=4, first_nrf_iters=2, rest_rf_iters=2,
                                                rest_nrf_iters=1)
-    return V.ClipJob(worker=worker, video_path=video or clip, timestamps=det_track.timestamps, fit_start=start,
-                     start=start, stop=stop, landmarks=det_track.landmarks[start:stop],
+    spec = SessionSpec(model=make_face_model(600), config=cfg, tar_size=48, renderer="builtin", device="cpu")
+    return V.ClipJob(worker=worker, session=spec, video_path=video or clip, timestamps=track.timestamps,
+                     fit_start=start, start=start, stop=stop, landmarks=track.landmarks[start:stop],
                      crop_boxes=boxes[start:stop], id=np.zeros(80, np.float32), tex=np.zeros(80, np.float32),
-                     model=model, config=cfg, tar_size=48, renderer="builtin", device="cpu", threads=1,
-                     cache_path=str(tmp_path / f"clip{worker}.npz"),
-                     partial_path=str(tmp_path / f"clip{worker}.partial.npz"), key="k", checkpoint_s=0.0)
+                     threads=1, cache_path=str(tmp_path / f"clip{worker}.npz"), key="k", checkpoint_s=0.0)
+
+
+def test_session_spec_pickles_and_rebuilds_the_session():
+    """What a worker receives: the session as a picklable spec, rebuilt on its device."""
+    from core.pipelines.session import Session
+
+    cfg = get_preset("default")
+    session = Session.create(make_face_model(600), cfg, tar_size=48, device="cpu", renderer="builtin", progress=False)
+    spec = pickle.loads(pickle.dumps(SessionSpec.of(session)))
+    again = spec.build()
+    assert (again.camera.image_size, again.renderer.backend, str(again.device)) == (48, session.renderer.backend, "cpu")
+    assert again.fitter.cfg == cfg
+    for (name, a), (_, b) in zip(sorted(session.model.named_buffers()), sorted(again.model.named_buffers())):
+        assert torch.equal(a, b), name
+    rest = again.fitter_for(cfg.following_frames())
+    assert rest.cfg == cfg.following_frames() and rest.model is again.model and rest.camera is again.camera
 
 
 def _interrupted_tracker(detector, at_call: int):
@@ -558,17 +574,19 @@ def test_interrupted_clip_resumes_exactly(track, clip, tmp_path):
 
     calls = []
 
-    def stop_after_six(n):
-        calls.append(n)
+    def stop_after_six(event):
+        calls.append(event)
         if len(calls) == 6:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        V.fit_clip(job, progress=stop_after_six)
+        V.fit_clip(job, on_frame=stop_after_six)
     assert os.path.exists(job.partial_path) and not os.path.exists(job.cache_path)
     seen = []
-    resumed = V.fit_clip(job, progress=seen.append)
-    assert sum(seen) == 8  # the 5 frames already done are reported at once, then 3 more
+    resumed = V.fit_clip(job, on_frame=seen.append)
+    # The 5 frames already done are reported at once (restored), then 3 more.
+    assert [(e.worker, e.frame, e.restored) for e in seen] == [(0, i, i < 5) for i in range(8)]
+    assert [e.fitted for e in seen] == whole["fitted"].tolist()
     assert not os.path.exists(job.partial_path)
     for g in ("exp", "gamma", "angles", "trans"):
         np.testing.assert_array_equal(resumed[g], whole[g])
@@ -607,6 +625,20 @@ def test_clip_overlap_fades_the_clip_start(track, clip, tmp_path):
     d_cold = np.linalg.norm(landmarks(cold, 0) - landmarks(ref, 7), axis=1).mean()
     d_warm = np.linalg.norm(landmarks(warm, 0) - landmarks(ref, 7), axis=1).mean()
     assert d_warm < 0.5 * d_cold, (d_warm, d_cold)  # measured: 0.35 (../shared clip), 0.25 (photo clip)
+
+
+def test_spawned_workers_report_every_kept_frame(track, clip, tmp_path):
+    """run_workers' on_frame hook, in this process, for the frames of two worker processes."""
+    jobs = [_job(track, clip, tmp_path, worker=0, stop=3), _job(track, clip, tmp_path, worker=1, start=5, stop=8)]
+    jobs[1].fit_start, jobs[1].landmarks = 4, track.landmarks[4:8]  # frame 4 (no face): warm-up, not reported
+    jobs[1].crop_boxes = track.crop_boxes(0.3)[4:8]
+    events = []
+    V.run_workers(jobs, on_frame=events.append, in_process=False)
+    assert {w: [e.frame for e in events if e.worker == w] for w in (0, 1)} == {0: [0, 1, 2], 1: [5, 6, 7]}
+    assert all(e.fitted and not e.restored for e in events)
+    for w in (0, 1):
+        times = [e.time for e in events if e.worker == w]
+        assert times == sorted(times)
 
 
 def test_failing_worker_stops_the_run(track, clip, tmp_path):
@@ -720,10 +752,10 @@ def test_workers_end_with_the_main_process(runs, clip, model_path, tmp_path):
 
 
 def test_no_half_written_outputs_when_a_worker_fails(clip, model_path, tmp_path, monkeypatch, capsys):
-    def boom(jobs, progress=None, **kw):
+    def boom(jobs, on_frame=None, **kw):
         raise UserError("worker 1 failed: simulated")
 
-    monkeypatch.setattr(V, "run_workers", boom)
+    monkeypatch.setattr(video_run, "run_workers", boom)
     res = tmp_path / "res"
     rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(res), "--cache_folder",
                                    str(tmp_path / "cache"), "--model_path", model_path] + FAST)
@@ -789,6 +821,10 @@ def test_presets_and_defaults():
     opts = fit_video.video_options(args)
     assert cfg.rest_nrf_lr is None  # = nrf_lr
     assert (opts.nframes_shape, opts.nworkers, opts.ngpus, opts.cache_folder) == (16, 1, 1, "fitting_cache")
+    # The flags' defaults are the library's, but for the cache folder, which only the script puts in the
+    # working directory (the library's default is a temporary folder).
+    assert opts == dataclasses.replace(V.VideoOptions(), cache_folder=fit_video.CACHE_FOLDER)
+    assert V.VideoOptions().cache_folder is None
     fast = cli.fit_config_from_args(p.parse_args(["--v_path", "x", "--res_folder", "r"]))
     assert fast.rest_nrf_lr == PRESETS["default"].rest_nrf_lr
     given = p.parse_args(["--v_path", "x", "--res_folder", "r", "--rest_nrf_lr", "0.02", "--rest_nrf_iters", "7",

@@ -2,6 +2,7 @@
 detector and fitter (shared by the photo and video pipelines)."""
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -46,3 +47,36 @@ class Session:
             raise UserError(f"renderer '{renderer}' unavailable: {e}") from None
         fitter = Fitter(model, rend, camera, config, progress=progress)
         return cls(model=model, camera=camera, renderer=rend, fitter=fitter, device=dev)
+
+    def fitter_for(self, config: FitConfig, progress: bool = False) -> Fitter:
+        """A second Fitter with another configuration (e.g. :meth:`FitConfig.following_frames`)
+        on this session's model, renderer and camera."""
+        return Fitter(self.model, self.renderer, self.camera, config, progress=progress)
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What rebuilds a :class:`Session` in another process: picklable (the model on the
+    CPU, the renderer backend and the device by name).
+
+    ``SessionSpec.of(session).build()`` is a session like ``session``;
+    ``dataclasses.replace(spec, device="cuda:1")`` the same on another device.
+    """
+
+    model: FaceModel
+    config: FitConfig
+    tar_size: int = 256
+    renderer: str = "auto"
+    device: str = "auto"
+
+    @classmethod
+    def of(cls, session: Session) -> "SessionSpec":
+        """The spec of ``session`` (its model copied to the CPU when it is elsewhere)."""
+        model = session.model if session.device.type == "cpu" else copy.deepcopy(session.model).cpu()
+        return cls(model=model, config=session.fitter.cfg, tar_size=session.camera.image_size,
+                   renderer=session.renderer.backend, device=str(session.device))
+
+    def build(self, progress: bool = False) -> Session:
+        """The session: the model moved to ``device``, a camera, the renderer and a fitter."""
+        return Session.create(self.model, self.config, tar_size=self.tar_size, device=self.device,
+                              renderer=self.renderer, progress=progress)

@@ -1,0 +1,243 @@
+"""Stage 3 of the video pipeline: fitting one contiguous clip of frames
+(:func:`fit_clip`), with identity and albedo fixed.
+
+Every frame is warm-started from the previous frame's fit (its pose carried into the new
+crop by :func:`transfer_pose`) and its pose pulled towards it (SPEC §4 note); the first
+frame of a clip and the first after a frame without a face get the ``first_*`` iteration
+counts, the others ``rest_*``. A clip after the first starts ``clip_overlap`` frames early
+and drops those frames, so the clip-start effect has faded by its first kept frame and the
+result hardly depends on the worker count. A clip is checkpointed while it runs; an
+interrupted clip resumes where it stopped, exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from core import threads as thread_control
+from core.errors import UserError
+from core.fit.fitter import PoseRef
+from core.io.video import VideoReader
+from core.landmarks.crop import crop_face, photo_to_crop
+from core.models.coeffs import Coeffs
+from core.render.camera import Camera
+
+from ..session import SessionSpec
+from .cache import load_npz, partial_path, save_npz
+
+log = logging.getLogger(__name__)
+
+PER_FRAME_GROUPS = ("exp", "gamma", "angles", "trans")
+
+
+@dataclass(frozen=True)
+class FrameDone:
+    """One kept frame of a clip is finished (the argument of the ``on_frame`` callbacks of
+    :func:`fit_clip`, :func:`~core.pipelines.video.workers.run_workers` and
+    :func:`~core.pipelines.video.run.run_video`).
+
+    worker: the clip's :attr:`ClipJob.worker`. frame: its source frame index. time: when it
+    finished, ``time.time()`` seconds in the worker's process. fitted: False for a frame
+    without a face. restored: read back from the clip's checkpoint (an interrupted run
+    resumed), not fitted now; such frames are reported at once when the clip starts.
+    Warm-up frames (before :attr:`ClipJob.start`) are not reported.
+    """
+
+    worker: int
+    frame: int
+    time: float
+    fitted: bool
+    restored: bool = False
+
+
+@dataclass
+class ClipJob:
+    """Everything one worker needs to fit frames [start, stop) (see :func:`fit_clip`).
+
+    Frames [fit_start, start) are warm-up: fitted, not kept. ``landmarks`` and
+    ``crop_boxes`` cover [fit_start, stop); ``timestamps`` are the track's, indexed by
+    source frame (seek checks). ``session`` rebuilds the fitting session in the worker, on
+    its device. ``cache_path``: where the result goes, written with ``key``
+    (``partial_path``: its checkpoint, every ``checkpoint_s`` seconds).
+    """
+
+    worker: int
+    session: SessionSpec
+    video_path: str
+    timestamps: np.ndarray
+    fit_start: int
+    start: int
+    stop: int
+    landmarks: np.ndarray       # (stop - fit_start, 68, 2) float32 photo pixels, NaN = no face
+    crop_boxes: np.ndarray      # (stop - fit_start, 4) int64
+    id: np.ndarray              # (n_id,) float32, shared by every frame
+    tex: np.ndarray             # (n_tex,) float32
+    threads: int
+    cache_path: str
+    key: str
+    checkpoint_s: float = 30.0
+    adaptive_threads: bool = True  # threads follow the free cores (core.threads), at most ``threads``
+
+    @property
+    def partial_path(self) -> str:
+        return partial_path(self.cache_path)
+
+
+def split_clips(n_frames: int, n_workers: int) -> List[Tuple[int, int]]:
+    """Split frames 0..n_frames-1 into at most ``n_workers`` contiguous clips
+    ``[(start, stop), ...]`` of sizes differing by at most one, in order, none empty."""
+    if int(n_frames) != n_frames or n_frames < 0:
+        raise ValueError(f"n_frames must be an integer >= 0; got {n_frames!r}")
+    if int(n_workers) != n_workers or n_workers < 1:
+        raise ValueError(f"n_workers must be an integer >= 1; got {n_workers!r}")
+    k = min(int(n_workers), int(n_frames))
+    bounds = [(i * int(n_frames)) // k for i in range(k + 1)] if k else [0]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def transfer_pose(angles: np.ndarray, trans: np.ndarray, box_from, box_to, camera: Camera) -> Tuple[np.ndarray, np.ndarray]:
+    """Carry a pose fitted in the crop of ``box_from`` into the crop of ``box_to`` so the
+    face stays where it was in the photo.
+
+    Both crops are tar_size squares of photo boxes; crop point q0 in the first is
+    q1 = k·q0 + (o0 − o1)·s1 in the second (k = s1 / s0, s = tar_size / side, o the box
+    corner). Scaling the image by k about the principal point c is (for the face centre,
+    exactly; for the rest to first order in depth) dividing the camera depth by k, and the
+    shift d = (k − 1)·c + (o0 − o1)·s1 moves x by d_u·z_c / (k·f) and y by −d_row·z_c /
+    (k·f) (rows grow downwards). The angles are kept.
+
+    angles, trans: (3,) or (B, 3) arrays. Returns new (angles, trans) of the same shape.
+    """
+    x0a, y0a, x1a, _ = (float(v) for v in box_from)
+    x0b, y0b, x1b, _ = (float(v) for v in box_to)
+    size = float(camera.image_size)
+    s0, s1 = size / (x1a - x0a), size / (x1b - x0b)
+    k = s1 / s0
+    c = camera.center
+    du = (k - 1.0) * c + (x0a - x0b) * s1
+    drow = (k - 1.0) * c + (y0a - y0b) * s1
+    t = np.array(trans, dtype=np.float64, copy=True)
+    zc = camera.distance - t[..., 2]
+    t[..., 0] += du * zc / (k * camera.focal)
+    t[..., 1] -= drow * zc / (k * camera.focal)
+    t[..., 2] = camera.distance - zc / k
+    return np.array(angles, copy=True), t.astype(np.asarray(trans).dtype)
+
+
+def fit_clip(job: ClipJob, on_frame: Optional[Callable[[FrameDone], None]] = None) -> Dict[str, np.ndarray]:
+    """Fit frames [job.fit_start, job.stop) one after the other and keep [start, stop).
+
+    Returns (and writes to ``job.cache_path``) arrays over the kept frames: ``frames``
+    (K,), ``fitted`` (K,) bool, and ``exp``, ``gamma``, ``angles``, ``trans`` (K, n),
+    float32 (zeros where no face). ``on_frame`` receives a :class:`FrameDone` as each kept
+    frame finishes, in order.
+    Runs with at most ``job.threads`` torch threads: fewer while other programs hold
+    cores when ``job.adaptive_threads`` and a :mod:`core.threads` governor is installed
+    (the scripts and the workers install one), else exactly that many; restored afterwards.
+    """
+    before = torch.get_num_threads()
+    governor = thread_control.current() if job.adaptive_threads else None
+    limit = governor.max_threads if governor is not None else None
+    if governor is not None:
+        governor.max_threads = max(1, job.threads)
+        governor.update(force=True)
+    else:
+        torch.set_num_threads(max(1, job.threads))
+    try:
+        return _fit_clip(job, on_frame or (lambda event: None))
+    finally:
+        if governor is not None:
+            governor.max_threads = limit
+        torch.set_num_threads(before)
+
+
+def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, np.ndarray]:
+    session = job.session.build()
+    fitter, model, cam, device = session.fitter, session.model, session.camera, session.device
+    cfg, tar_size = job.session.config, cam.image_size
+    rest_cfg = cfg.following_frames()
+    rest_fitter = fitter if rest_cfg == cfg else session.fitter_for(rest_cfg)
+    dt = fitter.dtype
+    total = job.stop - job.fit_start
+    sizes = model.layout.sizes()
+    out = {g: np.zeros((total, sizes[g]), dtype=np.float32) for g in PER_FRAME_GROUPS}
+    fitted = np.zeros(total, dtype=bool)
+    done = 0
+    saved = load_npz(job.partial_path, job.key)
+    if saved is not None:
+        done = int(saved["done"])
+        fitted[:done] = saved["fitted"][:done]
+        for g in PER_FRAME_GROUPS:
+            out[g][:done] = saved[g][:done]
+        now = time.time()
+        for index in range(job.start, job.fit_start + done):
+            j = index - job.fit_start
+            on_frame(FrameDone(job.worker, index, now, bool(fitted[j]), restored=True))
+        log.info("worker %d: resuming clip [%d, %d) at frame %d", job.worker, job.start, job.stop, job.fit_start + done)
+
+    id_t = torch.as_tensor(job.id, dtype=dt, device=device)[None]
+    tex_t = torch.as_tensor(job.tex, dtype=dt, device=device)[None]
+    # The last fitted frame's exp and gamma, kept on the device as the next frame's start,
+    # rounded to float32 as ``out`` stores them (exactly what reading ``out`` back gives).
+    last: Optional[Tuple[int, Dict[str, torch.Tensor]]] = None
+
+    def start_of(j: int) -> Dict[str, torch.Tensor]:
+        """Frame j's fitted exp and gamma, (1, n) tensors."""
+        if last is not None and last[0] == j:
+            return last[1]
+        return {g: torch.as_tensor(out[g][j], dtype=dt, device=device)[None] for g in ("exp", "gamma")}
+
+    last_save = time.monotonic()
+    if done < total:
+        with VideoReader(job.video_path) as reader:
+            for index, frame in reader.frames(job.fit_start + done, job.stop, job.timestamps):
+                j = index - job.fit_start
+                lms = job.landmarks[j]
+                if np.all(np.isfinite(lms)):
+                    box = job.crop_boxes[j]
+                    crop = crop_face(frame, box, tar_size)
+                    lm_crop = photo_to_crop(lms, box, tar_size)
+                    if j > 0 and fitted[j - 1]:
+                        ang, tr = transfer_pose(out["angles"][j - 1], out["trans"][j - 1],
+                                                job.crop_boxes[j - 1], box, cam)
+                        ang_t = torch.as_tensor(ang, dtype=dt, device=device)[None]
+                        tr_t = torch.as_tensor(tr, dtype=dt, device=device)[None]
+                        init = Coeffs(id=id_t, tex=tex_t, angles=ang_t, trans=tr_t, **start_of(j - 1))
+                        pose_ref = PoseRef(angles=ang_t, trans=tr_t)
+                        rf, nrf, stage = cfg.rest_rf_iters, cfg.rest_nrf_iters, rest_fitter
+                    else:
+                        init = fitter.zeros(1).replace(id=id_t, tex=tex_t)
+                        pose_ref = None
+                        rf, nrf, stage = cfg.first_rf_iters, cfg.first_nrf_iters, fitter
+                    res = stage.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
+                                     torch.as_tensor(crop[None], dtype=dt, device=device),
+                                     init=init, rf_iters=rf, nrf_iters=nrf,
+                                     nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref, losses=False)
+                    for g in PER_FRAME_GROUPS:
+                        out[g][j] = getattr(res.coeffs, g)[0].detach().cpu().numpy()
+                    last = j, {g: getattr(res.coeffs, g).detach()[:1].to(torch.float32).to(dt)
+                               for g in ("exp", "gamma")}
+                    fitted[j] = True
+                done = j + 1
+                if index >= job.start:
+                    on_frame(FrameDone(job.worker, index, time.time(), bool(fitted[j])))
+                if time.monotonic() - last_save > job.checkpoint_s and done < total:
+                    save_npz(job.partial_path, job.key, done=np.array(done), fitted=fitted, **out)
+                    last_save = time.monotonic()
+        if done < total:
+            raise UserError(f"video '{job.video_path}' ended at frame {job.fit_start + done}, "
+                            f"expected {job.stop} frames")
+    keep = slice(job.start - job.fit_start, total)
+    result = {"frames": np.arange(job.start, job.stop), "fitted": fitted[keep],
+              **{g: v[keep] for g, v in out.items()}}
+    save_npz(job.cache_path, job.key, **result)
+    with contextlib.suppress(OSError):
+        os.remove(job.partial_path)
+    return result

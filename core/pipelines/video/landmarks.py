@@ -1,0 +1,202 @@
+"""Stage 1 of the video pipeline: one streaming pass over the video with a
+:class:`~core.landmarks.tracking.FaceTracker`, 68 landmarks and a face box per frame (or
+"no face"), cached in ``landmarks.npz`` (checkpointed while it runs) under a key of the
+video's path, size and modification time, the detector and the frame range."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from core.errors import UserError
+from core.io.video import VideoReader
+from core.landmarks.crop import square_box
+from core.landmarks.tracking import SOURCE_NONE, FaceTracker
+
+from .cache import CACHE_VERSION, digest, load_npz, partial_path, save_npz
+from .options import FrameRange, cache_range, format_frame_range, range_suffix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LandmarkTrack:
+    """Per-frame results of the landmark pass (N frames: source frames start..start+N-1).
+
+    Arrays are indexed by the position in the pass (0..N-1); source frame index =
+    ``start`` + position (``start`` > 0 for a frame range).
+
+    landmarks: (N, 68, 2) float32 photo pixels, NaN where no face.
+    face_boxes: (N, 4) float64 detector-style face boxes, NaN where no face.
+    source: (N,) int8, core.landmarks.tracking.SOURCE_* (0 = no face).
+    timestamps: (N,) float64 ms, the decoder's timestamp of each frame (seek checks).
+    fps, width, height: of the source video.
+    """
+
+    landmarks: np.ndarray
+    face_boxes: np.ndarray
+    source: np.ndarray
+    timestamps: np.ndarray
+    fps: float
+    width: int
+    height: int
+    reused: bool = False  # loaded from the cache
+    start: int = 0        # source index of the first frame
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.source.shape[0])
+
+    @property
+    def stop(self) -> int:
+        """Source index one past the last frame."""
+        return self.start + self.num_frames
+
+    @property
+    def has_face(self) -> np.ndarray:
+        return self.source != SOURCE_NONE
+
+    @property
+    def frames_without_face(self) -> List[int]:
+        """Source indices of the frames without a face."""
+        return [self.start + int(i) for i in np.flatnonzero(~self.has_face)]
+
+    def source_timestamps(self) -> np.ndarray:
+        """Timestamps indexed by source frame (NaN before ``start``), for
+        :meth:`core.io.video.VideoReader.frames` seeks."""
+        return np.concatenate([np.full(self.start, np.nan), self.timestamps])
+
+    def crop_boxes(self, padding_ratio: float) -> np.ndarray:
+        """(N, 4) int64 square crop boxes (SPEC §5), zeros where no face."""
+        out = np.zeros((self.num_frames, 4), dtype=np.int64)
+        for i in np.flatnonzero(self.has_face):
+            out[i] = square_box(self.face_boxes[i], padding_ratio)
+        return out
+
+
+def landmark_key(video_path: str, detector, frame_range: Optional[FrameRange] = None) -> str:
+    """The cache key of a landmark pass: the video file (path, size, modification time),
+    the detector's name and the frame range."""
+    frame_range = cache_range(frame_range)
+    st = os.stat(video_path)
+    spec = {"v": CACHE_VERSION, "video": os.path.abspath(video_path), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "detector": getattr(detector, "name", type(detector).__name__)}
+    if frame_range is not None:  # (the whole video keeps its key: caches of earlier runs stay valid)
+        spec["frame_range"] = [int(frame_range[0]), None if frame_range[1] is None else int(frame_range[1])]
+    return digest(spec)
+
+
+def _landmark_files(cache_dir: Optional[str], frame_range) -> Tuple[Optional[str], Optional[str]]:
+    """(final, partial) cache files of a landmark pass; one pair per frame range."""
+    if not cache_dir:
+        return None, None
+    final = os.path.join(cache_dir, f"landmarks{range_suffix(frame_range)}.npz")
+    return final, partial_path(final)
+
+
+def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, progress: bool = True,
+                  checkpoint_s: float = 30.0, tracker: Optional[FaceTracker] = None,
+                  frame_range: Optional[FrameRange] = None) -> LandmarkTrack:
+    """Stage 1: landmarks and face box of every frame (see :mod:`core.landmarks.tracking`), or of
+    the source frames ``frame_range`` = (start, stop or None) only (the reader seeks to
+    start; the track's ``start`` is then ``start``).
+
+    With ``cache_dir``, a finished pass is reused and an interrupted one resumes from its
+    last checkpoint (each frame range has its own cache). Raises UserError for an
+    unreadable video or a range that holds no frame.
+    """
+    key = landmark_key(video_path, detector, frame_range)
+    final, partial = _landmark_files(cache_dir, frame_range)
+    first = int(frame_range[0]) if frame_range else 0
+    last = frame_range[1] if frame_range else None
+    if final:
+        cached = load_npz(final, key)
+        if cached is not None:
+            log.info("landmarks: reusing %s", final)
+            track = _track_from_arrays(cached)
+            track.reused = True
+            return track
+    tracker = tracker or FaceTracker(detector)
+    lms, boxes, src, ts = [], [], [], []
+    resume_from = 0
+    saved = load_npz(partial, key) if partial else None
+    with VideoReader(video_path) as reader:
+        info = reader.info
+        if saved is not None:
+            resume_from = int(saved["source"].shape[0])
+            lms, boxes = list(saved["landmarks"]), list(saved["face_boxes"])
+            src, ts = list(saved["source"]), list(saved["timestamps"])
+            log.info("landmarks: resuming at frame %d from %s", first + resume_from, partial)
+        end = info.num_frames or None
+        if last is not None:
+            end = last if end is None else min(end, last)
+        total = end - first if end is not None and end > first else None
+        bar = tqdm(total=total, initial=resume_from, desc="landmarks", unit="frame", disable=not progress)
+        last_save = time.monotonic()
+        # Seek checks: recorded timestamps of the frames done, else those a constant rate gives.
+        if ts:
+            seek_ts = np.concatenate([np.full(first, np.nan), np.asarray(ts, dtype=np.float64)])
+        else:
+            seek_ts = reader.estimated_timestamps(first + 1) if first > 0 else None
+        begin = first + max(0, resume_from - 1)
+        for index, frame in reader.frames(begin, last, seek_ts):
+            if index < first + resume_from:  # the frame before the checkpoint: restore the tracker
+                tracker.relation = np.asarray(saved["relation"], dtype=np.float64)
+                if src[index - first] != SOURCE_NONE:
+                    tracker.resume(frame, lms[index - first])
+                continue
+            face = tracker.update(frame)
+            ts.append(reader.last_timestamp)
+            if face is None:
+                lms.append(np.full((68, 2), np.nan, dtype=np.float32))
+                boxes.append(np.full(4, np.nan))
+                src.append(SOURCE_NONE)
+            else:
+                lms.append(face.landmarks.astype(np.float32))
+                boxes.append(np.asarray(face.box, dtype=np.float64))
+                src.append(face.source)
+            bar.update(1)
+            if partial and time.monotonic() - last_save > checkpoint_s:
+                save_npz(partial, key, **_track_arrays(lms, boxes, src, ts, info, first),
+                         relation=tracker.relation)
+                last_save = time.monotonic()
+        bar.close()
+    if not src:
+        if frame_range is not None:
+            raise UserError(f"--frame_range {format_frame_range(frame_range)} holds no frame of the video "
+                            f"'{video_path}' ({info.num_frames} frames)")
+        raise UserError(f"video '{video_path}' has no readable frame")
+    if frame_range is None and info.num_frames and len(src) != info.num_frames:
+        log.warning("video '%s': the container says %d frames, %d were decoded; using %d",
+                    video_path, info.num_frames, len(src), len(src))
+    arrays = _track_arrays(lms, boxes, src, ts, info, first)
+    if final:
+        save_npz(final, key, **arrays)
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+    return _track_from_arrays(arrays)
+
+
+def _track_arrays(lms, boxes, src, ts, info, start: int = 0) -> Dict[str, np.ndarray]:
+    n = len(src)
+    return {
+        "landmarks": np.asarray(lms, dtype=np.float32).reshape(n, 68, 2),
+        "face_boxes": np.asarray(boxes, dtype=np.float64).reshape(n, 4),
+        "source": np.asarray(src, dtype=np.int8).reshape(n),
+        "timestamps": np.asarray(ts, dtype=np.float64).reshape(n),
+        "meta": np.array([info.fps, info.width, info.height], dtype=np.float64),
+        "start": np.array(int(start), dtype=np.int64),
+    }
+
+
+def _track_from_arrays(a: Dict[str, np.ndarray]) -> LandmarkTrack:
+    fps, w, h = (float(v) for v in a["meta"])
+    start = int(a["start"]) if "start" in a else 0
+    return LandmarkTrack(landmarks=a["landmarks"], face_boxes=a["face_boxes"], source=a["source"],
+                         timestamps=a["timestamps"], fps=fps, width=int(w), height=int(h), start=start)

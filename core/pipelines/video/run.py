@@ -1,0 +1,280 @@
+"""The whole video pipeline, :func:`run_video`: the stages in order, each cached under
+``<cache_folder>/<video name>/``.
+
+``VideoOptions.frame_range`` restricts every stage to source frames [start, stop): the
+landmark pass seeks to start, caches are keyed (and named) by the range, frame indices in
+the outputs stay source indices. One run at a time uses a cache folder
+(:func:`~core.pipelines.video.cache.cache_lock`); worker processes end with the main
+process however it ends (:mod:`core.pipelines.video.workers`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core.errors import UserError
+from core.io.outputs import check_writable_folder
+from core.io.video import VideoReader
+
+from ..session import Session, SessionSpec
+from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir
+from .clips import ClipJob, FrameDone, split_clips
+from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
+from .landmarks import LandmarkTrack, landmark_key, landmark_pass
+from .options import VideoOptions, check_frame_range, check_options
+from .shape import ShapeResult, fit_shape
+from .workers import cpu_count, cpu_oversubscription, run_workers, threads_per_worker, worker_devices
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoReport:
+    """What a run wrote and found."""
+
+    files: Dict[str, str]
+    num_frames: int
+    frames_without_face: List[int]
+    timings: Dict[str, float]
+    info: Dict[str, object]
+
+
+def run_video(session: Session, detector, video_path: str, res_folder: str,
+              options: VideoOptions = VideoOptions(), info_extra: Optional[dict] = None,
+              progress: bool = True, on_frame: Optional[Callable[[FrameDone], None]] = None) -> VideoReport:
+    """Fit every frame of ``video_path`` (or of ``options.frame_range``) and write the
+    outputs into ``res_folder``. The cache folder is locked for the run (see
+    :func:`cache_lock`).
+
+    ``info_extra``: more keys for ``<video>_info.json``. ``progress``: tqdm bars.
+    ``on_frame``: called in this process, in the thread that runs ``run_video``, with the
+    :class:`FrameDone` (worker, source frame, finish time in the worker, ...) of each kept
+    frame of each clip fitted in this run, whichever worker process fits it (clips reused
+    from the cache report nothing). Each worker's frames arrive in order.
+    """
+    check_options(options)
+    t_start = time.perf_counter()
+    VideoReader(video_path).close()  # fail early on a missing / corrupt / empty video
+    check_frame_range(video_path, options.frame_range)
+    check_writable_folder(res_folder, "output folder")
+    names = output_names(video_path)
+    with contextlib.ExitStack() as stack:
+        if options.cache_folder:
+            cache_dir = video_cache_dir(options.cache_folder, video_path)
+            check_writable_folder(cache_dir, "cache folder")
+            os.makedirs(cache_dir, exist_ok=True)
+            stack.enter_context(cache_lock(cache_dir))
+            log.info("cache: %s (re-runs reuse it; --cache_folder '' for none)", os.path.abspath(cache_dir))
+        else:
+            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fit_video_"))
+        threads = torch.get_num_threads()
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        try:
+            return _run(session, detector, video_path, res_folder, options, info_extra or {}, progress,
+                        on_frame, cache_dir, names, t_start)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _run(session, detector, video_path, res_folder, options, info_extra, progress, on_frame, cache_dir, names,
+         t_start):
+    timings: Dict[str, float] = {}
+    cfg = session.fitter.cfg
+    tar_size = session.camera.image_size
+
+    # 1. landmarks
+    t0 = time.perf_counter()
+    track = landmark_pass(video_path, detector, cache_dir, progress=progress, checkpoint_s=options.checkpoint_s,
+                          frame_range=options.frame_range)
+    timings["landmarks_s"] = time.perf_counter() - t0
+    n, first = track.num_frames, track.start
+    no_face = track.frames_without_face
+    n_face = n - len(no_face)
+    span = f"the {n} frames of '{video_path}'" if options.frame_range is None else \
+        f"the {n} frames {first}-{track.stop - 1} of '{video_path}'"
+    if n_face == 0:
+        raise UserError(f"no face found in any of {span}")
+    if no_face:
+        log.warning("%d of %d frames have no face (they get no fit and show the original frame): %s",
+                    len(no_face), n, _ranges(no_face))
+    boxes = track.crop_boxes(options.padding_ratio)
+
+    # 2. identity and albedo
+    t0 = time.perf_counter()
+    base_key = digest({"v": CACHE_VERSION, "landmarks": landmark_key(video_path, detector, options.frame_range),
+                       "config": cfg.as_dict(), "tar_size": tar_size, "padding": options.padding_ratio,
+                       "model": model_fingerprint(session.model), "renderer": session.renderer.backend})
+    shape = fit_shape(session, track, video_path, options, cache_dir, base_key)
+    timings["shape_s"] = time.perf_counter() - t0
+
+    # 3. per-frame fits (clip bounds in source frame indices)
+    t0 = time.perf_counter()
+    clips = [(first + a, first + b) for a, b in split_clips(n, options.nworkers)]
+    devices = worker_devices(session, len(clips), options.ngpus)
+    cores = cpu_count()
+    threads = options.threads or threads_per_worker(cores, len(clips))
+    shape_key = digest({"base": base_key, "id": array_digest(shape.id, shape.tex)})
+    jobs, results = _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options,
+                               cache_dir, shape_key)
+    reused = len(clips) - len(jobs)
+    todo = sum(j.stop - j.start for j in jobs)
+    if not jobs:
+        log.info("fitting: all %d clip%s reused from %s", len(clips), "s" if len(clips) > 1 else "", cache_dir)
+    else:
+        if reused:
+            log.info("fitting: reusing %d of %d finished clips from %s", reused, len(clips), cache_dir)
+        log.info("fitting %d frames in %d clip(s) on %s (%s%d thread(s) each)", todo, len(jobs),
+                 ", ".join(sorted(set(j.session.device for j in jobs))),
+                 "adaptive, at most " if options.threads is None else "", threads)
+        n_cpu = sum(j.session.device == "cpu" for j in jobs)
+        warning = cpu_oversubscription(n_cpu, cores, threads) if n_cpu > 1 else None
+        if warning:
+            log.warning("%s", warning)
+    with tqdm(total=todo, desc="fitting", unit="frame", disable=not progress or not jobs) as bar:
+        def frame_done(event: FrameDone) -> None:
+            bar.update(1)
+            if on_frame is not None:
+                on_frame(event)
+
+        run_workers(jobs, on_frame=frame_done)
+    for job in jobs:
+        loaded = load_npz(job.cache_path, job.key)
+        if loaded is None:
+            raise UserError(f"worker {job.worker} failed: its result {job.cache_path} is missing")
+        results[job.worker] = loaded
+    timings["fit_s"] = time.perf_counter() - t0
+    timings["fit_frames"] = todo
+
+    # 4. merge and write (merged arrays by position in the track; pkl keys are source indices)
+    merged = merge_clips(results, len(clips), first, n)
+    fitted = merged["fitted"]
+    lost = np.flatnonzero(track.has_face & ~fitted)
+    if lost.size:
+        raise UserError(f"internal error: frames {(lost[:5] + first).tolist()} have a face but no fit")
+    pkl = pkl_contents(track, boxes, shape, merged, tar_size, options.frame_range is not None)
+
+    t0 = time.perf_counter()
+    final = {key: os.path.join(res_folder, name) for key, name in names.items()}
+    try:
+        os.makedirs(res_folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder '{res_folder}': {e.strerror or e}") from None
+    with video_writer(final["video"], video_path, track, options) as writer:
+        nme = render_video(session, video_path, track, boxes, shape, merged, writer, progress)
+        timings["render_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+        info = _info(session, detector, video_path, track, shape, options, timings, nme, len(jobs), devices,
+                     threads, reused, info_extra)
+        commit_outputs(writer, final, pkl, info, res_folder)
+    log.info("%d frames (%d with a fit, %d without a face) -> %s, %s, %s", n, int(fitted.sum()), len(no_face),
+             final["pkl"], final["video"], final["info"])
+    speeds = ", ".join(f"{stage} " + ("reused" if info["fps"][stage] is None else f"{info['fps'][stage]:.{d}f} fps")
+                       for stage, d in (("landmarks", 1), ("fitting", 2), ("rendering", 1)))
+    log.info("speed: %s; landmark NME %.1f%% of the inter-ocular distance (mean over frames)", speeds,
+             100.0 * nme["mean"])
+    return VideoReport(files=final, num_frames=n, frames_without_face=no_face, timings=timings, info=info)
+
+
+def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options, cache_dir, shape_key):
+    """The jobs of the clips that are not cached yet, and the cached clips' results
+    ({clip index: arrays})."""
+    cfg, first = session.fitter.cfg, track.start
+    source_ts = track.source_timestamps()
+    spec = None  # built for the first job (a model on a GPU is copied to the CPU)
+    jobs, results = [], {}
+    for k, (start, stop) in enumerate(clips):
+        fit_start = max(first, start - options.clip_overlap)
+        key = digest({"shape": shape_key, "fit_start": fit_start, "start": start, "stop": stop,
+                      "rest_nrf_lr": cfg.rest_nrf_lr})
+        cache_path = os.path.join(cache_dir, f"clip_{start:07d}_{stop:07d}.npz")
+        cached = load_npz(cache_path, key)
+        if cached is not None:
+            results[k] = cached
+            continue
+        spec = spec or SessionSpec.of(session)
+        jobs.append(ClipJob(
+            worker=k, session=replace(spec, device=devices[k]), video_path=video_path, timestamps=source_ts,
+            fit_start=fit_start, start=start, stop=stop, landmarks=track.landmarks[fit_start - first:stop - first],
+            crop_boxes=boxes[fit_start - first:stop - first], id=shape.id, tex=shape.tex, threads=threads,
+            cache_path=cache_path, key=key, checkpoint_s=options.checkpoint_s,
+            adaptive_threads=options.threads is None))
+    return jobs, results
+
+
+def _info(session: Session, detector, video_path: str, track: LandmarkTrack, shape: ShapeResult,
+          options: VideoOptions, timings, nme, n_jobs, devices, threads, reused, extra) -> Dict[str, object]:
+    """The contents of ``<video>_info.json``."""
+    n = track.num_frames
+    n_face = int(track.has_face.sum())
+
+    def rate(frames, key):
+        s = timings.get(key, 0.0)
+        return round(frames / s, 3) if s > 0 else None
+
+    info = {
+        "video": os.path.abspath(video_path),
+        "num_frames": n,
+        "frame_range": [track.start, track.stop],
+        "fps_source": track.fps,
+        "frame_size": [track.width, track.height],
+        "frames_with_fit": n_face,
+        "frames_without_face": track.frames_without_face,
+        "landmarks": {"detector": getattr(detector, "name", "?"),
+                      "detected_frames": int((track.source == 1).sum()),
+                      "tracked_frames": int((track.source == 2).sum())},
+        "shape_frames": [int(v) for v in shape.frames],
+        "shape_losses": {k: round(v, 6) for k, v in shape.losses.items()},
+        "tar_size": session.camera.image_size,
+        "padding_ratio": options.padding_ratio,
+        "recon_model": session.model.name,
+        "device": str(session.device),
+        "worker_devices": devices,
+        "nworkers": options.nworkers,
+        "ngpus": options.ngpus,
+        "threads_per_worker": threads,
+        "clip_overlap": options.clip_overlap,
+        "clips_fitted": n_jobs,
+        "clips_reused": reused,
+        "cache": {"folder": os.path.abspath(options.cache_folder) if options.cache_folder else None,
+                  "landmarks_reused": track.reused, "shape_reused": shape.reused, "clips_reused": reused},
+        "renderer": session.renderer.backend,
+        "fit_config": session.fitter.cfg.as_dict(),
+        "rest_nrf_lr": session.fitter.cfg.rest_nrf_lr or session.fitter.cfg.nrf_lr,
+        # core.landmarks.metrics.landmark_nme (chin + 51 inner points, / eye-centre distance) as for photos:
+        # a fraction; per_frame by source frame index (JSON keys are strings).
+        "landmark_nme_interocular": {**{k: round(float(nme[k]), 5) for k in ("mean", "median", "p95", "max")},
+                                     "per_frame": {str(i): round(v, 6) for i, v in sorted(nme["per_frame"].items())}},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        # frames per second of each stage; null for a stage reused from the cache
+        "fps": {"landmarks": None if track.reused else rate(n, "landmarks_s"),
+                "fitting": rate(timings.get("fit_frames", 0), "fit_s") if n_jobs else None,
+                "rendering": rate(n, "render_s"), "overall": rate(n, "total_s")},
+    }
+    info.update(extra)
+    return info
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """'3-5, 9' for [3, 4, 5, 9]."""
+    out, start, prev = [], None, None
+    for i in indices:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            out.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev > start else f"{start}")
+    return ", ".join(out)

@@ -1,0 +1,103 @@
+"""Stage 2 of the video pipeline: identity and albedo shared by the whole video, from
+``nframes_shape`` face frames spread over it, in one batched fit with id/tex shared by all
+frames (stored with batch 1, see :func:`core.fit.fitter.expand`) and exp/gamma/pose per
+frame. Cached in ``shape.npz``."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from core.errors import UserError
+from core.io.video import VideoReader
+from core.landmarks.crop import crop_face, photo_to_crop
+
+from ..session import Session
+from .cache import digest, load_npz, save_npz
+from .landmarks import LandmarkTrack
+from .options import VideoOptions, range_suffix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShapeResult:
+    """Identity and albedo shared by the whole video."""
+
+    id: np.ndarray          # (n_id,) float32
+    tex: np.ndarray         # (n_tex,) float32
+    frames: np.ndarray      # (F,) frame indices used
+    losses: Dict[str, float] = field(default_factory=dict)
+    reused: bool = False    # loaded from the cache
+
+
+def select_shape_frames(has_face: np.ndarray, k: int) -> np.ndarray:
+    """Indices of ``k`` face frames spread evenly over the video: the middle frame of each
+    of k equal parts of the face frames (all of them when there are no more than k)."""
+    faces = np.flatnonzero(np.asarray(has_face, dtype=bool))
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    if faces.size <= k:
+        return faces
+    pos = ((np.arange(k) + 0.5) * faces.size / k).astype(np.int64)
+    return faces[np.unique(pos)]
+
+
+def read_frames(video_path: str, indices: Sequence[int], timestamps: Optional[np.ndarray] = None) -> Dict[int, np.ndarray]:
+    """The frames ``indices`` of a video as {index: RGB frame} (seeks where it can)."""
+    out: Dict[int, np.ndarray] = {}
+    with VideoReader(video_path) as reader:
+        for i in sorted(set(int(v) for v in indices)):
+            for _, frame in reader.frames(i, i + 1, timestamps):
+                out[i] = frame
+    missing = sorted(set(int(v) for v in indices) - set(out))
+    if missing:
+        raise UserError(f"video '{video_path}' could not be read again at frames {missing[:5]}")
+    return out
+
+
+def _crops(frames: Dict[int, np.ndarray], track: LandmarkTrack, boxes: np.ndarray, indices, tar_size: int):
+    crops = np.stack([crop_face(frames[i], boxes[i], tar_size) for i in indices])
+    lms = np.stack([photo_to_crop(track.landmarks[i], boxes[i], tar_size) for i in indices])
+    return crops, lms
+
+
+def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: VideoOptions,
+              cache_dir: Optional[str] = None, cache_key_base: str = "") -> ShapeResult:
+    """Stage 2: id and tex from ``nframes_shape`` face frames, one batched fit with id/tex
+    shared (batch 1) and exp/gamma/pose per frame, with the ``first_*`` iteration counts.
+    The result's ``frames`` are source frame indices."""
+    fitter, model = session.fitter, session.model
+    indices = select_shape_frames(track.has_face, options.nframes_shape)  # positions in the track
+    key = digest({"base": cache_key_base, "frames": (indices + track.start).tolist(), "stage": "shape"})
+    path = os.path.join(cache_dir, f"shape{range_suffix(options.frame_range)}.npz") if cache_dir else None
+    if path:
+        cached = load_npz(path, key)
+        if cached is not None:
+            log.info("identity/albedo: reusing %s", path)
+            return ShapeResult(id=cached["id"], tex=cached["tex"], frames=cached["frames"],
+                               losses=json.loads(str(cached["losses"])), reused=True)
+    log.info("identity/albedo from %d frames: %s", len(indices), (indices + track.start).tolist())
+    boxes = track.crop_boxes(options.padding_ratio)
+    by_source = read_frames(video_path, indices + track.start, track.source_timestamps())
+    frames = {int(i): by_source[int(i) + track.start] for i in indices}
+    crops, lms = _crops(frames, track, boxes, indices, session.camera.image_size)
+    dev, dt = session.device, fitter.dtype
+    n = len(indices)
+    zeros = fitter.zeros(n)
+    init = zeros.replace(id=torch.zeros(1, model.layout.n_id, dtype=dt, device=dev),
+                         tex=torch.zeros(1, model.layout.n_tex, dtype=dt, device=dev))
+    res = fitter.fit(torch.as_tensor(lms, dtype=dt, device=dev), torch.as_tensor(crops, dtype=dt, device=dev),
+                     init=init)
+    result = ShapeResult(id=res.coeffs.id[0].cpu().numpy().astype(np.float32),
+                         tex=res.coeffs.tex[0].cpu().numpy().astype(np.float32),
+                         frames=indices + track.start, losses=res.losses)
+    if path:
+        save_npz(path, key, id=result.id, tex=result.tex, frames=result.frames,
+                 losses=np.array(json.dumps(res.losses)))
+    return result

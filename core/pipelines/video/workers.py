@@ -1,0 +1,182 @@
+"""Running clip jobs in worker processes (torch.multiprocessing, spawn): the worker entry,
+the parent's message loop with its checks of every worker's exit, the watchdog that ends a
+worker with its parent, and how many threads and which device each worker gets."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import queue as queue_mod
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from core import threads as thread_control
+from core.errors import UserError
+
+from ..session import Session
+from .clips import ClipJob, FrameDone, fit_clip
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def threads_per_worker(cores: int, nworkers: int) -> int:
+    """CPU threads for each of ``nworkers`` processes sharing ``cores`` cores."""
+    return max(1, int(cores) // max(1, int(nworkers)))
+
+
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_oversubscription(n_workers: int, cores: int, threads: int = 1) -> Optional[str]:
+    """The warning for ``n_workers`` CPU worker processes of ``threads`` threads each on
+    ``cores`` cores, or None when every worker has a core of its own."""
+    if n_workers <= cores:
+        return None
+    return (f"--nworkers {n_workers}: the {n_workers} CPU workers will compete for {cores} core(s) "
+            f"({threads} thread{'s' if threads != 1 else ''} each); fewer workers (at most {cores}) will be faster")
+
+
+def worker_devices(session: Session, n: int, ngpus: int) -> List[str]:
+    """Worker i on cuda:(i mod ngpus) when the session runs on CUDA (its own card when
+    ngpus is 1), else on the CPU."""
+    if session.device.type != "cuda":
+        return ["cpu"] * n
+    if ngpus <= 1:
+        return [str(session.device)] * n
+    available = torch.cuda.device_count()
+    if ngpus > available:
+        log.warning("--ngpus %d but torch sees %d GPU(s); using %d", ngpus, available, available)
+        ngpus = available
+    return [f"cuda:{i % ngpus}" for i in range(n)]
+
+
+def _die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """End this worker process as soon as the process that started it (``parent_pid``)
+    is gone, however it ended (even SIGKILL, which runs no clean-up there).
+
+    On Linux the kernel sends SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); the
+    parent may have died before that was set, so its pid is checked once afterwards; and a
+    daemon thread polls os.getppid() every ``poll_s`` seconds everywhere (the portable
+    fallback: an orphan is re-parented, so its parent pid changes)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as e:
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _worker_entry(job: ClipJob, messages, parent_pid: Optional[int] = None) -> None:
+    """Process target: run :func:`fit_clip` and put its messages on the queue
+    ``messages``: ``("frame", worker, FrameDone)`` for each kept frame, then ``("done",
+    worker)`` or ``("error", worker, one-line message, traceback)``. The worker ends with
+    the main process ``parent_pid`` (see :func:`_die_with_parent`)."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    thread_control.install(None if job.adaptive_threads else job.threads, max_threads=job.threads)
+    try:
+        fit_clip(job, on_frame=lambda event: messages.put(("frame", job.worker, event)))
+    except BaseException as e:  # report everything, including KeyboardInterrupt
+        text = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        messages.put(("error", job.worker, text.splitlines()[0] if text else type(e).__name__,
+                      traceback.format_exc()))
+        raise SystemExit(1)
+    messages.put(("done", job.worker))
+
+
+def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone], None]] = None,
+                in_process: Optional[bool] = None, poll_s: float = 0.2) -> None:
+    """Run :func:`fit_clip` for every job, each in its own spawned process (one job: in
+    this process unless ``in_process`` is False). ``on_frame`` is called in this process
+    with the :class:`FrameDone` of every kept frame of every worker, as its message
+    arrives (each worker's in order). Any failing worker stops the others and raises
+    ``UserError("worker k failed: ...")``; results are in the jobs' cache files."""
+    on_frame = on_frame or (lambda event: None)
+    if in_process is None:
+        in_process = len(jobs) == 1
+    if in_process:
+        for job in jobs:
+            try:
+                fit_clip(job, on_frame)
+            except UserError as e:
+                raise UserError(f"worker {job.worker} failed: {e}") from None
+        return
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    messages = ctx.Queue()
+    procs = {job.worker: ctx.Process(target=_worker_entry, args=(job, messages, os.getpid()),
+                                     name=f"fit-worker-{job.worker}", daemon=True) for job in jobs}
+    finished = set()
+    try:
+        for p in procs.values():
+            p.start()
+        while len(finished) < len(procs):
+            try:
+                msg = messages.get(timeout=poll_s)
+            except queue_mod.Empty:
+                msg = None
+            if msg is not None:
+                kind, worker = msg[0], msg[1]
+                if kind == "frame":
+                    on_frame(msg[2])
+                elif kind == "done":
+                    finished.add(worker)
+                elif kind == "error":
+                    log.debug("worker %d traceback:\n%s", worker, msg[3])
+                    raise UserError(f"worker {worker} failed: {msg[2]}")
+                continue
+            for worker, p in procs.items():
+                if worker not in finished and p.exitcode is not None:
+                    # Give a last message time to arrive before calling it a silent death.
+                    with contextlib.suppress(queue_mod.Empty):
+                        while True:
+                            msg = messages.get(timeout=1.0)
+                            if msg[0] == "error":
+                                log.debug("worker %d traceback:\n%s", msg[1], msg[3])
+                                raise UserError(f"worker {msg[1]} failed: {msg[2]}")
+                            if msg[0] == "done":
+                                finished.add(msg[1])
+                            elif msg[0] == "frame":
+                                on_frame(msg[2])
+                    if worker not in finished:
+                        raise UserError(f"worker {worker} failed: the process exited with code {p.exitcode} "
+                                        f"(killed, e.g. out of memory?)")
+        for worker, p in procs.items():
+            p.join(timeout=60)
+            if p.exitcode not in (0, None):
+                raise UserError(f"worker {worker} failed: the process exited with code {p.exitcode}")
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.terminate()
+        for p in procs.values():
+            p.join(timeout=10)
+        messages.close()
