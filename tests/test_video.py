@@ -506,7 +506,7 @@ def test_session_spec_pickles_and_rebuilds_the_session():
     assert again.fitter.cfg == cfg
     for (name, a), (_, b) in zip(sorted(session.model.named_buffers()), sorted(again.model.named_buffers())):
         assert torch.equal(a, b), name
-    rest = again.fitter_for(cfg.following_frames())
+    rest = again.fitter.following()
     assert rest.cfg == cfg.following_frames() and rest.model is again.model and rest.camera is again.camera
 
 

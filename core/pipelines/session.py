@@ -48,11 +48,6 @@ class Session:
         fitter = Fitter(model, rend, camera, config, progress=progress)
         return cls(model=model, camera=camera, renderer=rend, fitter=fitter, device=dev)
 
-    def fitter_for(self, config: FitConfig, progress: bool = False) -> Fitter:
-        """A second Fitter with another configuration (e.g. :meth:`FitConfig.following_frames`)
-        on this session's model, renderer and camera."""
-        return Fitter(self.model, self.renderer, self.camera, config, progress=progress)
-
 
 @dataclass(frozen=True)
 class SessionSpec:
@@ -65,9 +60,9 @@ class SessionSpec:
 
     model: FaceModel
     config: FitConfig
-    tar_size: int = 256
-    renderer: str = "auto"
-    device: str = "auto"
+    tar_size: int = defaults.TAR_SIZE
+    renderer: str = defaults.RENDERER
+    device: str = defaults.DEVICE
 
     @classmethod
     def of(cls, session: Session) -> "SessionSpec":

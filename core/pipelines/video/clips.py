@@ -161,9 +161,7 @@ def fit_clip(job: ClipJob, on_frame: Optional[Callable[[FrameDone], None]] = Non
 def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, np.ndarray]:
     session = job.session.build()
     fitter, model, cam, device = session.fitter, session.model, session.camera, session.device
-    cfg, tar_size = job.session.config, cam.image_size
-    rest_cfg = cfg.following_frames()
-    rest_fitter = fitter if rest_cfg == cfg else session.fitter_for(rest_cfg)
+    tar_size = cam.image_size
     dt = fitter.dtype
     total = job.stop - job.fit_start
     sizes = model.layout.sizes()
@@ -211,15 +209,15 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
                         tr_t = torch.as_tensor(tr, dtype=dt, device=device)[None]
                         init = Coeffs(id=id_t, tex=tex_t, angles=ang_t, trans=tr_t, **start_of(j - 1))
                         pose_ref = PoseRef(angles=ang_t, trans=tr_t)
-                        rf, nrf, stage = cfg.rest_rf_iters, cfg.rest_nrf_iters, rest_fitter
                     else:
                         init = fitter.zeros(1).replace(id=id_t, tex=tex_t)
                         pose_ref = None
-                        rf, nrf, stage = cfg.first_rf_iters, cfg.first_nrf_iters, fitter
-                    res = stage.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
+                    # A following frame (warm-started, pose prior) gets Fitter.following()'s
+                    # settings and rest_* iterations; the first one the first_* schedule.
+                    res = fitter.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
                                      torch.as_tensor(crop[None], dtype=dt, device=device),
-                                     init=init, rf_iters=rf, nrf_iters=nrf,
-                                     nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref, losses=False)
+                                     init=init, nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref,
+                                     following=pose_ref is not None, losses=False)
                     for g in PER_FRAME_GROUPS:
                         out[g][j] = getattr(res.coeffs, g)[0].detach().cpu().numpy()
                     last = j, {g: getattr(res.coeffs, g).detach()[:1].to(torch.float32).to(dt)

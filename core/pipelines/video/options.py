@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from core import defaults
 from core.errors import UserError
 from core.io.video import VideoReader
 
@@ -35,7 +36,7 @@ class VideoOptions:
     ngpus: int = 1
     clip_overlap: int = 8
     cache_folder: Optional[str] = None
-    padding_ratio: float = 0.3
+    padding_ratio: float = defaults.PADDING_RATIO
     checkpoint_s: float = 30.0
     keep_audio: bool = True
     threads: Optional[int] = None
