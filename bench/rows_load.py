@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from core import threads
+from core import defaults, threads
 
 from .common import REPO, Row, median
 
@@ -103,12 +103,12 @@ def rows_of(times: Dict[Tuple[bool, str], List[float]], what: str, unit: str, no
     return rows
 
 
-def photo_fit_rows(model, photos: Sequence[str], detector, cfg, device, rounds: int, renderer: str = "auto",
-                   tar_size: int = 256) -> Tuple[List[Row], dict]:
+def photo_fit_rows(model, photos: Sequence[str], detector, cfg, device, rounds: int, renderer: str = defaults.RENDERER,
+                   tar_size: int = defaults.TAR_SIZE) -> Tuple[List[Row], dict]:
     from core.pipelines.photo import fit_photos, prepare_photo
     from core.pipelines.session import Session
 
-    prepared = [prepare_photo(p, detector, tar_size, 0.3) for p in photos]
+    prepared = [prepare_photo(p, detector, tar_size, defaults.PADDING_RATIO) for p in photos]
     session = Session.create(model, cfg, tar_size=tar_size, device=str(device), renderer=renderer, progress=False)
     fit_photos(session, prepared[:1])  # warm-up
     cores = threads.cpu_cores()
@@ -149,8 +149,8 @@ def photo_command_rows(photo: str, rounds: int, extra: Sequence[str] = ()) -> Tu
     return rows_of(out, "photo command", "s", note), {"photo_command_s": _keyed(out)}
 
 
-def video_frame_rows(model, detector, cfg, device, clip: str, rounds: int, renderer: str = "auto",
-                     tar_size: int = 256) -> Tuple[List[Row], dict]:
+def video_frame_rows(model, detector, cfg, device, clip: str, rounds: int, renderer: str = defaults.RENDERER,
+                     tar_size: int = defaults.TAR_SIZE) -> Tuple[List[Row], dict]:
     from core.pipelines.session import Session
     from core.pipelines.video import VideoOptions, run_video
 
@@ -178,7 +178,7 @@ def _keyed(times: Dict[Tuple[bool, str], List[float]]) -> Dict[str, List[float]]
 
 
 def load_rows(model, photos: Sequence[str], detector, cfg, device, rounds: int, clip: str = None,
-              renderer: str = "auto", tar_size: int = 256, command: bool = True) -> Tuple[List[Row], dict]:
+              renderer: str = defaults.RENDERER, tar_size: int = defaults.TAR_SIZE, command: bool = True) -> Tuple[List[Row], dict]:
     """Every busy-CPU row (CPU only: a GPU fit does not share the cores the same way)."""
     if device.type != "cpu" or threads.cpu_cores() < 2:
         why = "a GPU run" if device.type != "cpu" else "a single-core machine"

@@ -18,6 +18,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from core import defaults
 from core.fit.config import FitConfig
 from core.errors import UserError
 from core.pipelines.photo import fit_photos, photo_outputs, prepare_photo
@@ -44,7 +45,7 @@ def _info(files: Mapping[str, object]) -> dict:
 
 
 def photo_rows(model, photos: Sequence[str], detector, presets: Mapping[str, FitConfig], device,
-               repeats: Mapping[str, int], renderer: str = "auto", tar_size: int = 256, padding_ratio: float = 0.3,
+               repeats: Mapping[str, int], renderer: str = defaults.RENDERER, tar_size: int = defaults.TAR_SIZE, padding_ratio: float = defaults.PADDING_RATIO,
                ) -> Tuple[List[Row], Dict[str, object]]:
     """Rows for the photos (every preset fits every photo ``repeats[preset]`` times)."""
     prepared, failed = [], {}

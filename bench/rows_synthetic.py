@@ -23,6 +23,7 @@ from typing import Dict, List, Mapping, Tuple
 import numpy as np
 import torch
 
+from core import defaults
 from core.fit.config import FitConfig
 from core.pipelines.session import Session
 
@@ -84,7 +85,7 @@ def case_errors(session: Session, gt, fit, clean: torch.Tensor, noisy: torch.Ten
 
 
 def synthetic_rows(model, presets: Mapping[str, FitConfig], device, repeats: Mapping[str, int], n_cases: int,
-                   renderer: str = "auto", tar_size: int = 256, noise_px: float = 1.0, seed: int = 0,
+                   renderer: str = defaults.RENDERER, tar_size: int = defaults.TAR_SIZE, noise_px: float = 1.0, seed: int = 0,
                    model_desc: str = "") -> Tuple[List[Row], Dict[str, object]]:
     session_args = dict(model=model, tar_size=tar_size, device=str(device), renderer=renderer, progress=False)
     sessions = {name: Session.create(config=cfg, **session_args) for name, cfg in presets.items()}

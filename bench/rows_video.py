@@ -34,6 +34,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from core import defaults
 from core.fit.config import FitConfig
 from core.landmarks.crop import crop_to_photo, photo_to_crop
 from core.pipelines.session import Session
@@ -168,7 +169,7 @@ def unavailable_rows(reason: str) -> List[Row]:
 
 def video_rows(model, presets: Mapping[str, FitConfig], device, detector, clip: str, clip_desc: str,
                workers: Sequence[int] = (1, 2), nframes_shape: Optional[int] = None,
-               clip_overlap: Optional[int] = None, renderer: str = "auto", tar_size: int = 256,
+               clip_overlap: Optional[int] = None, renderer: str = defaults.RENDERER, tar_size: int = defaults.TAR_SIZE,
                work_dir: Optional[str] = None, threads: Optional[int] = None) -> Tuple[List[Row], Dict[str, object]]:
     """The video rows; ``nframes_shape`` and ``clip_overlap`` None: the pipeline's defaults
     (``VideoOptions``)."""

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.common import Report, Row  # noqa: E402
+from core import defaults  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -78,7 +79,7 @@ class Plan:
     nframes_shape: int = 8
     clip_overlap: Optional[int] = None
     workers: Tuple[int, ...] = (1, 2)
-    tar_size: int = 256
+    tar_size: int = defaults.TAR_SIZE
     seed: int = 0
     threads: Optional[int] = None  # torch CPU threads (None: adaptive, core.threads); also each video worker's
     load_rounds: int = 3            # busy-CPU rows: rounds of the four conditions
@@ -185,7 +186,7 @@ def describe_preset(cfg) -> str:
     return text
 
 
-def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], renderer: str = "auto",
+def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], renderer: str = defaults.RENDERER,
               lm_detector: str = "auto", model_path: Optional[str] = None, shared: str = common.DEFAULT_SHARED,
               render_model=None, synthetic=None, real_model=None) -> Report:
     """Measure every section of ``plan``; models may be passed in (tests), else they are
