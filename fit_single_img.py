@@ -21,7 +21,8 @@ import logging
 import sys
 from typing import Sequence
 
-from core import cli, defaults
+from core import defaults
+from core.pipelines import cli
 
 
 def build_parser() -> argparse.ArgumentParser:

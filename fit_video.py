@@ -28,7 +28,7 @@ import logging
 import sys
 from typing import Sequence
 
-from core import cli
+from core.pipelines import cli
 
 
 CACHE_FOLDER = "fitting_cache"  # relative to the working directory, as in the original

@@ -148,6 +148,28 @@ def floors(modules: Dict[str, Module]) -> Dict[str, int]:
     return {v: floor(v) for v in sorted(modules)}
 
 
+def wing_of(name: str, modules: Dict[str, "Module"]) -> str:
+    """The wing (sub-package of the top package) a module belongs to; "ground" for the
+    top package's own modules."""
+    parts = name.split(".")
+    if len(parts) >= 2 and modules.get(".".join(parts[:2])) is not None and modules[".".join(parts[:2])].is_package:
+        return parts[1]
+    return "ground"
+
+
+def wing_graph(modules: Dict[str, "Module"]) -> Dict[str, Set[str]]:
+    """wing -> the other wings its modules import."""
+    out: Dict[str, Set[str]] = {}
+    for n, m in modules.items():
+        a = wing_of(n, modules)
+        out.setdefault(a, set())
+        for t in m.imports:
+            b = wing_of(t, modules)
+            if b != a:
+                out[a].add(b)
+    return out
+
+
 def summary(root: str) -> Dict[str, object]:
     """The figures the architecture note quotes (also used by tests/test_architecture.py)."""
     modules = scan(root)
@@ -156,7 +178,12 @@ def summary(root: str) -> Dict[str, object]:
     wings = sorted({n.split(".")[1] for n, m in modules.items() if n.count(".") >= 1
                     and (m.is_package or n.count(".") >= 2)
                     and modules.get(".".join(n.split(".")[:2]), m).is_package})
+    wg = wing_graph(modules)
+    wing_modules = {w: Module(w, "", 0, True, {t: False for t in ts}) for w, ts in wg.items()}
     return {
+        "wing_edges": {w: sorted(ts) for w, ts in sorted(wg.items())},
+        "wing_circles": circles(wing_modules),
+        "wing_floors": floors(wing_modules),
         "modules": len(modules),
         "code_modules": len(code),
         "edges": sum(len(m.imports) for m in modules.values()),
@@ -183,11 +210,15 @@ def main(argv=None) -> int:
     print(f"| floors (longest import chain + 1) | {s['floors']} |")
     print(f"| import circles | {len(s['circles'])} |")
     print(f"| wings (sub-packages) | {len(s['wings'])}: {', '.join(s['wings']) or '-'} |")
-    print(f"| modules flat in core/ | {len(s['top_level'])} |")
+    print(f"| modules flat in core/ (the ground floor) | {len(s['top_level'])} |")
+    print(f"| import circles between wings | {len(s['wing_circles'])} |")
+    print(f"| wing floors (ground = 0) | {1 + max(s['wing_floors'].values(), default=-1)} |")
     over = [(n, l) for l, n in s["largest"] if l > 500]
     print(f"| modules over 500 lines | {len(over)} |")
     print()
     print("largest: " + ", ".join(f"{n} {l}" for l, n in s["largest"][:args.top]))
+    for w, ts in sorted(s["wing_edges"].items(), key=lambda kv: (s["wing_floors"][kv[0]], kv[0])):
+        print(f"wing {w} (floor {s['wing_floors'][w]}) imports: {', '.join(ts) or '-'}")
     for c in s["circles"]:
         print("circle: " + " -> ".join(c))
     if args.edges:

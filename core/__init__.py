@@ -11,9 +11,10 @@ Wings (sub-packages, each with one kind of job; docs/architecture.md has the map
     landmarks   where the face is: 68-point detectors, tracking through a video, the square
                 face crop, landmark error measures
     io          images, videos, result files, atomic writes
-    pipelines   what the scripts run: the session (model + camera + renderer + fitter from
-                flags), the photo pipeline and the video pipeline
+    pipelines   what the scripts run: the shared flags and exit codes (cli), the session
+                (model + camera + renderer + fitter from flags), the photo pipeline and the
+                video pipeline
 
-Ground floor (flat, used by every wing): errors (UserError), resources (the shipped files),
-device, threads (the adaptive CPU thread count), cli (the scripts' flags and exit codes).
+Ground floor (flat, imports no wing): errors (UserError), resources (the shipped files),
+defaults (the defaults the flags show), device, threads (the adaptive CPU thread count).
 """

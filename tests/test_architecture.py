@@ -10,8 +10,12 @@ CORE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def test_wings_no_circles_small_modules():
     s = summary(CORE)
-    assert s["circles"] == []
+    assert s["circles"] == [] and s["wing_circles"] == []
     assert {"models", "render", "fit", "landmarks", "io", "pipelines"} <= set(s["wings"])
+    # The ground floor imports no wing; the lower wings import neither fit nor pipelines.
+    assert s["wing_edges"]["ground"] == []
+    assert all("pipelines" not in s["wing_edges"][w] for w in s["wing_edges"] if w != "pipelines")
+    assert all("fit" not in s["wing_edges"][w] for w in ("models", "render", "landmarks", "io"))
     assert [(n, lines) for lines, n in s["largest"] if lines > 500] == []
     # The ground floor stays small: everything else lives in a wing.
     assert len(s["top_level"]) <= 8, s["top_level"]
@@ -28,9 +32,11 @@ def test_import_map_sees_circles_and_floors(tmp_path):
     (pkg / "w" / "c.py").write_text("def f():\n    from core import a\n")
     s = summary(str(pkg))
     assert s["circles"] == [["core.a", "core.w.b", "core.w.c"]]
+    assert s["wing_circles"] == [["ground", "w"]]
     (pkg / "w" / "c.py").write_text("x = 1\n")
     s = summary(str(pkg))
     assert s["circles"] == [] and s["floors"] == 3 and s["wings"] == ["w"]
+    assert s["wing_circles"] == [] and s["wing_edges"] == {"ground": ["w"], "w": []}
 
 
 def test_loss_weights_are_applied_only_by_the_objective():

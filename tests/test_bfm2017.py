@@ -94,7 +94,7 @@ def test_bundled_landmark_files_are_eos_bfm_nomouth():
 def test_fits_a_real_photo(tmp_path):
     """End to end through the CLI: npz coefficients with the model's own sizes."""
     import fit_single_img
-    from core.cli import run_main
+    from core.pipelines.cli import run_main
     from tests.helpers import REPO
 
     path = write_fake_bfm2017(tmp_path)

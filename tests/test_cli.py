@@ -1,11 +1,11 @@
-"""core.cli: one-line errors for every bad flag, the streams (progress on stdout, errors
+"""core.pipelines.cli: one-line errors for every bad flag, the streams (progress on stdout, errors
 on stderr), and every other failure turned into one line."""
 import logging
 
 import pytest
 
 import fit_single_img
-from core import cli
+from core.pipelines import cli
 from core.errors import UserError
 
 

@@ -10,7 +10,7 @@ import pytest
 import scipy.io as sio
 
 import fit_single_img
-from core.cli import run_main
+from core.pipelines.cli import run_main
 from tests.helpers import REPO, shared_path, synthetic_arrays
 
 FAST = ["--lm_detector", "dlib", "--quiet", "--first_nrf_iters", "20"]

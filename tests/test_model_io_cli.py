@@ -8,7 +8,7 @@ import pytest
 import scipy.io as sio
 
 import fit_single_img
-from core.cli import run_main
+from core.pipelines.cli import run_main
 from tests.helpers import REPO, synthetic_arrays
 
 

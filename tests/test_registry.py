@@ -11,7 +11,7 @@ from core.models import registry
 
 
 def test_names_are_the_scripts_choices():
-    from core import cli
+    from core.pipelines import cli
     assert registry.MODEL_NAMES == ("bfm09", "sfm", "bfm2017", "bfm2019")
     assert cli.MODEL_NAMES is registry.MODEL_NAMES
 

@@ -9,7 +9,7 @@ import torch
 import fit_single_img
 from core.models import landmark_maps, sfm
 from core.render.camera import Camera
-from core.cli import run_main
+from core.pipelines.cli import run_main
 from core.errors import UserError
 from core.models.face_model import FaceModel
 from tests.helpers import REPO

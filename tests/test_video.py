@@ -31,7 +31,7 @@ from core.pipelines import video as V
 from core.pipelines.session import SessionSpec
 from core.pipelines.video import run as video_run  # where run_video looks its stages up (monkeypatched)
 from core.render.camera import Camera
-from core.cli import run_main
+from core.pipelines.cli import run_main
 from core.fit.config import get_preset
 from core.errors import UserError
 from core.landmarks.metrics import landmark_nme
@@ -120,7 +120,7 @@ def _load(folder, stem):
 
 def _output_lines(capsys):
     """The stripped, non-empty lines a run printed (stdout and stderr: where INFO goes is
-    core.cli's business), progress-bar redraws split apart."""
+    core.pipelines.cli's business), progress-bar redraws split apart."""
     cap = capsys.readouterr()
     return [ln.strip() for ln in re.split(r"[\r\n]", cap.out + "\n" + cap.err) if ln.strip()]
 
@@ -810,7 +810,7 @@ def test_bad_input_is_one_line_error(kind, tmp_path, clip, model_path, capsys):
 def test_presets_and_defaults():
     """--preset original is the original schedule (one learning rate everywhere, first/rest
     iterations 1000/500 and 50/30); the fast preset refines warm-started frames gently."""
-    from core import cli
+    from core.pipelines import cli
     from core.fit.config import PRESETS
 
     p = fit_video.build_parser()

@@ -19,7 +19,7 @@ from core import defaults
 from core.io.atomic import ignore_file_size_signal
 from core.fit.config import FitConfig, PRESETS, get_preset
 from core.models.registry import MODEL_NAMES
-from .errors import UserError
+from core.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -192,7 +192,7 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 def setup_threads(args: argparse.Namespace):
     """``--threads N``: exactly N; else the adaptive count of :mod:`core.threads`."""
-    from . import threads
+    from core import threads
     return threads.install(getattr(args, "threads", None))
 
 
@@ -228,5 +228,5 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]]
               f"(run with --verbose for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
     finally:
-        from . import threads
+        from core import threads
         threads.uninstall()  # a governor installed by main ends with it (callers in this process)
