@@ -54,6 +54,9 @@ def test_total_is_spec_formula_written_out(model):
     shared = c.replace(id=c.id[:1], tex=c.tex[:1])
     assert shared_groups(shared, 3) == ("id", "tex")
     ev = obj.evaluate(shared, lms, imgs, pose_ref=ref)
+    # A shared group's prior is on its one row (its gradient reaches the shared
+    # coefficients directly, as in the original's sum over the stored rows).
+    assert ev.terms["id_reg"].shape == (1,) and ev.terms["exp_reg"].shape == (3,)
     rgba, out = obj.render(shared.replace(id=c.id[:1].expand(3, -1), tex=c.tex[:1].expand(3, -1)))
     photo = L.photo_loss_per_frame(rgba[..., :3], imgs, (rgba[..., 3] > 0).float())
     refl = L.reflectance_loss_per_frame(out.albedo, model.skinmask)

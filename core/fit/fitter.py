@@ -242,7 +242,8 @@ class Fitter:
             shared = shared_groups(coeffs, batch)
             result.losses = {k: float(v) for k, v in self.objective.reduce(ev.terms, shared).items()}
             result.losses["total"] = float(self.objective.total(ev.terms, shared))
-            result.frame_losses = {**ev.terms, "total": self.objective.frame_costs(ev.terms)}
+            result.frame_losses = {**{k: v.expand(batch) for k, v in ev.terms.items()},
+                                   "total": self.objective.frame_costs(ev.terms).expand(batch)}
             result.renders, result.output = ev.rgba, ev.out
         return result
 

@@ -4,7 +4,7 @@ Every solver (Adam, Levenberg-Marquardt on the landmarks, Gauss-Newton on the fu
 minimises this objective and asks it for the terms, weights and totals; none of them holds
 a weight or writes the sum itself.
 
-Terms (unweighted, per frame, shape (B,)):
+Terms (unweighted, per frame, shape (B,); the prior of a group shared by the frames (1,)):
 
     lm            Σ_k w_k ‖(p_k − q_k) / S‖²          landmarks (weights: losses.landmark_weights)
     photo         masked mean colour distance / 255   (with images)
@@ -62,7 +62,8 @@ def shared_groups(coeffs: Coeffs, batch: int) -> Tuple[str, ...]:
 
 @dataclass
 class Evaluation:
-    """The objective at one point: unweighted per-frame ``terms`` ((B,) each) and, when
+    """The objective at one point: unweighted per-frame ``terms`` ((B,) each; a shared
+    group's prior (1,)) and, when
     images were given, what was rendered: the model output (FaceOutput), the screen
     vertices (B, N, 3), the rasterization (B, S, S) and the RGBA image (B, S, S, 4)."""
 
@@ -189,8 +190,10 @@ class Objective:
         else:
             lms = self.project_landmarks(c, keypoints)
         ev.terms["lm"] = L.landmark_loss_per_frame(lms, landmarks, self.lm_weights, self.camera.image_size)
+        # Priors on the rows as given: a shared group's one row (its gradient then reaches
+        # the shared coefficients directly, not through the broadcast to the frames).
         for g, (_, ref) in self.priors(pose_ref, photo=images is not None).items():
-            x = getattr(c, g)
+            x = getattr(coeffs, g)
             ev.terms[PRIOR_TERMS[g]] = ((x if ref is None else x - ref) ** 2).sum(1)
         return ev
 
