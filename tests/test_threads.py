@@ -105,5 +105,6 @@ def test_a_real_busy_process_is_measured():
     finally:
         busy.kill()
         busy.wait()
-    # one core's worth, give or take what else this shared machine runs
-    assert 0.7 < others < 1.0 + T.cpu_cores() - 1, others
+    # At least the busy core's worth; at most every core (other programs on this shared
+    # machine may hold the rest), give or take the sampling of /proc/stat.
+    assert 0.7 < others < T.cpu_cores() + 0.1, others
