@@ -202,3 +202,19 @@ def test_adjoint_gradient_is_the_transpose_of_the_vertex_jacobians(model, normal
     got = prob._gradient(st, prob._frame(st, 0), offs, start, u)
     for g, sl in offs.items():
         assert torch.allclose(got[sl], ref[sl], rtol=1e-4, atol=1e-4 * ref[sl].abs().max() + 1e-6), g
+
+
+def test_hessian_pixels_change_only_the_hessian(model):
+    """Fewer Hessian pixels (the shared fit spreads HESSIAN_PIXELS over its frames): the
+    gradient stays exact (every pixel), the Hessian is a coarser estimate of the same one."""
+    f = fitter(model)
+    gt = truth(model)
+    img, lms = scene(f, gt)
+    x0 = perturbed(gt)
+    full = PhotometricProblem(f.objective, lms, img, f.camera, GROUPS)
+    few = PhotometricProblem(f.objective, lms, img, f.camera, GROUPS, hessian_pixels=256)
+    h_full, g_full = full.linearize(full.evaluate(x0, None))
+    h_few, g_few = few.linearize(few.evaluate(x0, None))
+    assert torch.equal(g_full, g_few) and not torch.equal(h_full, h_few)
+    d_full, d_few = torch.diagonal(h_full[0]), torch.diagonal(h_few[0])
+    assert float((d_few - d_full).norm() / d_full.norm()) < 0.2

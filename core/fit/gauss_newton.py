@@ -82,12 +82,15 @@ class PhotometricProblem:
         columns: optional {group: (K_g,) long} the optimised coefficients of a group (by
             default all); the others keep their values (used to skip coefficients whose
             basis column is zero, as in a model padded to a larger layout).
+        hessian_pixels: covered pixels per frame the Hessian is assembled from (the
+            gradient always uses every pixel).
     """
 
     def __init__(self, objective: Objective, landmarks: torch.Tensor, images: torch.Tensor, camera: Camera,
                  groups: Sequence[str], pose_ref=None, cached: Optional[Dict[str, torch.Tensor]] = None,
-                 columns: Optional[Dict[str, torch.Tensor]] = None):
+                 columns: Optional[Dict[str, torch.Tensor]] = None, hessian_pixels: int = HESSIAN_PIXELS):
         self.objective = objective
+        self.hessian_pixels = int(hessian_pixels)
         self.model = objective.model
         self.cfg = objective.cfg
         self.landmarks = landmarks
@@ -176,7 +179,7 @@ class PhotometricProblem:
         The gradient is exact: the per-pixel residuals are splatted onto per-vertex
         adjoints of the colours and screen positions, then taken back to the parameters
         (:meth:`_gradient`). The Hessian JᵀQJ is assembled from at most
-        ``HESSIAN_PIXELS`` evenly spaced covered pixels (each standing for ``stride``
+        ``hessian_pixels`` evenly spaced covered pixels (each standing for ``stride``
         pixels): it only shapes the step, which the LM loop accepts on the exact loss."""
         model = self.model
         n = model.num_vertices
@@ -201,7 +204,7 @@ class PhotometricProblem:
         fr = self._frame(st, b)
         grad = self._gradient(st, fr, offs, p, u)
         # Hessian from a subset of the pixels.
-        stride = -(-m // HESSIAN_PIXELS)
+        stride = -(-m // self.hessian_pixels)
         sel = torch.arange(0, m, stride, device=device)
         k = sel.numel()
         vids, corners = torch.unique(pj.vidx[:, sel].T.reshape(-1), return_inverse=True)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from core import threads
 from core.models.coeffs import Coeffs
-from .gauss_newton import PhotometricProblem
+from .gauss_newton import HESSIAN_PIXELS, PhotometricProblem
 from .lm import solve_each
 from .objective import Objective, PoseRef, expand
 
@@ -29,6 +29,10 @@ GN_LAMBDA0, GN_LAMBDA_DOWN, GN_LAMBDA_UP = 1e-2, 0.3, 10.0
 # A frame's GN stage ends early once a step gains less than GN_RTOL of its loss, or once
 # its damping exceeds GN_LAMBDA_MAX (steps too short to matter).
 GN_RTOL, GN_LAMBDA_MAX = 1e-4, 1e3
+# The shared fit's Hessian: HESSIAN_PIXELS covered pixels in all, spread over the frames (at
+# least SHARED_MIN_PIXELS each). The shared groups see every frame's pixels, so their curvature
+# is as well sampled as one frame's; the gradient always uses every pixel.
+SHARED_MIN_PIXELS = 256
 
 
 def _setup(objective: Objective, coeffs: Coeffs, groups: Sequence[str], batch: int):
@@ -47,14 +51,14 @@ def _setup(objective: Objective, coeffs: Coeffs, groups: Sequence[str], batch: i
 
 
 def _stages(objective: Objective, schedule, landmarks: torch.Tensor, groups: Sequence[str],
-            pose_ref: Optional[PoseRef], cached, columns):
+            pose_ref: Optional[PoseRef], cached, columns, hessian_pixels: int = HESSIAN_PIXELS):
     """(PhotometricProblem, steps) of each stage of ``schedule`` that has steps: the
     stage's camera (the crop camera when None) and images, the optimised groups in their
     order and the fixed model pieces."""
     for cam, images, steps in schedule:
         if steps > 0:
             yield PhotometricProblem(objective, landmarks, images, cam or objective.camera, groups, pose_ref,
-                                     cached, columns), steps
+                                     cached, columns, hessian_pixels=hessian_pixels), steps
 
 
 def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
@@ -126,7 +130,9 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
     data terms plus every prior once (a shared group's once, a per-frame group's for
     every frame). One system over [shared | frame 1 | ... | frame B] parameters: the
     frames' Gauss-Newton models (data terms) averaged into the shared block and its
-    couplings, the priors added on the diagonal; one damping for the whole fit."""
+    couplings, the priors added on the diagonal; one damping for the whole fit. Each
+    frame's photometric Hessian is sampled at HESSIAN_PIXELS / B covered pixels (at least
+    SHARED_MIN_PIXELS); the gradient uses them all."""
     batch = landmarks.shape[0]
     shared = [g for g in groups if getattr(coeffs, g).shape[0] == 1]
     order = tuple(shared + [g for g in groups if g not in shared])
@@ -183,7 +189,8 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
         return h, g
 
     bar = tqdm(total=sum(n for _, _, n in schedule), desc=desc, disable=not progress, leave=False)
-    for prob, steps in _stages(objective, schedule, landmarks, order, pose_ref, cached, columns):
+    per_frame = max(SHARED_MIN_PIXELS, HESSIAN_PIXELS // batch)
+    for prob, steps in _stages(objective, schedule, landmarks, order, pose_ref, cached, columns, per_frame):
         kp = objective.keypoints(unpack(xs, xf), landmarks)
         st = prob.evaluate(unpack(xs, xf), kp)
         cost = total(st)
