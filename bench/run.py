@@ -14,6 +14,8 @@ medians over repeats; ratio > 1 means the default is better):
 * synthetic ground truth: pose, vertex and landmark errors of fits to renders of known
   coefficients;
 * video: steady-state fps and per-frame NME on a real clip, 1 and 2 workers;
+* whole command: ``fit_video.py`` on a clip as a user runs it (wall time, real-time factor,
+  each stage);
 * busy CPU: photo fits, the photo command and video frame fits on an idle machine and with
   one core kept busy by another program, fixed threads vs the adaptive count.
 
@@ -44,7 +46,7 @@ from core import defaults  # noqa: E402
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("renderer", "photo", "synthetic", "video", "load")
+SECTIONS = ("renderer", "photo", "synthetic", "video", "command", "load")
 SAMPLE_CLIP = os.path.join(REPO, "data", "clip.mp4")
 BFM_VERTICES = 35709
 # --quick fits the synthetic cases on a 10k-vertex version of the same synthetic face (the
@@ -79,6 +81,9 @@ class Plan:
     nframes_shape: int = 8
     clip_overlap: Optional[int] = None
     workers: Tuple[int, ...] = (1, 2)
+    # The whole-command rows: fit_video.py on this clip (--quick: the shipped 3 s clip; the
+    # full run: the whole sample video, 20 s of 1280x720).
+    command_clip: Optional[str] = None
     tar_size: int = defaults.TAR_SIZE
     seed: int = 0
     threads: Optional[int] = None  # torch CPU threads (None: adaptive, core.threads); also each video worker's
@@ -120,6 +125,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         photos=photos, synthetic_cases=pick(args.synthetic_cases, 2, 8),
         synthetic_vertices=pick(args.synthetic_vertices, QUICK_SYNTHETIC_VERTICES, BFM_VERTICES),
         noise_px=args.noise_px,
+        command_clip=args.command_clip or (SAMPLE_CLIP if q or not video else video),
         video=video, video_start=args.video_start, video_frames=pick(args.video_frames, 12, 48),
         video_width=args.video_width, nframes_shape=pick(args.nframes_shape, 2, 8),
         clip_overlap=pick(args.clip_overlap, 2, None), workers=tuple(args.workers), seed=args.seed,
@@ -284,7 +290,18 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
         report.details["load"] = details
         return rows
 
+    def command_section():
+        from bench.rows_command import ORIGINAL_NOTE, command_rows
+        if not plan.command_clip or not os.path.isfile(plan.command_clip):
+            return [Row("whole command", "fit_video.py wall time (s)", missing="no clip", note="no clip")]
+        rows, details = command_rows(plan.command_clip, nworkers=2, device=str(device), lm_detector=lm_detector,
+                                     threads=plan.threads or None)
+        report.details["command"] = details
+        notes.append(ORIGINAL_NOTE)
+        return rows
+
     sections = {"renderer": ("renderer", renderer_section), "photo": ("single photo", photo_section),
+                "command": ("whole command", command_section),
                 "load": ("busy CPU", load_section),
                 "synthetic": ("synthetic ground truth", synthetic_section),
                 "video": ("video", lambda: video_section(plan, real_model, presets, device, detector, renderer,
@@ -378,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--noise_px", type=float, default=1.0, help="landmark noise of the synthetic cases, pixels")
     v = p.add_argument_group("video rows")
     v.add_argument("--video", default=None, help="source video (default: <shared>/data/sample_video.mp4)")
+    v.add_argument("--command_clip", default=None,
+                   help="clip of the whole-command rows (default: data/clip.mp4 with --quick, else the source video)")
     v.add_argument("--video_start", type=int, default=0, help="first frame of the clip")
     v.add_argument("--video_frames", type=int, default=None, help="clip length (default 48; --quick 12)")
     v.add_argument("--video_width", type=int, default=640, help="clip width in pixels (default 640)")

@@ -265,3 +265,19 @@ def test_busy_cpu_rows_rotate_conditions_and_divide_by_the_adaptive_idle():
                                         "photo fit, busy / adaptive idle (x)"]
     assert (rows[0].original, rows[0].default) == (1.1, 1.05)
     assert rows[2].original == pytest.approx(4.0 / 1.05) and rows[2].default == pytest.approx(1.3 / 1.05)
+
+
+def test_whole_command_rows_split_the_wall_time_into_stages():
+    """The whole-command rows: real-time factor = clip seconds / wall seconds, the stages
+    from info.json, start-up = wall minus the pipeline's total, the slowest stage named."""
+    from bench.rows_command import command_rows_from
+
+    info = {"timings_s": {"landmarks_s": 1.0, "shape_s": 6.0, "fit_s": 4.0, "render_s": 2.0, "total_s": 13.5},
+            "landmark_nme_interocular": {"mean": 0.04}}
+    rows = {r.metric: r for r in command_rows_from(15.0, info, 20.0, "cmd")}
+    assert rows["real-time factor (clip s / wall s)"].default == pytest.approx(20.0 / 15.0)
+    assert rows["stage: start-up and the rest (s)"].default == pytest.approx(1.5)
+    assert rows["stage: identity/albedo fit (s)"].default == 6.0
+    assert rows["landmark NME (%, mean over frames)"].default == pytest.approx(4.0)
+    assert "slowest stage: identity/albedo fit" in rows["fit_video.py wall time (s)"].note
+    assert all(r.original is None and r.missing for r in rows.values())

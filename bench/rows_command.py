@@ -1,0 +1,91 @@
+"""Whole-command rows: what a user waits for when running ``fit_video.py`` on a clip.
+
+The command runs as a user runs it (a new process, imports and model loading included,
+no cache: ``--cache_folder ''``), with the default schedule and ``--nworkers 2``. Its wall
+time is compared with the clip's own duration (the real-time factor: clip seconds / wall
+seconds, 1 = real time), and split into the stages the command's ``<video>_info.json``
+reports (``timings_s``): start-up and the rest (wall minus the pipeline's total), the landmark
+pass, the shared identity/albedo fit, the per-frame fitting and composing the output video.
+
+The original schedule is not run here: at well under one frame per second on a CPU it would
+take tens of minutes for the full clip (its per-frame rates are in the video rows).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .common import Row
+
+log = logging.getLogger("bench")
+
+SECTION = "whole command"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (info.json timings_s key, row label)
+STAGES = (("landmarks_s", "landmark pass"), ("shape_s", "identity/albedo fit"),
+          ("fit_s", "per-frame fitting"), ("render_s", "composing the output video"))
+NOT_RUN = "not run"
+ORIGINAL_NOTE = ("Whole-command rows: the original schedule is not run (at well under one frame per second on a "
+                 "CPU a whole clip takes tens of minutes; its per-frame rates are in the video rows); the target "
+                 "is the clip's own duration (real-time factor >= 1).")
+
+
+def command_rows_from(wall_s: float, info: dict, duration_s: float, desc: str) -> List[Row]:
+    """The rows of one measured command: ``wall_s`` its wall time, ``info`` its info.json,
+    ``duration_s`` the clip's length in seconds."""
+    tm = info.get("timings_s", {})
+    rows = [Row(SECTION, "fit_video.py wall time (s)", None, wall_s, "lower", missing=NOT_RUN, note=desc),
+            Row(SECTION, "real-time factor (clip s / wall s)", None, duration_s / wall_s if wall_s > 0 else None,
+                "higher", missing=NOT_RUN, note=f"clip {duration_s:.1f} s; >= 1 is real time or faster")]
+    other = wall_s - float(tm.get("total_s", 0.0))
+    rows.append(Row(SECTION, "stage: start-up and the rest (s)", None, max(other, 0.0), "lower", missing=NOT_RUN,
+                    note="wall time minus the pipeline's total: imports, model and detector loading, writing"))
+    for key, label in STAGES:
+        if key in tm:
+            rows.append(Row(SECTION, f"stage: {label} (s)", None, float(tm[key]), "lower", missing=NOT_RUN,
+                            note="from the command's info.json timings_s"))
+    nme = info.get("landmark_nme_interocular")
+    mean = nme.get("mean") if isinstance(nme, dict) else nme
+    if mean is not None:
+        rows.append(Row(SECTION, "landmark NME (%, mean over frames)", None, 100.0 * float(mean), "lower",
+                        missing=NOT_RUN, note="the command's own figure (info.json)"))
+    slowest = max(((float(tm[k]), label) for k, label in STAGES if k in tm), default=None)
+    if slowest is not None:
+        rows[0].note += f"; slowest stage: {slowest[1]}"
+    return rows
+
+
+def command_rows(clip: str, nworkers: int = 2, device: str = "auto", lm_detector: str = "auto",
+                 threads: Optional[int] = None, extra: Sequence[str] = ()) -> Tuple[List[Row], Dict[str, object]]:
+    """Run ``fit_video.py`` once on ``clip`` and return its rows and details."""
+    from core.io.video import probe_video
+
+    meta = probe_video(clip)
+    duration = meta.num_frames / meta.fps if meta.fps else 0.0
+    with tempfile.TemporaryDirectory(prefix="bench_command_") as tmp:
+        cmd = [sys.executable, os.path.join(REPO, "fit_video.py"), "--v_path", clip, "--res_folder", tmp,
+               "--nworkers", str(nworkers), "--cache_folder", "", "--device", device, "--lm_detector", lm_detector,
+               "--quiet", *extra]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"fit_video.py failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+        stem = os.path.splitext(os.path.basename(clip))[0]
+        with open(os.path.join(tmp, f"{stem}_info.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    log.info("whole command: %.1f s for a %.1f s clip", wall, duration)
+    shown = " ".join(a if a else "''" for a in cmd[1:]).replace(tmp, "OUT").replace(REPO + os.sep, "")
+    desc = (f"`{shown}`: {meta.num_frames} frames, {meta.width}x{meta.height}, {meta.fps:g} fps; one run, "
+            "start-up included")
+    details = {"command": shown, "wall_s": wall, "duration_s": duration, "timings_s": info.get("timings_s"),
+               "frames": meta.num_frames, "size": [meta.width, meta.height]}
+    return command_rows_from(wall, info, duration, desc), details
