@@ -3,7 +3,6 @@ detector and fitter (shared by the photo and video pipelines)."""
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,8 +17,6 @@ from core.fit.fitter import Fitter
 from core.models.face_model import FaceModel
 from core.models.registry import choose_model, load_model  # noqa: F401 (the scripts import them from here)
 from core.render import MeshRenderer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
