@@ -268,3 +268,18 @@ def test_fan_on_missing_cuda_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="CUDA is not available"):
         FanDetector("cuda:0")
+
+
+def test_dlib_models_load_on_first_use_only(monkeypatch):
+    """Building the detector loads nothing (a video re-run with cached landmarks never pays
+    dlib's ~1.5 s); the first frame loads the models once; a missing model fails at once."""
+    from core.landmarks import detect
+
+    detect._dlib_models.cache_clear()
+    det = DlibDetector()
+    assert detect._dlib_models.cache_info().currsize == 0
+    assert det.detect(np.zeros((64, 64, 3), np.uint8)) == []
+    assert detect._dlib_models.cache_info().currsize == 1
+    monkeypatch.setattr(detect, "_dlib_model_path", lambda: (_ for _ in ()).throw(UserError("dlib landmark model missing")))
+    with pytest.raises(UserError, match="model missing"):
+        DlibDetector()

@@ -144,7 +144,23 @@ class DlibDetector:
         scores 0.1).
         dlib's own default is 0."""
         self.min_score = float(min_score)
-        self._dlib, self._detector, self._predictor = _dlib_models()
+        # Fail now, in one line, when dlib or its landmark model is missing; load them (~1.5 s)
+        # only when a frame is first looked at (a video re-run with cached landmarks never does).
+        if importlib.util.find_spec("dlib") is None:
+            raise UserError(f"dlib is not installed: {_DLIB_INSTALL}")
+        _dlib_model_path()
+
+    @property
+    def _dlib(self):
+        return _dlib_models()[0]
+
+    @property
+    def _detector(self):
+        return _dlib_models()[1]
+
+    @property
+    def _predictor(self):
+        return _dlib_models()[2]
 
     @staticmethod
     def available() -> bool:
