@@ -84,10 +84,6 @@ class Fitter:
         self.device, self.dtype = self.objective.device, self.objective.dtype
         self._following: Optional["Fitter"] = None
 
-    @property
-    def lm_weights(self) -> torch.Tensor:
-        return self.objective.lm_weights
-
     # -- helpers -------------------------------------------------------------------------
     def zeros(self, batch: int) -> Coeffs:
         return self.model.layout.zeros(batch, dtype=self.dtype, device=self.device)
@@ -116,8 +112,7 @@ class Fitter:
         and the weighted ``total`` (:meth:`Objective.total`)."""
         batch = landmarks.shape[0]
         ev = self.objective.evaluate(coeffs, landmarks, images, pose_ref=pose_ref, keypoints=keypoints)
-        shared = shared_groups(coeffs, batch)
-        return {**self.objective.reduce(ev.terms, shared), "total": self.objective.total(ev.terms, shared)}
+        return self.objective.batch_terms(ev.terms, shared_groups(coeffs, batch))
 
     def init_appearance(self, coeffs: Coeffs, images: torch.Tensor, albedo: bool = True, rounds: int = 2,
                         ridge: float = 400.0) -> Coeffs:
@@ -239,9 +234,8 @@ class Fitter:
         if losses:
             with torch.no_grad():
                 ev = self.objective.evaluate(coeffs, landmarks, images, pose_ref=pose_ref, keypoints=kp)
-            shared = shared_groups(coeffs, batch)
-            result.losses = {k: float(v) for k, v in self.objective.reduce(ev.terms, shared).items()}
-            result.losses["total"] = float(self.objective.total(ev.terms, shared))
+            batch_terms = self.objective.batch_terms(ev.terms, shared_groups(coeffs, batch))
+            result.losses = {k: float(v) for k, v in batch_terms.items()}
             result.frame_losses = {**{k: v.expand(batch) for k, v in ev.terms.items()},
                                    "total": self.objective.frame_costs(ev.terms).expand(batch)}
             result.renders, result.output = ev.rgba, ev.out

@@ -146,6 +146,10 @@ class Objective:
         return {k: v.mean() if k in DATA_TERMS else v[0] if _GROUP_OF[k] in shared else v.sum()
                 for k, v in terms.items()}
 
+    def batch_terms(self, terms: Dict[str, torch.Tensor], shared: Collection[str] = ()) -> Dict[str, torch.Tensor]:
+        """:meth:`reduce` with the weighted ``total`` added: the batch's figures."""
+        return {**self.reduce(terms, shared), "total": self.total(terms, shared)}
+
     def total(self, terms: Dict[str, torch.Tensor], shared: Collection[str] = ()) -> torch.Tensor:
         """The scalar total a batch minimises, from per-frame ``terms`` (B,): ``weigh`` of
         :meth:`reduce`, with ``scale = B`` for independent frames and 1 with ``shared``."""
@@ -177,12 +181,8 @@ class Objective:
         if images is not None:
             cached = cached or {}
             ng = self.cfg.normals_grad if normals_grad is None else normals_grad
-            ev.out = self.model(c, albedo=cached.get("albedo"), identity=cached.get("identity"), normals_grad=ng)
-            cam = photo_camera or self.camera
-            size = cam.image_size
-            ev.screen = cam.project(ev.out.vertices)
-            ev.pix_to_face = self.renderer.rasterize(ev.screen, self.model.tri, (size, size)).pix_to_face
-            ev.rgba = self.renderer.shade(ev.screen, self.model.tri, ev.out.colors, ev.pix_to_face)
+            ev.out, ev.screen, ev.pix_to_face, ev.rgba = self._draw(
+                c, photo_camera, albedo=cached.get("albedo"), identity=cached.get("identity"), normals_grad=ng)
             mask = (ev.rgba[..., 3] > 0).to(ev.rgba.dtype)
             ev.terms["photo"] = L.photo_loss_per_frame(ev.rgba[..., :3], images, mask)
             ev.terms["reflectance"] = L.reflectance_loss_per_frame(ev.out.albedo, self.model.skinmask)
@@ -202,11 +202,20 @@ class Objective:
                identity: Optional[torch.Tensor] = None, normals_grad: bool = True):
         """(B, S, S, 4) RGBA of the model at ``coeffs`` (S = the camera's image size,
         default the crop camera) and the model output."""
+        out, _, _, rgba = self._draw(coeffs, camera, albedo=albedo, identity=identity, normals_grad=normals_grad)
+        return rgba, out
+
+    def _draw(self, coeffs: Coeffs, camera: Optional[Camera], albedo: Optional[torch.Tensor] = None,
+              identity: Optional[torch.Tensor] = None, normals_grad: bool = True):
+        """The model output, its screen vertices (B, N, 3), the rasterization (B, S, S) and
+        the RGBA image (B, S, S, 4) seen by ``camera`` (default the crop camera): the
+        renderer's own call (rasterize, then shade), its pieces kept for the solvers."""
         camera = camera or self.camera
         out = self.model(coeffs, albedo=albedo, identity=identity, normals_grad=normals_grad)
         size = camera.image_size
-        rgba = self.renderer(camera.project(out.vertices), self.model.tri, out.colors, (size, size))
-        return rgba, out
+        screen = camera.project(out.vertices)
+        pix_to_face = self.renderer.rasterize(screen, self.model.tri, (size, size)).pix_to_face
+        return out, screen, pix_to_face, self.renderer.shade(screen, self.model.tri, out.colors, pix_to_face)
 
     @staticmethod
     def landmark_vertices(out, keypoints: Optional[torch.Tensor]) -> torch.Tensor:
