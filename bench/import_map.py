@@ -51,6 +51,7 @@ def _resolve(module: Module, node: ast.ImportFrom) -> str:
 def scan(root: str) -> Dict[str, Module]:
     """Every ``.py`` file under ``root`` (the ``core`` folder) with its ``core`` imports."""
     modules: Dict[str, Module] = {}
+    trees: Dict[str, ast.Module] = {}
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__")))
         for f in sorted(files):
@@ -61,16 +62,16 @@ def scan(root: str) -> Dict[str, Module]:
                 text = fh.read()
             name, is_pkg = _module_name(root, path)
             modules[name] = Module(name, path, text.count("\n"), is_pkg)
-            modules[name].tree = ast.parse(text)   # type: ignore[attr-defined]
+            trees[name] = ast.parse(text)
     top = os.path.basename(root)
     for m in modules.values():
         lazy_nodes: Set[int] = set()
-        for node in ast.walk(m.tree):   # type: ignore[attr-defined]
+        for node in ast.walk(trees[m.name]):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for sub in ast.walk(node):
                     if isinstance(sub, (ast.Import, ast.ImportFrom)):
                         lazy_nodes.add(id(sub))
-        for node in ast.walk(m.tree):   # type: ignore[attr-defined]
+        for node in ast.walk(trees[m.name]):
             targets: List[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -87,7 +88,6 @@ def scan(root: str) -> Dict[str, Module]:
                 if t in modules and t != m.name:
                     lazy = id(node) in lazy_nodes
                     m.imports[t] = m.imports.get(t, True) and lazy
-        del m.tree   # type: ignore[attr-defined]
     return modules
 
 
@@ -174,10 +174,6 @@ def summary(root: str) -> Dict[str, object]:
     """The figures the architecture note quotes (also used by tests/test_architecture.py)."""
     modules = scan(root)
     fl = floors(modules)
-    code = {n: m for n, m in modules.items() if not (m.is_package and m.lines < 40)}
-    wings = sorted({n.split(".")[1] for n, m in modules.items() if n.count(".") >= 1
-                    and (m.is_package or n.count(".") >= 2)
-                    and modules.get(".".join(n.split(".")[:2]), m).is_package})
     wg = wing_graph(modules)
     wing_modules = {w: Module(w, "", 0, True, {t: False for t in ts}) for w, ts in wg.items()}
     return {
@@ -185,11 +181,10 @@ def summary(root: str) -> Dict[str, object]:
         "wing_circles": circles(wing_modules),
         "wing_floors": floors(wing_modules),
         "modules": len(modules),
-        "code_modules": len(code),
         "edges": sum(len(m.imports) for m in modules.values()),
         "floors": 1 + max(fl.values(), default=-1),
         "circles": circles(modules),
-        "wings": wings,
+        "wings": sorted(set(wg) - {"ground"}),
         "top_level": sorted(n for n, m in modules.items() if n.count(".") == 1 and not m.is_package),
         "largest": sorted(((m.lines, n) for n, m in modules.items()), reverse=True),
         "floor_of": fl,
