@@ -18,6 +18,7 @@ fixed (per-frame video fitting); the pose can be pulled towards a reference pose
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
@@ -52,6 +53,9 @@ class FitResult:
         frame_losses: each frame's own terms and ``total`` (as if fitted alone), (B,) each.
         renders: (B, S, S, 4) RGBA of the fit at the crop camera (with images and losses).
         output: the model output at the fit (vertices, colors, ... (B, N, 3)), or None.
+        focal_scale: with ``estimate_focal``, the factor (B,) (or (1,) shared by the
+            frames) the crop camera's focal length was multiplied by; else None.
+        camera: the crop camera of the result (its focal scaled by ``focal_scale``).
     """
 
     coeffs: Coeffs
@@ -61,6 +65,8 @@ class FitResult:
     frame_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     renders: Optional[torch.Tensor] = None
     output: Optional[object] = None
+    focal_scale: Optional[torch.Tensor] = None
+    camera: Optional[Camera] = None
 
 
 class Fitter:
@@ -83,6 +89,19 @@ class Fitter:
         self.progress = progress
         self.device, self.dtype = self.objective.device, self.objective.dtype
         self._following: Optional["Fitter"] = None
+
+    def with_camera(self, camera: Camera) -> "Fitter":
+        """The same fitter seeing the frames through another crop camera (per-frame
+        focal and principal point of crops of one frame camera, see
+        :meth:`core.render.camera.FrameCamera.crop`); its image size must be the same."""
+        if camera.image_size != self.camera.image_size:
+            raise ValueError(f"expected a camera of {self.camera.image_size} px; got {camera.image_size}")
+        follow = self.following()
+        other = copy.copy(self)
+        other.camera = camera
+        other.objective = self.objective.with_camera(camera)
+        other._following = other if follow is self else follow.with_camera(camera)
+        return other
 
     # -- helpers -------------------------------------------------------------------------
     def zeros(self, batch: int) -> Coeffs:
@@ -156,8 +175,15 @@ class Fitter:
 
         With ``coarse_size`` set, the first ``iters - fine_iters`` iterations compare the
         render and the crops at that lower resolution (one Adam state throughout)."""
+        return self._photometric(coeffs, landmarks, images, iters, groups, pose_ref)[0]
+
+    def _photometric(self, coeffs: Coeffs, landmarks: torch.Tensor, images: torch.Tensor, iters: int,
+                     groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None,
+                     focal: Optional[torch.Tensor] = None):
+        """:meth:`photometric`, and with ``focal`` ((B,) or shared (1,) log focal factors
+        to start from; Gauss-Newton only) the focal estimated too: (coeffs, focal or None)."""
         if iters <= 0:
-            return coeffs
+            return coeffs, focal
         cfg = self.cfg
         if cfg.init_light:
             coeffs = self.init_appearance(coeffs, images, albedo=cfg.init_albedo and "tex" in groups
@@ -171,16 +197,17 @@ class Fitter:
         if cfg.nonrigid_solver == "gn":
             solve = gn_shared if shared else gn_frames
             return solve(self.objective, coeffs, landmarks, schedule, tuple(groups), pose_ref, progress=self.progress,
-                         desc="non-rigid, shared groups (GN)" if shared else "non-rigid (GN)")
+                         desc="non-rigid, shared groups (GN)" if shared else "non-rigid (GN)", focal=focal)
+        if focal is not None:
+            raise ValueError("the focal length is estimated by the Gauss-Newton solver (nonrigid_solver='gn')")
         return adam(self.objective, coeffs, landmarks, schedule, tuple(groups), self.cfg.nrf_lr, pose_ref,
-                    photo=True, progress=self.progress, desc="non-rigid")
+                    photo=True, progress=self.progress, desc="non-rigid"), None
 
     def coarse(self, images: torch.Tensor, size: int):
         """A camera and the crops (B, T, T, 3) at ``size`` pixels: same view, each coarse
         pixel the average of the crop pixels it covers."""
         t = self.camera.image_size
-        s = size / t
-        cam = Camera(focal=self.camera.focal * s, distance=self.camera.distance, image_size=size)
+        cam = self.camera.scaled(size)
         x = images.permute(0, 3, 1, 2)
         if t % size == 0:
             x = torch.nn.functional.avg_pool2d(x, t // size)
@@ -191,7 +218,7 @@ class Fitter:
     def fit(self, landmarks: torch.Tensor, images: Optional[torch.Tensor], init: Optional[Coeffs] = None,
             rf_iters: Optional[int] = None, nrf_iters: Optional[int] = None,
             nonrigid_groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None,
-            losses: bool = True, following: bool = False) -> FitResult:
+            losses: bool = True, following: bool = False, estimate_focal: bool = False) -> FitResult:
         """The whole schedule: rigid, (landmark init), photometric.
 
         Args:
@@ -204,13 +231,17 @@ class Fitter:
                 (``init``): the :meth:`following` fitter with ``rest_*`` iterations.
             losses: evaluate the objective once at the result (one render) into
                 ``FitResult.losses``, ``frame_losses`` and ``renders`` (else empty).
+            estimate_focal: the photometric stage also estimates the crop camera's focal
+                length (Gauss-Newton; one factor shared by the frames when some groups
+                are shared, else one per frame): ``FitResult.focal_scale`` and ``camera``.
         """
         cfg = self.cfg
         if following:
             rf = cfg.rest_rf_iters if rf_iters is None else rf_iters
             nrf = cfg.rest_nrf_iters if nrf_iters is None else nrf_iters
             return self.following().fit(landmarks, images, init=init, rf_iters=rf, nrf_iters=nrf,
-                                        nonrigid_groups=nonrigid_groups, pose_ref=pose_ref, losses=losses)
+                                        nonrigid_groups=nonrigid_groups, pose_ref=pose_ref, losses=losses,
+                                        estimate_focal=estimate_focal)
         batch = landmarks.shape[0]
         rf = cfg.first_rf_iters if rf_iters is None else rf_iters
         nrf = cfg.first_nrf_iters if nrf_iters is None else nrf_iters
@@ -225,15 +256,25 @@ class Fitter:
             coeffs = self.landmark_init(coeffs, landmarks, cfg.lm_init_iters, groups=lm_groups, pose_ref=pose_ref)
             t["landmark_init_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        focal = None
         if images is not None:
-            coeffs = self.photometric(coeffs, landmarks, images, nrf, groups=nonrigid_groups, pose_ref=pose_ref)
+            if estimate_focal:
+                n = 1 if batch > 1 and any(getattr(coeffs, g).shape[0] == 1 for g in nonrigid_groups) else batch
+                focal = torch.zeros(n, dtype=self.dtype, device=self.device)
+            coeffs, focal = self._photometric(coeffs, landmarks, images, nrf, groups=nonrigid_groups,
+                                              pose_ref=pose_ref, focal=focal)
         t["nonrigid_s"] = time.perf_counter() - t0
-        kp = self.select_keypoints(coeffs, landmarks)
+        fitter = self
+        if focal is not None:
+            scale = torch.exp(focal)
+            fitter = self.with_camera(self.camera.with_focal(self.camera.focal * scale))
+        kp = fitter.select_keypoints(coeffs, landmarks)
         result = FitResult(coeffs=expand(coeffs, batch).detach(), losses={}, timings=t,
-                           keypoints=self.model.keypoints.expand(batch, -1) if kp is None else kp)
+                           keypoints=self.model.keypoints.expand(batch, -1) if kp is None else kp,
+                           focal_scale=None if focal is None else torch.exp(focal), camera=fitter.camera)
         if losses:
             with torch.no_grad():
-                ev = self.objective.evaluate(coeffs, landmarks, images, pose_ref=pose_ref, keypoints=kp)
+                ev = fitter.objective.evaluate(coeffs, landmarks, images, pose_ref=pose_ref, keypoints=kp)
             batch_terms = self.objective.batch_terms(ev.terms, shared_groups(coeffs, batch))
             result.losses = {k: float(v) for k, v in batch_terms.items()}
             result.frame_losses = {**{k: v.expand(batch) for k, v in ev.terms.items()},

@@ -23,6 +23,7 @@ A frame's own total (:meth:`Objective.frame_costs`) is the same formula for one 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Collection, Dict, Optional, Tuple
 
@@ -94,6 +95,13 @@ class Objective:
         self.device, self.dtype = p.device, p.dtype
         self.lm_weights = L.landmark_weights(model.num_landmarks, dtype=self.dtype, device=self.device)
         self._cache: Dict[object, object] = {}
+
+    def with_camera(self, camera: Camera) -> "Objective":
+        """The same objective seen through another crop camera (per-frame cameras of a
+        batch, another focal); the model-only cache is shared."""
+        other = copy.copy(self)
+        other.camera = camera
+        return other
 
     # -- the weights, once ---------------------------------------------------------------
     def data_weights(self) -> Dict[str, float]:
