@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=cli.positive_int, default=defaults.PHOTO_BATCH_SIZE,
                    help="photos fitted together in one batch (default: %(default)s)")
     g.add_argument("--cache_folder", default="fitting_cache", help="accepted for compatibility (photos need no cache)")
+    g.add_argument("--focal", type=cli.focal_length, default=None, metavar="auto|PIXELS",
+                   help="fit each photo with a pinhole camera for the whole photo (principal point at its centre) "
+                        "of this focal length in photo pixels, or 'auto' to estimate it per photo; info.json "
+                        "reports it with the 3x3 intrinsics (default: the original's crop camera)")
     cli.add_model_flags(p)
     cli.add_detection_flags(p)
     cli.add_fit_flags(p)
@@ -65,7 +69,7 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger(__name__).info("model %s (%d vertices) on %s, renderer %s, preset %s",
                                      model.name, model.num_vertices, session.device, session.renderer.backend, args.preset)
     report = run_photos(session, detector, paths, args.res_folder, padding_ratio=args.padding_ratio,
-                        face_index=face_index, batch_size=args.batch_size,
+                        face_index=face_index, batch_size=args.batch_size, focal=args.focal,
                         info_extra={"detector": detector.name, "preset": args.preset, "fit_config": cfg.as_dict()})
     if not report.written:
         raise UserError("no photo could be fitted")

@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--clip_overlap", type=cli.non_negative_int, default=defaults.clip_overlap,
                    help="warm-up frames fitted and dropped before each clip after the first, so the result does "
                         f"not depend on the worker count (default: {defaults.clip_overlap}; 0 = the original)")
+    c = p.add_argument_group("camera and exports (README: 'Use with talking-head pipelines')")
+    c.add_argument("--focal", type=cli.focal_length, default=None, metavar="auto|PIXELS",
+                   help="fit the video with one pinhole camera for the whole frame (principal point at the frame "
+                        "centre) of this focal length in source-frame pixels, or 'auto' to estimate it with the "
+                        "identity; the pose is then the head's pose in that camera (default: the original's "
+                        "camera of each frame's crop)")
+    c.add_argument("--export", action="append", choices=["nerf"], default=None,
+                   help="'nerf': <video>_nerf/ with transforms_train.json, transforms_val.json, track_params.pt "
+                        "and the landmarks (implies the frame camera; --focal auto unless given)")
+    c.add_argument("--save_meshes", action="store_true",
+                   help="write <video>_meshes.npy: every frame's posed vertices, float16 (frames, V, 3) "
+                        "(implies the frame camera)")
     cli.add_model_flags(p)
     cli.add_detection_flags(p)
     cli.add_fit_flags(p, video=True)
@@ -79,7 +91,8 @@ def video_options(args: argparse.Namespace):
     return VideoOptions(nframes_shape=args.nframes_shape, nworkers=args.nworkers, ngpus=args.ngpus,
                         clip_overlap=args.clip_overlap, cache_folder=args.cache_folder or None,
                         padding_ratio=args.padding_ratio, keep_audio=not args.no_audio, threads=args.threads,
-                        frame_range=frame_range)
+                        frame_range=frame_range, focal=args.focal, export=tuple(dict.fromkeys(args.export or ())),
+                        save_meshes=args.save_meshes)
 
 
 def main(argv: Sequence[str]) -> int:

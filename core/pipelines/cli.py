@@ -130,6 +130,19 @@ def _ranged(typ, lo, hi):
     return parse
 
 
+def focal_length(text: str):
+    """argparse type of --focal: 'auto' or a focal length in pixels (> 0)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a focal length in pixels; got '{text}'") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"a focal length must be a number of pixels > 0; got '{text}'")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     v = _number(int, text)

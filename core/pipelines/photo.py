@@ -24,6 +24,7 @@ from core.fit.fitter import FitResult
 from core.io.image import read_image
 from core.landmarks.metrics import landmark_nme
 from core.io.outputs import format_obj, write_outputs
+from core.render.camera import FrameCamera, crop_cameras, default_focal
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -84,18 +85,37 @@ def prepare_photo(path: str, detector, tar_size: int, padding_ratio: float,
                          detect_s=detect_s, num_faces=len(faces))
 
 
-def fit_photos(session: Session, photos: Sequence[PreparedPhoto]) -> FitResult:
-    """Fit all prepared photos in one batch."""
+def photo_camera(photo: PreparedPhoto, focal: Union[str, float]) -> FrameCamera:
+    """The photo's own camera before the fit: focal ``focal`` pixels, or for "auto" the
+    start of the estimate; principal point at the photo centre."""
+    h, w = photo.image.shape[:2]
+    return FrameCamera(focal=default_focal(w, h) if focal == "auto" else float(focal), width=w, height=h)
+
+
+def fit_photos(session: Session, photos: Sequence[PreparedPhoto],
+               focal: Optional[Union[str, float]] = None) -> FitResult:
+    """Fit all prepared photos in one batch. ``focal``: None for the original crop
+    camera; a focal length in pixels or "auto" (estimated per photo) for a camera of the
+    whole photo (``FitResult.camera``: the crops' cameras of the result)."""
     dev, dt = session.device, session.fitter.dtype
     lms = torch.as_tensor(np.stack([p.landmarks_crop for p in photos]), dtype=dt, device=dev)
     imgs = torch.as_tensor(np.stack([p.crop for p in photos]), dtype=dt, device=dev)
-    return session.fitter.fit(lms, imgs)
+    if focal is None:
+        return session.fitter.fit(lms, imgs)
+    if focal == "auto" and session.fitter.cfg.nonrigid_solver != "gn":
+        raise UserError("--focal auto needs the Gauss-Newton solver (--preset default or --nonrigid_solver gn); "
+                        "or give --focal PIXELS")
+    cams = [photo_camera(p, focal) for p in photos]
+    crop = crop_cameras(cams, [p.box for p in photos], session.camera.image_size, dtype=dt, device=dev)
+    return session.fitter.with_camera(crop).fit(lms, imgs, estimate_focal=focal == "auto")
 
 
 def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, index: int,
                   info_extra: Optional[dict] = None) -> Dict[str, object]:
     """The four output files of one photo (SPEC §5 + info), as name -> content."""
     model, cam = session.model, session.camera
+    if result.camera is not None and result.camera.batched:  # the photo's own camera
+        cam = result.camera.frame(index)
     c = result.coeffs
     one = type(c)(**{k: v[index:index + 1] for k, v in c.as_dict().items()})
     kp = result.keypoints[index]
@@ -114,7 +134,7 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
         "image_size": [int(photo.image.shape[1]), int(photo.image.shape[0])],
         "bbox": [int(v) for v in photo.box],
         "tar_size": cam.image_size,
-        "camera": {"focal": cam.focal, "distance": cam.distance, "center": [cam.center, cam.center]},
+        "camera": _camera_info(photo, cam, result, index),
         "recon_model": model.name,
         "coeff_layout": {k: [s.start, s.stop] for k, s in model.layout.slices().items()},
         "landmark_vertex_ids": kp.cpu().numpy(),
@@ -145,10 +165,23 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
     }
 
 
+def _camera_info(photo: PreparedPhoto, cam, result: FitResult, index: int) -> Dict[str, object]:
+    """info.json's camera: the original crop camera ("model": "crop", crop pixels), or
+    the photo's own camera ("model": "frame", photo pixels, 3x3 intrinsics)."""
+    if not cam.batched:
+        return {"model": "crop", "focal": cam.focal, "distance": cam.distance, "center": [cam.center, cam.center]}
+    s = cam.image_size / float(photo.box[2] - photo.box[0])
+    h, w = photo.image.shape[:2]
+    frame = FrameCamera(focal=float(cam.focal.reshape(-1)[0]) / s, width=w, height=h)
+    return {"model": "frame", **frame.as_dict(), "focal_estimated": result.focal_scale is not None}
+
+
 def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str,
                padding_ratio: float = defaults.PADDING_RATIO, face_index: Union[str, int] = defaults.FACE_INDEX,
-               batch_size: int = defaults.PHOTO_BATCH_SIZE, info_extra: Optional[dict] = None) -> PhotoReport:
-    """Fit every photo in ``paths`` and write its outputs into ``res_folder``."""
+               batch_size: int = defaults.PHOTO_BATCH_SIZE, info_extra: Optional[dict] = None,
+               focal: Optional[Union[str, float]] = None) -> PhotoReport:
+    """Fit every photo in ``paths`` and write its outputs into ``res_folder`` (``focal``:
+    see :func:`fit_photos`)."""
     report = PhotoReport()
     prepared: List[PreparedPhoto] = []
     for p in paths:
@@ -162,7 +195,7 @@ def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start:start + batch_size]
         t0 = time.perf_counter()
-        result = fit_photos(session, chunk)
+        result = fit_photos(session, chunk, focal)
         batch_s = time.perf_counter() - t0
         fit_s = batch_s / len(chunk)
         if len(chunk) == 1:

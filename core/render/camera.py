@@ -203,6 +203,15 @@ class FrameCamera:
                 "intrinsics": self.intrinsics().tolist()}
 
 
+def crop_cameras(cameras: Sequence[FrameCamera], boxes, size: int, dtype=torch.float32, device=None) -> Camera:
+    """One batched crop camera for B frames with their own frame cameras (photos of
+    different sizes): frame b seen through its box ``boxes[b]`` resized to ``size``."""
+    parts = [cam.crop(box, size, dtype=torch.float64) for cam, box in zip(cameras, np.asarray(boxes).reshape(-1, 4))]
+    focal = torch.cat([p.focal for p in parts]).to(dtype=dtype, device=device)
+    principal = torch.cat([p.principal for p in parts]).to(dtype=dtype, device=device)
+    return Camera(focal=focal, distance=cameras[0].distance, image_size=size, principal=principal)
+
+
 def default_focal(width: int, height: int) -> float:
     """A starting focal for a frame of W × H pixels when none is known: the focal of a
     camera whose full field of view across the longer side is about 50° (f ≈ 1.07 ·

@@ -27,7 +27,7 @@ from core.fit.fitter import PoseRef
 from core.io.video import VideoReader
 from core.landmarks.crop import crop_face, photo_to_crop
 from core.models.coeffs import Coeffs
-from core.render.camera import Camera
+from core.render.camera import Camera, FrameCamera
 
 from ..session import SessionSpec
 from .cache import load_npz, partial_path, save_npz
@@ -84,6 +84,7 @@ class ClipJob:
     key: str
     checkpoint_s: float = 30.0
     adaptive_threads: bool = True  # threads follow the free cores (core.threads), at most ``threads``
+    camera: Optional[FrameCamera] = None  # the video's frame camera (None: the original's crop camera)
 
     @property
     def partial_path(self) -> str:
@@ -202,9 +203,15 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
                     box = job.crop_boxes[j]
                     crop = crop_face(frame, box, tar_size)
                     lm_crop = photo_to_crop(lms, box, tar_size)
+                    frame_fitter = fitter
+                    if job.camera is not None:  # one camera for the video: this frame's crop of it
+                        frame_fitter = fitter.with_camera(job.camera.crop(box, tar_size, dtype=dt, device=device))
                     if j > 0 and fitted[j - 1]:
-                        ang, tr = transfer_pose(out["angles"][j - 1], out["trans"][j - 1],
-                                                job.crop_boxes[j - 1], box, cam)
+                        if job.camera is None:
+                            ang, tr = transfer_pose(out["angles"][j - 1], out["trans"][j - 1],
+                                                    job.crop_boxes[j - 1], box, cam)
+                        else:  # the pose is in the frame camera whatever the crop
+                            ang, tr = out["angles"][j - 1], out["trans"][j - 1]
                         ang_t = torch.as_tensor(ang, dtype=dt, device=device)[None]
                         tr_t = torch.as_tensor(tr, dtype=dt, device=device)[None]
                         init = Coeffs(id=id_t, tex=tex_t, angles=ang_t, trans=tr_t, **start_of(j - 1))
@@ -214,7 +221,7 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
                         pose_ref = None
                     # A following frame (warm-started, pose prior) gets Fitter.following()'s
                     # settings and rest_* iterations; the first one the first_* schedule.
-                    res = fitter.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
+                    res = frame_fitter.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
                                      torch.as_tensor(crop[None], dtype=dt, device=device),
                                      init=init, nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref,
                                      following=pose_ref is not None, losses=False)

@@ -8,7 +8,9 @@ import contextlib
 import json
 import os
 import pickle
-from typing import Dict, Iterator, List, Tuple
+import shutil
+import tempfile
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,9 +32,11 @@ from .shape import ShapeResult
 
 
 def output_names(video_path: str) -> Dict[str, str]:
-    """Output file names of a video: pkl, composed video and info."""
+    """Output file names of a video: pkl, composed video and info (and, when asked for,
+    the meshes and the nerf export folder)."""
     stem = os.path.splitext(os.path.basename(video_path))[0]
-    return {"pkl": f"{stem}_fitting_res.pkl", "video": f"{stem}_recon_video.mp4", "info": f"{stem}_info.json"}
+    return {"pkl": f"{stem}_fitting_res.pkl", "video": f"{stem}_recon_video.mp4", "info": f"{stem}_info.json",
+            "meshes": f"{stem}_meshes.npy", "nerf": f"{stem}_nerf"}
 
 
 def merge_clips(results: Dict[int, Dict[str, np.ndarray]], n_clips: int, first: int, n: int) -> Dict[str, np.ndarray]:
@@ -59,6 +63,8 @@ def pkl_contents(track: LandmarkTrack, boxes: np.ndarray, shape: ShapeResult, me
     pkl = {"id": shape.id.astype(np.float32), "tex": shape.tex.astype(np.float32), "fitting_res": fitting_res,
            "tar_size": int(tar_size), "fps": float(track.fps), "frames_without_face": track.frames_without_face,
            "num_frames": int(track.num_frames)}
+    if shape.camera is not None:  # rot / trans are poses in this camera, not in each frame's crop
+        pkl["camera"] = {**shape.camera.as_dict(), "focal_estimated": bool(shape.focal_estimated)}
     if frame_range:
         pkl["frame_range"] = [int(first), int(track.stop)]
     return pkl
@@ -81,33 +87,67 @@ def video_writer(path: str, video_path: str, track: LandmarkTrack, options: Vide
         raise
 
 
-def commit_outputs(writer: VideoWriter, files: Dict[str, str], pkl: dict, info: dict, res_folder: str) -> None:
-    """Write the pkl and the info and rename them into place with the finished video,
-    together (UserError for a full disk or a file-size limit)."""
+def commit_outputs(writer: VideoWriter, files: Dict[str, str], pkl: dict, info: dict, res_folder: str,
+                   meshes: Optional[np.ndarray] = None,
+                   export: Optional[Callable[[str], object]] = None) -> None:
+    """Write the pkl and the info (and the ``meshes`` array to ``files["meshes"]``, and
+    the folder ``files["nerf"]`` filled by ``export(folder)``) and rename them into place
+    with the finished video, together (UserError for a full disk or a file-size limit).
+    The info goes last: a folder with an info.json has every output complete."""
     try:
-        with atomic_path(files["info"]) as tmp_info, atomic_path(files["pkl"]) as tmp_pkl:
+        with contextlib.ExitStack() as stack:
+            tmp_info = stack.enter_context(atomic_path(files["info"]))
+            tmp_pkl = stack.enter_context(atomic_path(files["pkl"]))
+            tmp_mesh = stack.enter_context(atomic_path(files["meshes"], suffix=".npy")) if meshes is not None else None
+            tmp_dir = stack.enter_context(tempfile.TemporaryDirectory(
+                prefix=f".{os.path.basename(files['nerf'])}.", dir=res_folder)) if export is not None else None
             with open(tmp_pkl, "wb") as f:
                 pickle.dump(pkl, f)
+            if tmp_mesh is not None:
+                np.save(tmp_mesh, meshes)
+            if tmp_dir is not None:
+                export(tmp_dir)
             with open(tmp_info, "w", encoding="utf-8") as f:
                 json.dump(info, f, indent=2)
+            if tmp_dir is not None:
+                _replace_dir(tmp_dir, files["nerf"])
             writer.commit()
     except OSError as e:  # disk full, file-size limit
         raise UserError(f"cannot write the outputs in '{res_folder}': {e.strerror or e}") from None
 
 
+def _replace_dir(tmp: str, final: str) -> None:
+    """Rename the finished folder ``tmp`` to ``final``, replacing an older one (moved
+    aside first, removed after)."""
+    old = None
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old.", dir=os.path.dirname(final) or ".")
+        os.rename(final, os.path.join(old, "x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    os.rename(tmp, final)
+    os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory removes it on the way out
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def render_video(session: Session, video_path: str, track: LandmarkTrack, boxes: np.ndarray, shape: ShapeResult,
                  merged: Dict[str, np.ndarray], writer: VideoWriter, progress: bool,
-                 batch: int = 8) -> Dict[str, object]:
+                 batch: int = 8, meshes: Optional[np.ndarray] = None) -> Dict[str, object]:
     """Paste each fitted frame's render into it and write every frame of the track in
     order, then finish the video. Returns the landmark NME of each fitted frame ({source
     index: value}, :func:`core.landmarks.metrics.landmark_nme` with its default points,
-    model vs tracked, as for photos) and its mean, median, p95 and max."""
+    model vs tracked, as for photos) and its mean, median, p95 and max, and ``landmarks``
+    (n, 68, 2) float32 the model's landmarks in frame pixels (NaN without a fit).
+    ``meshes``: optional (n, V, 3) array filled with each fitted frame's posed vertices."""
     fitter, cam = session.fitter, session.camera
     dev, dt = session.device, fitter.dtype
     tar = cam.image_size
     first = track.start
     pending: List[Tuple[int, np.ndarray]] = []  # (position in the track, frame)
     per_frame: Dict[int, float] = {}
+    model_landmarks = np.full((track.num_frames, 68, 2), np.nan, dtype=np.float32)
     id_t = torch.as_tensor(shape.id, dtype=dt, device=dev)[None]
     tex_t = torch.as_tensor(shape.tex, dtype=dt, device=dev)[None]
 
@@ -119,9 +159,14 @@ def render_video(session: Session, video_path: str, track: LandmarkTrack, boxes:
             d = {g: torch.as_tensor(merged[g][todo], dtype=dt, device=dev) for g in PER_FRAME_GROUPS}
             b = len(todo)
             c = Coeffs(id=id_t.expand(b, -1), tex=tex_t.expand(b, -1), **d)
+            f = fitter
+            if shape.camera is not None:  # the frames' crops of the video's camera
+                f = fitter.with_camera(shape.camera.crop(boxes[todo], tar, dtype=dt, device=dev))
             with torch.no_grad():
-                rgba, out = fitter.render(c)
-                model_lms = cam.project_points(out.landmarks).cpu().numpy()
+                rgba, out = f.render(c)
+                model_lms = f.camera.project_points(out.landmarks).cpu().numpy()
+            if meshes is not None:
+                meshes[todo] = out.vertices.cpu().numpy()
             rgba = rgba.cpu().numpy()
             frames = dict(pending)
             for k, i in enumerate(todo):
@@ -129,6 +174,8 @@ def render_video(session: Session, video_path: str, track: LandmarkTrack, boxes:
                                          rgba[k, ..., 3], boxes[i])
                 p = crop_to_photo(model_lms[k], boxes[i], tar)
                 per_frame[first + i] = landmark_nme(p, track.landmarks[i])
+                if p.shape == (68, 2):
+                    model_landmarks[i] = p
         for i, frame in pending:
             writer.write(composed.get(i, frame))
         pending.clear()
@@ -150,4 +197,4 @@ def render_video(session: Session, video_path: str, track: LandmarkTrack, boxes:
         raise UserError(f"the composed video has {writer.frames_written} frames, expected {track.num_frames}")
     e = np.asarray(list(per_frame.values())) if per_frame else np.zeros(1)
     return {"mean": float(e.mean()), "median": float(np.median(e)), "p95": float(np.percentile(e, 95)),
-            "max": float(e.max()), "per_frame": per_frame}
+            "max": float(e.max()), "per_frame": per_frame, "landmarks": model_landmarks}

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from core import defaults
 from core.errors import UserError
 from core.io.video import VideoReader
 
 FrameRange = Tuple[int, Optional[int]]
+# --export formats
+EXPORTS = ("nerf",)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,14 @@ class VideoOptions:
     rendering, and each worker); None: all cores here, cores // nworkers per worker.
     frame_range: (start, stop) 0-based source frame indices, stop exclusive or None for
     the end of the video; only those frames are read, fitted and composed (None: all).
+    focal: None (the original's crop camera, unless an export asks for a frame camera),
+    "auto" (one focal length for the video, estimated with the identity) or a focal
+    length in pixels of the source frame.
+    export: export formats ("nerf": transforms_train.json / transforms_val.json,
+    track_params.pt and the landmarks, see :mod:`core.pipelines.video.export`).
+    save_meshes: write every frame's posed vertices (float16 .npy).
+    Any of focal, export and save_meshes fits the video with one frame camera
+    (:attr:`frame_camera`).
     """
 
     nframes_shape: int = 16
@@ -41,6 +51,18 @@ class VideoOptions:
     keep_audio: bool = True
     threads: Optional[int] = None
     frame_range: Optional[FrameRange] = None
+    focal: Optional[Union[str, float]] = None
+    export: Tuple[str, ...] = ()
+    save_meshes: bool = False
+
+    @property
+    def frame_camera(self) -> bool:
+        """Whether the video is fitted with one full-frame camera (see the class docstring)."""
+        return self.focal is not None or bool(self.export) or self.save_meshes
+
+    @property
+    def estimate_focal(self) -> bool:
+        return self.frame_camera and (self.focal is None or self.focal == "auto")
 
 
 def check_options(options: VideoOptions) -> None:
@@ -48,6 +70,12 @@ def check_options(options: VideoOptions) -> None:
     if options.nworkers < 1 or options.ngpus < 1 or options.nframes_shape < 1 or options.clip_overlap < 0 \
             or (options.threads is not None and options.threads < 1):
         raise UserError("--nworkers, --ngpus, --nframes_shape and --threads must be >= 1 and --clip_overlap >= 0")
+    if options.focal is not None and options.focal != "auto" and not (
+            isinstance(options.focal, (int, float)) and 0 < float(options.focal) < float("inf")):
+        raise UserError(f"--focal must be 'auto' or a focal length in pixels > 0; got {options.focal!r}")
+    unknown = sorted(set(options.export) - set(EXPORTS))
+    if unknown:
+        raise UserError(f"--export {', '.join(unknown)}: unknown format (known: {', '.join(EXPORTS)})")
     if options.frame_range is not None:
         start, stop = options.frame_range
         if start < 0 or (stop is not None and stop <= start):

@@ -29,6 +29,7 @@ from ..session import Session, SessionSpec
 from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir
 from .clips import ClipJob, FrameDone, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
+from .export import write_nerf
 from .landmarks import LandmarkTrack, landmark_key, landmark_pass
 from .options import VideoOptions, check_frame_range, check_options
 from .shape import ShapeResult, fit_shape
@@ -62,6 +63,9 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
     from the cache report nothing). Each worker's frames arrive in order.
     """
     check_options(options)
+    if options.estimate_focal and session.fitter.cfg.nonrigid_solver != "gn":
+        raise UserError("estimating the focal length (--focal auto, the default with --export / --save_meshes) needs "
+                        "the Gauss-Newton solver (--preset default or --nonrigid_solver gn); or give --focal PIXELS")
     t_start = time.perf_counter()
     VideoReader(video_path).close()  # fail early on a missing / corrupt / empty video
     check_frame_range(video_path, options.frame_range)
@@ -113,7 +117,8 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     t0 = time.perf_counter()
     base_key = digest({"v": CACHE_VERSION, "landmarks": landmark_key(video_path, detector, options.frame_range),
                        "config": cfg.as_dict(), "tar_size": tar_size, "padding": options.padding_ratio,
-                       "model": model_fingerprint(session.model), "renderer": session.renderer.backend})
+                       "model": model_fingerprint(session.model), "renderer": session.renderer.backend,
+                       **({"focal": options.focal} if options.frame_camera else {})})
     shape = fit_shape(session, track, video_path, options, cache_dir, base_key)
     timings["shape_s"] = time.perf_counter() - t0
 
@@ -123,7 +128,8 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     devices = worker_devices(session, len(clips), options.ngpus)
     cores = cpu_count()
     threads = options.threads or threads_per_worker(cores, len(clips))
-    shape_key = digest({"base": base_key, "id": array_digest(shape.id, shape.tex)})
+    shape_key = digest({"base": base_key, "id": array_digest(shape.id, shape.tex),
+                        **({"camera": shape.camera.as_dict()} if shape.camera else {})})
     jobs, results = _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options,
                                cache_dir, shape_key)
     reused = len(clips) - len(jobs)
@@ -169,13 +175,26 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
         os.makedirs(res_folder, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output folder '{res_folder}': {e.strerror or e}") from None
+    meshes = None
+    if options.save_meshes:
+        meshes = np.full((n, session.model.num_vertices, 3), np.nan, dtype=np.float16)
     with video_writer(final["video"], video_path, track, options) as writer:
-        nme = render_video(session, video_path, track, boxes, shape, merged, writer, progress)
+        nme = render_video(session, video_path, track, boxes, shape, merged, writer, progress, meshes=meshes)
         timings["render_s"] = time.perf_counter() - t0
+        export = None
+        if "nerf" in options.export:
+            idx = np.flatnonzero(fitted)
+
+            def export(folder):
+                write_nerf(folder, shape.camera, idx + first, shape.id, merged["exp"][idx], merged["angles"][idx],
+                           merged["trans"][idx], track.landmarks[idx])
         timings["total_s"] = time.perf_counter() - t_start
         info = _info(session, detector, video_path, track, shape, options, timings, nme, len(jobs), devices,
                      threads, reused, info_extra)
-        commit_outputs(writer, final, pkl, info, res_folder)
+        written = {k: v for k, v in final.items() if k in ("pkl", "video", "info")
+                   or (k == "meshes" and meshes is not None) or (k == "nerf" and export is not None)}
+        commit_outputs(writer, final, pkl, info, res_folder, meshes=meshes, export=export)
+    final = written
     log.info("%d frames (%d with a fit, %d without a face) -> %s, %s, %s", n, int(fitted.sum()), len(no_face),
              final["pkl"], final["video"], final["info"])
     speeds = ", ".join(f"{stage} " + ("reused" if info["fps"][stage] is None else f"{info['fps'][stage]:.{d}f} fps")
@@ -207,7 +226,7 @@ def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads
             fit_start=fit_start, start=start, stop=stop, landmarks=track.landmarks[fit_start - first:stop - first],
             crop_boxes=boxes[fit_start - first:stop - first], id=shape.id, tex=shape.tex, threads=threads,
             cache_path=cache_path, key=key, checkpoint_s=options.checkpoint_s,
-            adaptive_threads=options.threads is None))
+            adaptive_threads=options.threads is None, camera=shape.camera))
     return jobs, results
 
 
@@ -248,6 +267,8 @@ def _info(session: Session, detector, video_path: str, track: LandmarkTrack, sha
         "cache": {"folder": os.path.abspath(options.cache_folder) if options.cache_folder else None,
                   "landmarks_reused": track.reused, "shape_reused": shape.reused, "clips_reused": reused},
         "renderer": session.renderer.backend,
+        "camera": _camera_info(session, shape),
+        "exports": list(options.export) + (["meshes"] if options.save_meshes else []),
         "fit_config": session.fitter.cfg.as_dict(),
         "rest_nrf_lr": session.fitter.cfg.rest_nrf_lr or session.fitter.cfg.nrf_lr,
         # core.landmarks.metrics.landmark_nme (chin + 51 inner points, / eye-centre distance) as for photos:
@@ -262,6 +283,17 @@ def _info(session: Session, detector, video_path: str, track: LandmarkTrack, sha
     }
     info.update(extra)
     return info
+
+
+def _camera_info(session: Session, shape: ShapeResult) -> Dict[str, object]:
+    """info.json's camera: the video's frame camera (focal, principal point, 3x3
+    intrinsics in frame pixels; whether the focal was estimated), or the original's crop
+    camera (focal and principal point in crop pixels, the pose relative to each frame's crop)."""
+    if shape.camera is not None:
+        return {"model": "frame", **shape.camera.as_dict(), "focal_estimated": bool(shape.focal_estimated)}
+    cam = session.camera
+    return {"model": "crop", "focal": cam.focal, "cx": cam.center, "cy": cam.center, "width": cam.image_size,
+            "height": cam.image_size, "distance": cam.distance}
 
 
 def _ranges(indices: Sequence[int]) -> str:

@@ -16,6 +16,7 @@ import torch
 from core.errors import UserError
 from core.io.video import VideoReader
 from core.landmarks.crop import crop_face, photo_to_crop
+from core.render.camera import FrameCamera, default_focal
 
 from ..session import Session
 from .cache import digest, load_npz, save_npz
@@ -34,6 +35,8 @@ class ShapeResult:
     frames: np.ndarray      # (F,) frame indices used
     losses: Dict[str, float] = field(default_factory=dict)
     reused: bool = False    # loaded from the cache
+    camera: Optional[FrameCamera] = None  # the video's frame camera (None: the original's crop camera)
+    focal_estimated: bool = False         # its focal was estimated with the identity
 
 
 def select_shape_frames(has_face: np.ndarray, k: int) -> np.ndarray:
@@ -80,8 +83,12 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
         cached = load_npz(path, key)
         if cached is not None:
             log.info("identity/albedo: reusing %s", path)
+            camera = None
+            if options.frame_camera:
+                camera = start_camera(track, options).with_focal(float(cached["focal"]))
             return ShapeResult(id=cached["id"], tex=cached["tex"], frames=cached["frames"],
-                               losses=json.loads(str(cached["losses"])), reused=True)
+                               losses=json.loads(str(cached["losses"])), reused=True, camera=camera,
+                               focal_estimated=options.estimate_focal)
     log.info("identity/albedo from %d frames: %s", len(indices), (indices + track.start).tolist())
     boxes = track.crop_boxes(options.padding_ratio)
     by_source = read_frames(video_path, indices + track.start, track.source_timestamps())
@@ -92,12 +99,32 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
     zeros = fitter.zeros(n)
     init = zeros.replace(id=torch.zeros(1, model.layout.n_id, dtype=dt, device=dev),
                          tex=torch.zeros(1, model.layout.n_tex, dtype=dt, device=dev))
+    camera = None
+    if options.frame_camera:
+        camera = start_camera(track, options)
+        fitter = fitter.with_camera(camera.crop(boxes[indices], session.camera.image_size, dtype=dt, device=dev))
     res = fitter.fit(torch.as_tensor(lms, dtype=dt, device=dev), torch.as_tensor(crops, dtype=dt, device=dev),
-                     init=init)
+                     init=init, estimate_focal=options.estimate_focal)
+    if res.focal_scale is not None:
+        camera = camera.with_focal(camera.focal * float(res.focal_scale[0]))
+        log.info("focal length: %.1f px (estimated; %.1f° horizontal field of view)", camera.focal,
+                 2 * np.degrees(np.arctan(camera.width / 2 / camera.focal)))
     result = ShapeResult(id=res.coeffs.id[0].cpu().numpy().astype(np.float32),
                          tex=res.coeffs.tex[0].cpu().numpy().astype(np.float32),
-                         frames=indices + track.start, losses=res.losses)
+                         frames=indices + track.start, losses=res.losses, camera=camera,
+                         focal_estimated=res.focal_scale is not None)
     if path:
         save_npz(path, key, id=result.id, tex=result.tex, frames=result.frames,
-                 losses=np.array(json.dumps(res.losses)))
+                 losses=np.array(json.dumps(res.losses)), focal=np.array(camera.focal if camera else np.nan))
     return result
+
+
+def start_camera(track: LandmarkTrack, options: VideoOptions) -> FrameCamera:
+    """The video's frame camera before the fit: the given focal, or for "auto" the start
+    of the estimate (:func:`core.render.camera.default_focal`); principal point at the
+    frame centre."""
+    if options.focal is None or options.focal == "auto":
+        focal = default_focal(track.width, track.height)
+    else:
+        focal = float(options.focal)
+    return FrameCamera(focal=focal, width=track.width, height=track.height)
