@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("camera and exports (README: 'Use with talking-head pipelines')")
     c.add_argument("--focal", type=cli.focal_length, default=None, metavar="auto|PIXELS",
                    help="fit the video with one pinhole camera for the whole frame (principal point at the frame "
-                        "centre) of this focal length in source-frame pixels, or 'auto' to estimate it with the "
-                        "identity; the pose is then the head's pose in that camera (default: the original's "
-                        "camera of each frame's crop)")
+                        "centre) of this focal length in source-frame pixels, or 'auto': the one the landmarks "
+                        "fit best, else a 50-degree field of view (info.json's camera.focal_source says which); "
+                        "the pose is then the head's pose in that camera (default: the original's camera of each "
+                        "frame's crop)")
     c.add_argument("--export", action="append", choices=["nerf"], default=None,
                    help="'nerf': <video>_nerf/ with transforms_train.json, transforms_val.json, track_params.pt "
                         "and the landmarks (implies the frame camera; --focal auto unless given)")

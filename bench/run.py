@@ -46,7 +46,7 @@ from core import defaults  # noqa: E402
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("renderer", "photo", "synthetic", "video", "command", "load")
+SECTIONS = ("renderer", "photo", "synthetic", "video", "command", "load", "camera")
 SAMPLE_CLIP = os.path.join(REPO, "data", "clip.mp4")
 BFM_VERTICES = 35709
 # --quick fits the synthetic cases on a 10k-vertex version of the same synthetic face (the
@@ -84,6 +84,7 @@ class Plan:
     # The whole-command rows: fit_video.py on this clip (--quick: the shipped 3 s clip; the
     # full run: the whole sample video, 20 s of 1280x720).
     command_clip: Optional[str] = None
+    camera_frames: int = 60
     tar_size: int = defaults.TAR_SIZE
     seed: int = 0
     threads: Optional[int] = None  # torch CPU threads (None: adaptive, core.threads); also each video worker's
@@ -129,7 +130,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         video=video, video_start=args.video_start, video_frames=pick(args.video_frames, 12, 48),
         video_width=args.video_width, nframes_shape=pick(args.nframes_shape, 2, 8),
         clip_overlap=pick(args.clip_overlap, 2, None), workers=tuple(args.workers), seed=args.seed,
-        threads=args.threads, load_rounds=pick(args.load_rounds, 2, 3))
+        threads=args.threads, load_rounds=pick(args.load_rounds, 2, 3), camera_frames=pick(None, 30, 60))
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -300,7 +301,14 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
         notes.append(ORIGINAL_NOTE)
         return rows
 
+    def camera_section():
+        from bench.rows_camera import camera_rows
+        rows, details = camera_rows(frames=plan.camera_frames, threads=plan.threads or 0)
+        report.details["camera"] = details
+        return rows
+
     sections = {"renderer": ("renderer", renderer_section), "photo": ("single photo", photo_section),
+                "camera": ("camera", camera_section),
                 "command": ("whole command", command_section),
                 "load": ("busy CPU", load_section),
                 "synthetic": ("synthetic ground truth", synthetic_section),

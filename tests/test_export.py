@@ -61,7 +61,7 @@ def export_run(tmp_path_factory, clip, model_path):
 def test_nerf_export_layout_and_split(export_run):
     res, pkl, info = export_run
     folder = os.path.join(res, "talk_nerf")
-    assert info["camera"]["model"] == "frame" and info["camera"]["focal_estimated"] is True
+    assert info["camera"]["model"] == "frame" and info["camera"]["focal_source"] in ("estimated", "assumed")
     assert info["exports"] == ["nerf", "meshes"]
     cam = info["camera"]
     assert (cam["cx"], cam["cy"]) == (cam["width"] / 2, cam["height"] / 2)
@@ -140,12 +140,11 @@ def test_a_given_focal_is_kept(tmp_path, clip, model_path):
     assert rc == 0
     with open(tmp_path / "talk_info.json", encoding="utf-8") as f:
         cam = json.load(f)["camera"]
-    assert cam["focal"] == 500.0 and cam["focal_estimated"] is False and cam["model"] == "frame"
+    assert cam["focal"] == 500.0 and cam["focal_source"] == "given" and cam["model"] == "frame"
     assert not (tmp_path / "talk_nerf").exists() and not (tmp_path / "talk_meshes.npy").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--focal", "auto", "--preset", "original"], "Gauss-Newton"),
     (["--focal", "-3"], "--focal"),
     (["--focal", "wide"], "--focal"),
 ])
@@ -181,7 +180,7 @@ def test_photo_with_its_own_camera(focal, tmp_path, model_path):
         info = json.load(f)
     cam = info["camera"]
     assert cam["model"] == "frame" and (cam["cx"], cam["cy"]) == (256.0, 256.0)
-    assert cam["focal_estimated"] is (focal == "auto")
+    assert cam["focal_source"] in (("given",) if focal != "auto" else ("estimated", "assumed"))
     if focal != "auto":
         assert cam["focal"] == pytest.approx(800.0, rel=1e-6)
     c = np.load(tmp_path / "astronaut_coeffs.npy").astype(np.float64)

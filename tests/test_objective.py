@@ -110,8 +110,8 @@ def test_following_frames_use_the_following_config_and_rest_iterations(model, mo
     assert orig.following() is orig
     seen = {}
     monkeypatch.setattr(Fitter, "rigid", lambda self, c, lms, iters, pose_ref=None: seen.setdefault("rf", (self, iters)) and c)
-    monkeypatch.setattr(Fitter, "_photometric", lambda self, c, lms, imgs, iters, groups=(), pose_ref=None, focal=None:
-                        (seen.setdefault("nrf", (self, iters)) and c, focal))
+    monkeypatch.setattr(Fitter, "photometric", lambda self, c, lms, imgs, iters, groups=(), pose_ref=None:
+                        seen.setdefault("nrf", (self, iters)) and c)
     lms = f.project_landmarks(coeffs(model, 1))
     f.fit(lms, torch.zeros(1, 96, 96, 3), following=True, losses=False)
     cfg = get_preset("default")

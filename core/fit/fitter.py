@@ -53,9 +53,7 @@ class FitResult:
         frame_losses: each frame's own terms and ``total`` (as if fitted alone), (B,) each.
         renders: (B, S, S, 4) RGBA of the fit at the crop camera (with images and losses).
         output: the model output at the fit (vertices, colors, ... (B, N, 3)), or None.
-        focal_scale: with ``estimate_focal``, the factor (B,) (or (1,) shared by the
-            frames) the crop camera's focal length was multiplied by; else None.
-        camera: the crop camera of the result (its focal scaled by ``focal_scale``).
+        camera: the crop camera the fit saw the frames through.
     """
 
     coeffs: Coeffs
@@ -65,7 +63,6 @@ class FitResult:
     frame_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     renders: Optional[torch.Tensor] = None
     output: Optional[object] = None
-    focal_scale: Optional[torch.Tensor] = None
     camera: Optional[Camera] = None
 
 
@@ -175,15 +172,8 @@ class Fitter:
 
         With ``coarse_size`` set, the first ``iters - fine_iters`` iterations compare the
         render and the crops at that lower resolution (one Adam state throughout)."""
-        return self._photometric(coeffs, landmarks, images, iters, groups, pose_ref)[0]
-
-    def _photometric(self, coeffs: Coeffs, landmarks: torch.Tensor, images: torch.Tensor, iters: int,
-                     groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None,
-                     focal: Optional[torch.Tensor] = None):
-        """:meth:`photometric`, and with ``focal`` ((B,) or shared (1,) log focal factors
-        to start from; Gauss-Newton only) the focal estimated too: (coeffs, focal or None)."""
         if iters <= 0:
-            return coeffs, focal
+            return coeffs
         cfg = self.cfg
         if cfg.init_light:
             coeffs = self.init_appearance(coeffs, images, albedo=cfg.init_albedo and "tex" in groups
@@ -197,11 +187,9 @@ class Fitter:
         if cfg.nonrigid_solver == "gn":
             solve = gn_shared if shared else gn_frames
             return solve(self.objective, coeffs, landmarks, schedule, tuple(groups), pose_ref, progress=self.progress,
-                         desc="non-rigid, shared groups (GN)" if shared else "non-rigid (GN)", focal=focal)
-        if focal is not None:
-            raise ValueError("the focal length is estimated by the Gauss-Newton solver (nonrigid_solver='gn')")
+                         desc="non-rigid, shared groups (GN)" if shared else "non-rigid (GN)")
         return adam(self.objective, coeffs, landmarks, schedule, tuple(groups), self.cfg.nrf_lr, pose_ref,
-                    photo=True, progress=self.progress, desc="non-rigid"), None
+                    photo=True, progress=self.progress, desc="non-rigid")
 
     def coarse(self, images: torch.Tensor, size: int):
         """A camera and the crops (B, T, T, 3) at ``size`` pixels: same view, each coarse
@@ -218,7 +206,7 @@ class Fitter:
     def fit(self, landmarks: torch.Tensor, images: Optional[torch.Tensor], init: Optional[Coeffs] = None,
             rf_iters: Optional[int] = None, nrf_iters: Optional[int] = None,
             nonrigid_groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None,
-            losses: bool = True, following: bool = False, estimate_focal: bool = False) -> FitResult:
+            losses: bool = True, following: bool = False) -> FitResult:
         """The whole schedule: rigid, (landmark init), photometric.
 
         Args:
@@ -231,17 +219,13 @@ class Fitter:
                 (``init``): the :meth:`following` fitter with ``rest_*`` iterations.
             losses: evaluate the objective once at the result (one render) into
                 ``FitResult.losses``, ``frame_losses`` and ``renders`` (else empty).
-            estimate_focal: the photometric stage also estimates the crop camera's focal
-                length (Gauss-Newton; one factor shared by the frames when some groups
-                are shared, else one per frame): ``FitResult.focal_scale`` and ``camera``.
         """
         cfg = self.cfg
         if following:
             rf = cfg.rest_rf_iters if rf_iters is None else rf_iters
             nrf = cfg.rest_nrf_iters if nrf_iters is None else nrf_iters
             return self.following().fit(landmarks, images, init=init, rf_iters=rf, nrf_iters=nrf,
-                                        nonrigid_groups=nonrigid_groups, pose_ref=pose_ref, losses=losses,
-                                        estimate_focal=estimate_focal)
+                                        nonrigid_groups=nonrigid_groups, pose_ref=pose_ref, losses=losses)
         batch = landmarks.shape[0]
         rf = cfg.first_rf_iters if rf_iters is None else rf_iters
         nrf = cfg.first_nrf_iters if nrf_iters is None else nrf_iters
@@ -256,25 +240,16 @@ class Fitter:
             coeffs = self.landmark_init(coeffs, landmarks, cfg.lm_init_iters, groups=lm_groups, pose_ref=pose_ref)
             t["landmark_init_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        focal = None
         if images is not None:
-            if estimate_focal:
-                n = 1 if batch > 1 and any(getattr(coeffs, g).shape[0] == 1 for g in nonrigid_groups) else batch
-                focal = torch.zeros(n, dtype=self.dtype, device=self.device)
-            coeffs, focal = self._photometric(coeffs, landmarks, images, nrf, groups=nonrigid_groups,
-                                              pose_ref=pose_ref, focal=focal)
+            coeffs = self.photometric(coeffs, landmarks, images, nrf, groups=nonrigid_groups, pose_ref=pose_ref)
         t["nonrigid_s"] = time.perf_counter() - t0
-        fitter = self
-        if focal is not None:
-            scale = torch.exp(focal)
-            fitter = self.with_camera(self.camera.with_focal(self.camera.focal * scale))
-        kp = fitter.select_keypoints(coeffs, landmarks)
+        kp = self.select_keypoints(coeffs, landmarks)
         result = FitResult(coeffs=expand(coeffs, batch).detach(), losses={}, timings=t,
                            keypoints=self.model.keypoints.expand(batch, -1) if kp is None else kp,
-                           focal_scale=None if focal is None else torch.exp(focal), camera=fitter.camera)
+                           camera=self.camera)
         if losses:
             with torch.no_grad():
-                ev = fitter.objective.evaluate(coeffs, landmarks, images, pose_ref=pose_ref, keypoints=kp)
+                ev = self.objective.evaluate(coeffs, landmarks, images, pose_ref=pose_ref, keypoints=kp)
             batch_terms = self.objective.batch_terms(ev.terms, shared_groups(coeffs, batch))
             result.losses = {k: float(v) for k, v in batch_terms.items()}
             result.frame_losses = {**{k: v.expand(batch) for k, v in ev.terms.items()},

@@ -37,8 +37,6 @@ RHO_MIN = 2.0
 HESSIAN_PIXELS = 2048
 
 GEOMETRY = ("id", "exp", "angles", "trans")
-# The pseudo-group of the log focal factor (see PhotometricProblem).
-FOCAL = "focal"
 
 
 @dataclass
@@ -52,8 +50,6 @@ class State:
     screen: torch.Tensor  # (B, N, 3)
     pix_to_face: torch.Tensor  # (B, S, S)
     keypoints: Optional[torch.Tensor]
-    camera: Camera        # the crop camera of the landmarks at this point (its focal with ``focal``)
-    photo_camera: Camera  # the photometric term's camera at this point
 
 
 @dataclass
@@ -69,8 +65,7 @@ class _Frame:
     normals: torch.Tensor
     albedo: torch.Tensor
     gamma: torch.Tensor
-    camera: Camera        # the frame's photometric camera
-    screen: torch.Tensor  # (N, 3) the frame's screen vertices
+    camera: Camera        # the frame's photometric camera (crops of one frame camera differ)
 
 
 class PhotometricProblem:
@@ -82,9 +77,7 @@ class PhotometricProblem:
         landmarks: (B, L, 2) target points in crop pixels.
         images: (B, S, S, 3) 0..255 targets at the photometric camera's size.
         camera: the photometric camera (the crop camera or a coarse one).
-        groups: optimised groups, in the order of the parameter vector; the pseudo-group
-            ``focal`` (one parameter, the log of the factor applied to both cameras'
-            focal lengths) estimates the focal length with the coefficients.
+        groups: optimised groups, in the order of the parameter vector.
         pose_ref: optional reference pose (temporal regulariser).
         cached: optional ``identity`` / ``albedo`` for fixed id / tex.
         columns: optional {group: (K_g,) long} the optimised coefficients of a group (by
@@ -110,26 +103,13 @@ class PhotometricProblem:
         self.columns = columns or {}
 
     # -- the loss ------------------------------------------------------------------------
-    def cameras(self, focal: Optional[torch.Tensor] = None) -> Tuple[Camera, Camera]:
-        """The crop (landmark) and photometric cameras with their focal lengths times
-        exp(``focal``) ((B,) or (1,) log factors; None: as given)."""
-        lcam, pcam = self.objective.camera, self.camera
-        if focal is None:
-            return lcam, pcam
-        k = torch.exp(focal.reshape(-1))
-        return lcam.with_focal(lcam.focal * k), pcam.with_focal(pcam.focal * k)
-
     @torch.no_grad()
-    def evaluate(self, c: Coeffs, keypoints: Optional[torch.Tensor], focal: Optional[torch.Tensor] = None) -> State:
-        """Per-frame total loss at ``c`` (B frames) with the given landmark vertex ids
-        (and log focal factors ``focal``, see :meth:`cameras`)."""
-        lcam, pcam = self.cameras(focal)
-        objective = self.objective if focal is None else self.objective.with_camera(lcam)
-        ev = objective.evaluate(c, self.landmarks, self.images, pose_ref=self.pose_ref, keypoints=keypoints,
-                                photo_camera=pcam, cached=self.cached)
+    def evaluate(self, c: Coeffs, keypoints: Optional[torch.Tensor]) -> State:
+        """Per-frame total loss at ``c`` (B frames) with the given landmark vertex ids."""
+        ev = self.objective.evaluate(c, self.landmarks, self.images, pose_ref=self.pose_ref, keypoints=keypoints,
+                                     photo_camera=self.camera, cached=self.cached)
         return State(cost=self.objective.frame_costs(ev.terms), terms=ev.terms, coeffs=c, out=ev.out,
-                     screen=ev.screen, pix_to_face=ev.pix_to_face, keypoints=keypoints, camera=lcam,
-                     photo_camera=pcam)
+                     screen=ev.screen, pix_to_face=ev.pix_to_face, keypoints=keypoints)
 
     def priors(self) -> Dict[str, Tuple[float, Optional[torch.Tensor]]]:
         """group -> (weight, reference or None) of the quadratic priors (the objective's)."""
@@ -140,8 +120,6 @@ class PhotometricProblem:
         """(K,) the optimised coefficient ids of group ``g``."""
         if g in self.columns:
             return self.columns[g]
-        if g == FOCAL:
-            return torch.arange(1, device=c.angles.device)
         return torch.arange(getattr(c, g).shape[1], device=c.angles.device)
 
     def sizes(self, c: Coeffs):
@@ -194,8 +172,7 @@ class PhotometricProblem:
         gam[:, 0] += AMBIENT_OFFSET
         return _Frame(rot=rot, verts=verts, shape=(verts - c.trans[b]) @ rot, normals=st.out.normals[b],
                       albedo=st.out.albedo[min(b, st.out.albedo.shape[0] - 1)], gamma=gam,
-                      drot=euler_rotation_jacobian(c.angles[b:b + 1])[0], camera=st.photo_camera.frame(b),
-                      screen=st.screen[b])
+                      drot=euler_rotation_jacobian(c.angles[b:b + 1])[0], camera=self.camera.frame(b))
 
     def _photo_frame(self, st: State, b: int, offs: Dict[str, slice], p: int):
         """IRLS Gauss-Newton model of frame ``b``'s photometric term: (P, P), (P,).
@@ -262,8 +239,6 @@ class PhotometricProblem:
         eye = torch.eye(3, dtype=u.dtype, device=u.device)
         u_normals = torch.stack([(sh_basis_derivative(fr.normals, eye[i].expand(n, 3)) * w).sum(1)
                                  for i in range(3)], -1)
-        if FOCAL in offs:
-            grad[offs[FOCAL]] = (u_screen[:, :2] * fr.camera.focal_derivative(fr.screen)).sum()
         if "trans" in offs:
             grad[offs["trans"]] = u_verts.sum(0)
         if "angles" in offs:
@@ -358,8 +333,6 @@ class PhotometricProblem:
         out = torch.empty(u, 6, p, dtype=verts.dtype, device=verts.device)
         out[:, :3] = dcolor
         out[:, 3:] = torch.bmm(fr.camera.project_jacobian(verts), dverts)  # world -> screen
-        if FOCAL in offs:
-            out[:, 3:5, offs[FOCAL].start] = fr.camera.focal_derivative(fr.screen.index_select(0, vids))
         return out
 
     def _normal_derivative(self, fr: "_Frame", vids: torch.Tensor, groups) -> torch.Tensor:
@@ -408,18 +381,15 @@ class PhotometricProblem:
     def _landmarks(self, st: State, offs: Dict[str, slice], hess: torch.Tensor, grad: torch.Tensor) -> None:
         """Add the landmark term's Gauss-Newton model (exact Jacobian) to every frame."""
         geo = [g for g in GEOMETRY if g in offs]
-        if not geo and FOCAL not in offs:
+        if not geo:
             return
-        c, cam = st.coeffs, st.camera
-        jac = self.model.landmarks_3d_jacobian(c, geo or ["trans"], st.keypoints)
+        c, cam = st.coeffs, self.objective.camera
+        jac = self.model.landmarks_3d_jacobian(c, geo, st.keypoints)
         dproj = cam.project_points_jacobian(jac["value"])  # (B, L, 2, 3)
         w = self.objective.landmark_residual_weights()[None, :, None]
-        proj = cam.project_points(jac["value"])
-        r = ((proj - self.landmarks) * w).reshape(c.angles.shape[0], -1)
+        r = ((cam.project_points(jac["value"]) - self.landmarks) * w).reshape(c.angles.shape[0], -1)
         batch, p = grad.shape
         full = r.new_zeros(batch, r.shape[1], p)
-        if FOCAL in offs:
-            full[:, :, offs[FOCAL].start] = (cam.focal_derivative(proj) * w).reshape(batch, -1)
         for g in geo:
             jg = torch.einsum("blij,bljk->blik", dproj, jac[g][..., self.cols(c, g)]) * w[..., None]
             full[:, :, offs[g]] = jg.reshape(batch, r.shape[1], -1)

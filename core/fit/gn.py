@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from core import threads
 from core.models.coeffs import Coeffs
-from .gauss_newton import FOCAL, HESSIAN_PIXELS, PhotometricProblem
+from .gauss_newton import HESSIAN_PIXELS, PhotometricProblem
 from .lm import solve_each
 from .objective import Objective, PoseRef, expand
 
@@ -38,10 +38,8 @@ SHARED_MIN_PIXELS = 256
 def _setup(objective: Objective, coeffs: Coeffs, groups: Sequence[str], batch: int):
     """What both solvers start from: the coefficients expanded to the batch, the fixed
     groups and the model pieces they make constant, the optimised columns of id / exp /
-    tex (``columns``) and of every group (``cols``; the focal pseudo-group one column),
-    and the full group values the optimised columns are written into (``start``)."""
-    focal = FOCAL in groups
-    groups = [g for g in groups if g != FOCAL]
+    tex (``columns``) and of every group (``cols``), and the full group values the
+    optimised columns are written into (``start``)."""
     c = expand(coeffs, batch)
     fixed = {k: v for k, v in c.as_dict().items() if k not in groups}
     cached = objective.fixed_pieces({k: getattr(coeffs, k) for k in fixed})
@@ -49,17 +47,7 @@ def _setup(objective: Objective, coeffs: Coeffs, groups: Sequence[str], batch: i
     cols = {g: columns.get(g, torch.arange(getattr(c, g).shape[1], device=objective.device)) for g in groups}
     # Coefficients outside cols only enter their prior: its minimiser, zero.
     start = {g: torch.zeros_like(getattr(c, g)) if g in columns else getattr(c, g).detach() for g in groups}
-    if focal:
-        cols[FOCAL] = torch.arange(1, device=objective.device)
     return c, fixed, cached, columns, cols, start
-
-
-def _keypoints(objective: Objective, prob: PhotometricProblem, c: Coeffs, focal, landmarks):
-    """The landmark vertex ids at ``c`` seen through the problem's crop camera (with the
-    log focal factor ``focal``, or None)."""
-    if focal is not None:
-        objective = objective.with_camera(prob.cameras(focal)[0])
-    return objective.keypoints(c, landmarks)
 
 
 def _stages(objective: Objective, schedule, landmarks: torch.Tensor, groups: Sequence[str],
@@ -74,8 +62,7 @@ def _stages(objective: Objective, schedule, landmarks: torch.Tensor, groups: Seq
 
 
 def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
-              pose_ref: Optional[PoseRef] = None, progress: bool = False, desc: str = "non-rigid (GN)",
-              focal: Optional[torch.Tensor] = None) -> Tuple[Coeffs, Optional[torch.Tensor]]:
+              pose_ref: Optional[PoseRef] = None, progress: bool = False, desc: str = "non-rigid (GN)") -> Coeffs:
     """Levenberg-Marquardt on the full per-frame loss with the Gauss-Newton model of
     :mod:`core.fit.gauss_newton` (IRLS photometric term, exact landmark and prior terms).
 
@@ -83,27 +70,20 @@ def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
     a step solves the damped normal equations and keeps the result for the frames
     whose exact loss went down (each frame has its own damping); ``steps`` is the most:
     a stage stops when every frame has converged (GN_RTOL, GN_LAMBDA_MAX). Every
-    group must be per-frame (frames are independent problems).
-
-    ``focal``: optional (B,) log factors of each frame's focal length to start from,
-    estimated with the groups (the ``focal`` pseudo-group of PhotometricProblem).
-    Returns the coefficients and the log focal factors (None without ``focal``)."""
+    group must be per-frame (frames are independent problems)."""
     batch = landmarks.shape[0]
-    groups = tuple(g for g in groups if g != FOCAL) + ((FOCAL,) if focal is not None else ())
     c, fixed, cached, columns, cols, start = _setup(objective, coeffs, groups, batch)
     sizes = [cols[g].numel() for g in groups]
-    x = torch.cat([getattr(c, g)[:, cols[g]] if g != FOCAL else focal.reshape(batch, 1).to(c.angles)
-                   for g in groups], dim=1).detach()
+    x = torch.cat([getattr(c, g)[:, cols[g]] for g in groups], dim=1).detach()
 
     def unpack(v):
         parts = dict(zip(groups, torch.split(v, sizes, dim=1)))
-        co = Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in groups if g != FOCAL})
-        return co, (parts[FOCAL][:, 0] if FOCAL in parts else None)
+        return Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in groups})
 
     bar = tqdm(total=sum(n for _, _, n in schedule), desc=desc, disable=not progress, leave=False)
     for prob, steps in _stages(objective, schedule, landmarks, groups, pose_ref, cached, columns):
-        kp = _keypoints(objective, prob, *unpack(x), landmarks)
-        st = prob.evaluate(*unpack(x)[:1], kp, unpack(x)[1])
+        kp = objective.keypoints(unpack(x), landmarks)
+        st = prob.evaluate(unpack(x), kp)
         hess, grad = prob.linearize(st)
         lam = torch.full((batch,), GN_LAMBDA0, dtype=torch.float64, device=objective.device)
         done = torch.zeros(batch, dtype=torch.bool, device=objective.device)
@@ -113,7 +93,7 @@ def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
             damp = lam[:, None] * torch.diagonal(h, dim1=1, dim2=2) + 1e-12
             delta = solve_each(h + torch.diag_embed(damp), -grad.double()).to(x.dtype)
             delta = torch.where(done[:, None], torch.zeros_like(delta), delta)
-            trial = prob.evaluate(*unpack(x + delta)[:1], kp, unpack(x + delta)[1])
+            trial = prob.evaluate(unpack(x + delta), kp)
             better = (trial.cost < st.cost) & ~done
             # A frame is done when a step gains less than GN_RTOL of its loss, or when
             # the damping has grown so large that steps no longer move it.
@@ -130,21 +110,19 @@ def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
             if bool(better.all()) and not objective.model.has_contour:
                 st = trial
             else:  # some frames kept their old point, or the contour moves: re-evaluate
-                kp = _keypoints(objective, prob, *unpack(x), landmarks)
-                st = prob.evaluate(unpack(x)[0], kp, unpack(x)[1])
+                kp = objective.keypoints(unpack(x), landmarks)
+                st = prob.evaluate(unpack(x), kp)
             # Frames that did not move (or are done) keep their Gauss-Newton model.
             moved = better & ~done
             h_new, g_new = prob.linearize(st, frames=moved)
             hess = torch.where(moved[:, None, None], h_new, hess)
             grad = torch.where(moved[:, None], g_new, grad)
     bar.close()
-    co, f = unpack(x)
-    return Coeffs(**{k: v.detach() for k, v in co.as_dict().items()}), (None if f is None else f.detach())
+    return Coeffs(**{k: v.detach() for k, v in unpack(x).as_dict().items()})
 
 def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
               pose_ref: Optional[PoseRef] = None, progress: bool = False,
-              desc: str = "non-rigid, shared groups (GN)", focal: Optional[torch.Tensor] = None
-              ) -> Tuple[Coeffs, Optional[torch.Tensor]]:
+              desc: str = "non-rigid, shared groups (GN)") -> Coeffs:
     """Levenberg-Marquardt with the Gauss-Newton model when some groups are shared by
     the B frames (batch 1 in ``coeffs``; the video identity/albedo fit).
 
@@ -154,27 +132,20 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
     frames' Gauss-Newton models (data terms) averaged into the shared block and its
     couplings, the priors added on the diagonal; one damping for the whole fit. Each
     frame's photometric Hessian is sampled at HESSIAN_PIXELS / B covered pixels (at least
-    SHARED_MIN_PIXELS); the gradient uses them all.
-
-    ``focal``: optional (1,) log factor of the focal length shared by the frames to start
-    from, estimated with the groups. Returns the coefficients and the log focal factor
-    (None without ``focal``)."""
+    SHARED_MIN_PIXELS); the gradient uses them all."""
     batch = landmarks.shape[0]
-    groups = [g for g in groups if g != FOCAL]
-    shared = [g for g in groups if getattr(coeffs, g).shape[0] == 1] + ([FOCAL] if focal is not None else [])
+    shared = [g for g in groups if getattr(coeffs, g).shape[0] == 1]
     order = tuple(shared + [g for g in groups if g not in shared])
     c, fixed, cached, columns, cols, start = _setup(objective, coeffs, order, batch)
     ks = sum(cols[g].numel() for g in shared)
     kf = sum(cols[g].numel() for g in order if g not in shared)
-    xs = torch.cat([getattr(c, g)[:1, cols[g]] if g != FOCAL else focal.reshape(1, 1).to(c.angles)
-                    for g in shared], dim=1).detach()                                      # (1, ks)
+    xs = torch.cat([getattr(c, g)[:1, cols[g]] for g in shared], dim=1).detach()          # (1, ks)
     xf = torch.cat([getattr(c, g)[:, cols[g]] for g in order if g not in shared], dim=1).detach()  # (B, kf)
 
     def unpack(vs, vf):
         full = torch.cat([vs.expand(batch, -1), vf], dim=1)
         parts = dict(zip(order, torch.split(full, [cols[g].numel() for g in order], dim=1)))
-        co = Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in order if g != FOCAL})
-        return co, (parts[FOCAL][:1, 0] if FOCAL in parts else None)
+        return Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in order})
 
     def total(st):  # the shared-mode loss (see the docstring)
         return objective.total(st.terms, shared)
@@ -220,8 +191,8 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
     bar = tqdm(total=sum(n for _, _, n in schedule), desc=desc, disable=not progress, leave=False)
     per_frame = max(SHARED_MIN_PIXELS, HESSIAN_PIXELS // batch)
     for prob, steps in _stages(objective, schedule, landmarks, order, pose_ref, cached, columns, per_frame):
-        kp = _keypoints(objective, prob, *unpack(xs, xf), landmarks)
-        st = prob.evaluate(*unpack(xs, xf)[:1], kp, unpack(xs, xf)[1])
+        kp = objective.keypoints(unpack(xs, xf), landmarks)
+        st = prob.evaluate(unpack(xs, xf), kp)
         cost = total(st)
         h, g = system(st, prob)
         lam = GN_LAMBDA0
@@ -229,7 +200,7 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
             threads.tick()
             delta = torch.linalg.solve(h + torch.diag(lam * torch.diagonal(h) + 1e-12), -g).to(xs.dtype)
             ts, tf = xs + delta[:ks][None], xf + delta[ks:].view(batch, kf)
-            trial = prob.evaluate(*unpack(ts, tf)[:1], kp, unpack(ts, tf)[1])
+            trial = prob.evaluate(unpack(ts, tf), kp)
             new = total(trial)
             bar.update(1)
             if not bool(new < cost):
@@ -243,11 +214,10 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
             if gain < GN_RTOL * float(cost) or step == steps - 1:
                 break
             if objective.model.has_contour:
-                kp = _keypoints(objective, prob, *unpack(xs, xf), landmarks)
-                st = prob.evaluate(unpack(xs, xf)[0], kp, unpack(xs, xf)[1])
+                kp = objective.keypoints(unpack(xs, xf), landmarks)
+                st = prob.evaluate(unpack(xs, xf), kp)
                 cost = total(st)
             h, g = system(st, prob)
     bar.close()
-    co, f = unpack(xs, xf)
-    return (Coeffs(**{k: (v[:1] if k in shared else v).detach() for k, v in co.as_dict().items()}),
-            None if f is None else f.detach())
+    out = unpack(xs, xf).as_dict()
+    return Coeffs(**{k: (v[:1] if k in shared else v).detach() for k, v in out.items()})

@@ -23,8 +23,9 @@ from core.errors import UserError
 from core.fit.fitter import FitResult
 from core.io.image import read_image
 from core.landmarks.metrics import landmark_nme
+from core.fit.focal import profile_focal
 from core.io.outputs import format_obj, write_outputs
-from core.render.camera import FrameCamera, crop_cameras, default_focal
+from core.render.camera import Camera, FrameCamera, crop_cameras, default_focal
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -92,27 +93,49 @@ def photo_camera(photo: PreparedPhoto, focal: Union[str, float]) -> FrameCamera:
     return FrameCamera(focal=default_focal(w, h) if focal == "auto" else float(focal), width=w, height=h)
 
 
-def fit_photos(session: Session, photos: Sequence[PreparedPhoto],
-               focal: Optional[Union[str, float]] = None) -> FitResult:
-    """Fit all prepared photos in one batch. ``focal``: None for the original crop
-    camera; a focal length in pixels or "auto" (estimated per photo) for a camera of the
-    whole photo (``FitResult.camera``: the crops' cameras of the result)."""
+def photo_cameras(session: Session, photos: Sequence[PreparedPhoto], focal: Union[str, float]):
+    """Each photo's own camera (principal point at its centre) of focal ``focal`` pixels or,
+    for "auto", of the focal its landmarks determine (:func:`core.fit.focal.profile_focal`,
+    else the 50° start): the batched crop camera of the photos and each photo's focal
+    source ("given", "estimated" or "assumed")."""
+    dev, dt = session.device, session.fitter.dtype
+    cams = [photo_camera(p, focal) for p in photos]
+    boxes, size = [p.box for p in photos], session.camera.image_size
+    sources = ["given"] * len(photos)
+    if focal == "auto":
+        start = np.array([c.focal for c in cams])
+        lms = torch.as_tensor(np.stack([p.landmarks_crop for p in photos]), dtype=dt, device=dev)
+
+        def camera_at(f):  # every photo's start scaled alike
+            return crop_cameras([c.with_focal(f * c.focal / start[0]) for c in cams], boxes, size, dtype=dt,
+                                device=dev)
+
+        found, prof = profile_focal(session.fitter, camera_at, lms, session.fitter.zeros(len(photos)),
+                                    float(start[0]), shared=False)
+        for k, (p, ok) in enumerate(zip(photos, prof["determined"])):
+            if ok:
+                cams[k] = cams[k].with_focal(float(found[k]) * cams[k].focal / start[0])
+            else:
+                log.warning("%s: the landmarks do not determine the focal length: using %.0f px (a 50° field of "
+                            "view); give --focal PIXELS when the camera is known", p.name, cams[k].focal)
+            sources[k] = "estimated" if ok else "assumed"
+    return crop_cameras(cams, boxes, size, dtype=dt, device=dev), sources
+
+
+def fit_photos(session: Session, photos: Sequence[PreparedPhoto], camera: Optional[Camera] = None) -> FitResult:
+    """Fit all prepared photos in one batch, seen through the original crop camera or
+    ``camera`` (per-photo crop cameras, :func:`photo_cameras`)."""
     dev, dt = session.device, session.fitter.dtype
     lms = torch.as_tensor(np.stack([p.landmarks_crop for p in photos]), dtype=dt, device=dev)
     imgs = torch.as_tensor(np.stack([p.crop for p in photos]), dtype=dt, device=dev)
-    if focal is None:
-        return session.fitter.fit(lms, imgs)
-    if focal == "auto" and session.fitter.cfg.nonrigid_solver != "gn":
-        raise UserError("--focal auto needs the Gauss-Newton solver (--preset default or --nonrigid_solver gn); "
-                        "or give --focal PIXELS")
-    cams = [photo_camera(p, focal) for p in photos]
-    crop = crop_cameras(cams, [p.box for p in photos], session.camera.image_size, dtype=dt, device=dev)
-    return session.fitter.with_camera(crop).fit(lms, imgs, estimate_focal=focal == "auto")
+    fitter = session.fitter if camera is None else session.fitter.with_camera(camera)
+    return fitter.fit(lms, imgs)
 
 
 def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, index: int,
-                  info_extra: Optional[dict] = None) -> Dict[str, object]:
-    """The four output files of one photo (SPEC §5 + info), as name -> content."""
+                  info_extra: Optional[dict] = None, focal_source: str = "") -> Dict[str, object]:
+    """The four output files of one photo (SPEC §5 + info), as name -> content
+    (``focal_source``: how the focal of the photo's own camera was found, when it has one)."""
     model, cam = session.model, session.camera
     if result.camera is not None and result.camera.batched:  # the photo's own camera
         cam = result.camera.frame(index)
@@ -134,7 +157,7 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
         "image_size": [int(photo.image.shape[1]), int(photo.image.shape[0])],
         "bbox": [int(v) for v in photo.box],
         "tar_size": cam.image_size,
-        "camera": _camera_info(photo, cam, result, index),
+        "camera": _camera_info(photo, cam, focal_source),
         "recon_model": model.name,
         "coeff_layout": {k: [s.start, s.stop] for k, s in model.layout.slices().items()},
         "landmark_vertex_ids": kp.cpu().numpy(),
@@ -165,7 +188,7 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
     }
 
 
-def _camera_info(photo: PreparedPhoto, cam, result: FitResult, index: int) -> Dict[str, object]:
+def _camera_info(photo: PreparedPhoto, cam, source: str) -> Dict[str, object]:
     """info.json's camera: the original crop camera ("model": "crop", crop pixels), or
     the photo's own camera ("model": "frame", photo pixels, 3x3 intrinsics)."""
     if not cam.batched:
@@ -173,7 +196,7 @@ def _camera_info(photo: PreparedPhoto, cam, result: FitResult, index: int) -> Di
     s = cam.image_size / float(photo.box[2] - photo.box[0])
     h, w = photo.image.shape[:2]
     frame = FrameCamera(focal=float(cam.focal.reshape(-1)[0]) / s, width=w, height=h)
-    return {"model": "frame", **frame.as_dict(), "focal_estimated": result.focal_scale is not None}
+    return {"model": "frame", **frame.as_dict(), "focal_source": source}
 
 
 def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str,
@@ -181,7 +204,7 @@ def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str
                batch_size: int = defaults.PHOTO_BATCH_SIZE, info_extra: Optional[dict] = None,
                focal: Optional[Union[str, float]] = None) -> PhotoReport:
     """Fit every photo in ``paths`` and write its outputs into ``res_folder`` (``focal``:
-    see :func:`fit_photos`)."""
+    see :func:`photo_cameras`)."""
     report = PhotoReport()
     prepared: List[PreparedPhoto] = []
     for p in paths:
@@ -195,7 +218,8 @@ def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start:start + batch_size]
         t0 = time.perf_counter()
-        result = fit_photos(session, chunk, focal)
+        camera, sources = photo_cameras(session, chunk, focal) if focal is not None else (None, [""] * len(chunk))
+        result = fit_photos(session, chunk, camera)
         batch_s = time.perf_counter() - t0
         fit_s = batch_s / len(chunk)
         if len(chunk) == 1:
@@ -208,7 +232,7 @@ def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str
             extra["timings_s_fit_per_photo"] = round(fit_s, 4)
             extra["timings_s_fit_batch"] = round(batch_s, 4)
             extra["batch_size"] = len(chunk)
-            files = photo_outputs(session, photo, result, i, extra)
+            files = photo_outputs(session, photo, result, i, extra, focal_source=sources[i])
             report.written[photo.name] = write_outputs(res_folder, files)
     log.info("%d photo(s) written to %s%s", len(report.written), res_folder,
              f"; {len(report.failed)} skipped (named above)" if report.failed else "")

@@ -113,12 +113,6 @@ class Camera:
         """∂(col, row)/∂(x, y, z) of :meth:`project_points`: (..., 3) -> (..., 2, 3)."""
         return self.project_jacobian(vertices)[..., :2, :]
 
-    def focal_derivative(self, screen: torch.Tensor) -> torch.Tensor:
-        """∂(col, row)/∂(log focal) at screen points (..., 2+) = (col − pcol, row − prow):
-        (..., 2). (Scaling the focal scales every point's offset from the principal point.)"""
-        pc, pr = self._principal(screen[..., 0])
-        return torch.stack([screen[..., 0] - pc, screen[..., 1] - pr], dim=-1)
-
     def scaled(self, size: int) -> "Camera":
         """The same view at ``size`` pixels (a resized image: every pixel coordinate times
         size / image_size)."""

@@ -63,9 +63,6 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
     from the cache report nothing). Each worker's frames arrive in order.
     """
     check_options(options)
-    if options.estimate_focal and session.fitter.cfg.nonrigid_solver != "gn":
-        raise UserError("estimating the focal length (--focal auto, the default with --export / --save_meshes) needs "
-                        "the Gauss-Newton solver (--preset default or --nonrigid_solver gn); or give --focal PIXELS")
     t_start = time.perf_counter()
     VideoReader(video_path).close()  # fail early on a missing / corrupt / empty video
     check_frame_range(video_path, options.frame_range)
@@ -290,7 +287,7 @@ def _camera_info(session: Session, shape: ShapeResult) -> Dict[str, object]:
     intrinsics in frame pixels; whether the focal was estimated), or the original's crop
     camera (focal and principal point in crop pixels, the pose relative to each frame's crop)."""
     if shape.camera is not None:
-        return {"model": "frame", **shape.camera.as_dict(), "focal_estimated": bool(shape.focal_estimated)}
+        return {"model": "frame", **shape.camera.as_dict(), "focal_source": shape.focal_source}
     cam = session.camera
     return {"model": "crop", "focal": cam.focal, "cx": cam.center, "cy": cam.center, "width": cam.image_size,
             "height": cam.image_size, "distance": cam.distance}

@@ -15,6 +15,7 @@ import torch
 
 from core.errors import UserError
 from core.io.video import VideoReader
+from core.fit.focal import profile_focal
 from core.landmarks.crop import crop_face, photo_to_crop
 from core.render.camera import FrameCamera, default_focal
 
@@ -36,7 +37,7 @@ class ShapeResult:
     losses: Dict[str, float] = field(default_factory=dict)
     reused: bool = False    # loaded from the cache
     camera: Optional[FrameCamera] = None  # the video's frame camera (None: the original's crop camera)
-    focal_estimated: bool = False         # its focal was estimated with the identity
+    focal_source: str = ""                # "given", "estimated" (from the landmarks) or "assumed" (see fit_shape)
 
 
 def select_shape_frames(has_face: np.ndarray, k: int) -> np.ndarray:
@@ -88,7 +89,7 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
                 camera = start_camera(track, options).with_focal(float(cached["focal"]))
             return ShapeResult(id=cached["id"], tex=cached["tex"], frames=cached["frames"],
                                losses=json.loads(str(cached["losses"])), reused=True, camera=camera,
-                               focal_estimated=options.estimate_focal)
+                               focal_source=str(cached["focal_source"]))
     log.info("identity/albedo from %d frames: %s", len(indices), (indices + track.start).tolist())
     boxes = track.crop_boxes(options.padding_ratio)
     by_source = read_frames(video_path, indices + track.start, track.source_timestamps())
@@ -99,23 +100,37 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
     zeros = fitter.zeros(n)
     init = zeros.replace(id=torch.zeros(1, model.layout.n_id, dtype=dt, device=dev),
                          tex=torch.zeros(1, model.layout.n_tex, dtype=dt, device=dev))
+    lms_t = torch.as_tensor(lms, dtype=dt, device=dev)
     camera = None
     if options.frame_camera:
         camera = start_camera(track, options)
-        fitter = fitter.with_camera(camera.crop(boxes[indices], session.camera.image_size, dtype=dt, device=dev))
-    res = fitter.fit(torch.as_tensor(lms, dtype=dt, device=dev), torch.as_tensor(crops, dtype=dt, device=dev),
-                     init=init, estimate_focal=options.estimate_focal)
-    if res.focal_scale is not None:
-        camera = camera.with_focal(camera.focal * float(res.focal_scale[0]))
-        log.info("focal length: %.1f px (estimated; %.1f° horizontal field of view)", camera.focal,
-                 2 * np.degrees(np.arctan(camera.width / 2 / camera.focal)))
+        size, crop_boxes = session.camera.image_size, boxes[indices]
+        source = "given"
+        if options.estimate_focal:
+            focal, prof = profile_focal(fitter, lambda f: camera.with_focal(f).crop(crop_boxes, size, dtype=dt,
+                                                                                    device=dev), lms_t, init, camera.focal)
+            fov = 2 * np.degrees(np.arctan(camera.width / 2 / float(focal[0])))
+            if bool(prof["determined"][0]):
+                source = "estimated"
+                camera = camera.with_focal(float(focal[0]))
+                log.info("focal length: %.1f px (estimated from the landmarks; %.1f° horizontal field of view)",
+                         camera.focal, fov)
+            else:
+                source = "assumed"
+                log.warning("the landmarks do not determine the focal length (best %.0f px, %.0f° field of view, "
+                            "but hardly better than others): using %.0f px (a %.0f° field of view); give --focal "
+                            "PIXELS when the camera is known", float(focal[0]), fov, camera.focal,
+                            2 * np.degrees(np.arctan(camera.width / 2 / camera.focal)))
+        fitter = fitter.with_camera(camera.crop(crop_boxes, size, dtype=dt, device=dev))
+    res = fitter.fit(lms_t, torch.as_tensor(crops, dtype=dt, device=dev), init=init)
     result = ShapeResult(id=res.coeffs.id[0].cpu().numpy().astype(np.float32),
                          tex=res.coeffs.tex[0].cpu().numpy().astype(np.float32),
                          frames=indices + track.start, losses=res.losses, camera=camera,
-                         focal_estimated=res.focal_scale is not None)
+                         focal_source=source if camera is not None else "")
     if path:
         save_npz(path, key, id=result.id, tex=result.tex, frames=result.frames,
-                 losses=np.array(json.dumps(res.losses)), focal=np.array(camera.focal if camera else np.nan))
+                 losses=np.array(json.dumps(res.losses)), focal=np.array(camera.focal if camera else np.nan),
+                 focal_source=np.array(result.focal_source))
     return result
 
 
