@@ -188,3 +188,41 @@ def test_photo_with_its_own_camera(focal, tmp_path, model_path):
     zc = 10 - v[:, 2]
     px = np.stack([cam["cx"] + cam["focal"] * v[:, 0] / zc, cam["cy"] - cam["focal"] * v[:, 1] / zc], 1)
     assert np.abs(px - np.asarray(info["landmarks_model"])).max() < 0.01
+
+
+def test_a_failing_export_leaves_no_outputs(tmp_path, clip, model_path, monkeypatch, capsys):
+    """The export cannot be written (a full disk): one error line, exit 2, and nothing in
+    the output folder (no pkl, info, video, meshes, nerf folder or temporary file)."""
+    import errno
+    from core.pipelines.video import run as video_run
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(video_run, "write_nerf", full)
+    res = tmp_path / "res"
+    rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(res), "--cache_folder", "",
+                                   "--model_path", model_path, "--export", "nerf", "--save_meshes",
+                                   "--frame_range", "5:9"] + FAST)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "No space left on device" in err[-1] and err[-1].startswith("error:")
+    assert not res.exists() or os.listdir(res) == []
+
+
+def test_a_rerun_reuses_the_frame_camera_fit(tmp_path, clip, model_path, capsys):
+    """A second run on the same cache reuses the identity fit (with its focal) and the
+    clips: the same cameras and poses are exported."""
+    cache = str(tmp_path / "cache")
+    docs = []
+    for k in range(2):
+        res = tmp_path / f"r{k}"
+        rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(res), "--cache_folder", cache,
+                                       "--model_path", model_path, "--export", "nerf", "--frame_range", "5:10"]
+                      + FAST)
+        assert rc == 0
+        with open(res / "talk_nerf" / "transforms_train.json", encoding="utf-8") as f:
+            docs.append(json.load(f))
+        with open(res / "talk_info.json", encoding="utf-8") as f:
+            info = json.load(f)
+    assert info["cache"]["shape_reused"] and info["clips_reused"] >= 1
+    assert docs[0] == docs[1]

@@ -192,8 +192,8 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
                    or (k == "meshes" and meshes is not None) or (k == "nerf" and export is not None)}
         commit_outputs(writer, final, pkl, info, res_folder, meshes=meshes, export=export)
     final = written
-    log.info("%d frames (%d with a fit, %d without a face) -> %s, %s, %s", n, int(fitted.sum()), len(no_face),
-             final["pkl"], final["video"], final["info"])
+    log.info("%d frames (%d with a fit, %d without a face) -> %s", n, int(fitted.sum()), len(no_face),
+             ", ".join(final.values()))
     speeds = ", ".join(f"{stage} " + ("reused" if info["fps"][stage] is None else f"{info['fps'][stage]:.{d}f} fps")
                        for stage, d in (("landmarks", 1), ("fitting", 2), ("rendering", 1)))
     log.info("speed: %s; landmark NME %.1f%% of the inter-ocular distance (mean over frames)", speeds,
