@@ -193,7 +193,13 @@ def paste_back(image: np.ndarray, render_rgb: np.ndarray, mask: np.ndarray, box)
     msk = cv2.warpAffine(m32, inv, size, flags=flags,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     face = msk > 0.5
+    # Back from premultiplied (the quotient only matters where face is set), whole-window
+    # array operations: faster than gathering the face pixels, the same values there.
+    colour = np.divide(rend, np.maximum(msk, np.float32(1e-12))[..., None], dtype=np.float32)
+    np.rint(colour, out=colour)
+    np.clip(colour, 0, 255, out=colour)
     window = out[py0:py1, px0:px1]
-    colour = rend[face] / msk[face][:, None]  # back from premultiplied: face pixels only
-    window[face] = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
+    pasted = cv2.copyTo(colour.astype(np.uint8), face.view(np.uint8), window)  # in place, masked
+    if not np.shares_memory(pasted, out):  # OpenCV made a new array after all
+        window[...] = pasted
     return out
