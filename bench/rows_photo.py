@@ -4,7 +4,9 @@ Each photo is read, its face detected and cropped once (``core.pipelines.photo.p
 then, for every repeat, each schedule fits it alone (batch 1, as ``fit_single_img.py``
 does with one photo) and ``core.pipelines.photo.photo_outputs`` computes what the tool writes.
 The wall time covers the fit only (rigid, landmark init, photometric stages): reading,
-detection and writing are the same for both schedules and are reported apart. The
+detection and writing are the same for both schedules and are reported apart. Then each
+schedule fits one batch of ``BATCH`` photos (repeated when there are fewer) for the
+batching rows. The
 landmark NME compares the model's landmarks with the detector's, both in photo pixels
 (see :func:`bench.common.nme_interocular`), the photometric loss is SPEC §4's, as written
 into ``<name>_info.json``. The schedules alternate photo by photo so both see the same
@@ -29,6 +31,7 @@ from .common import Row, median, nme_interocular, timed, warm_up_config
 log = logging.getLogger("bench")
 
 SECTION = "single photo"
+BATCH = 8  # the batch size of the batching rows
 
 
 def warm_up(session_args: dict, cfg: FitConfig, photo) -> None:
@@ -80,6 +83,13 @@ def photo_rows(model, photos: Sequence[str], detector, presets: Mapping[str, Fit
                     rec["lm_loss"] = float(info["losses"]["lm"])
                     rec["stage_s"] = result.timings
     detect_s = median([p.detect_s for p in prepared])
+    # Batching: BATCH photos (the photos repeated when fewer) fitted together, once per schedule.
+    batch = [prepared[k % len(prepared)] for k in range(BATCH)]
+    batch_s = {}
+    for name, session in sessions.items():
+        log.info("a batch of %d photos: %s", BATCH, name)
+        seconds, _ = timed(lambda: fit_photos(session, batch), session.device)
+        batch_s[name] = seconds / BATCH
 
     def agg(name, key):
         vals = [median(r[key]) if isinstance(r[key], list) else r[key] for r in per_photo[name].values()]
@@ -100,10 +110,23 @@ def photo_rows(model, photos: Sequence[str], detector, presets: Mapping[str, Fit
             note="median over the photos; SPEC §4 photo_loss: mean RGB distance between render and crop under the "
                  "face mask, / 255"),
     ]
+    one = {name: agg(name, "fit_s") for name in presets}
+    rows.append(Row(SECTION, f"fit time per photo at batch {BATCH} / at batch 1", _ratio(batch_s["original"], one["original"]),
+                    _ratio(batch_s["default"], one["default"]), "lower",
+                    note=f"one batch of {BATCH} ({'the photos repeated' if len(prepared) < BATCH else 'the first photos'}) "
+                         "against the batch-1 median; below 1: batching pays (target <= 0.6)"))
+    best = {name: min(one[name], batch_s[name]) for name in presets}
+    rows.append(Row(SECTION, "fit time per photo at each schedule's best batch size (s)", best["original"],
+                    best["default"], "lower", note=f"min of batch 1 and batch {BATCH}; ratio = how much less fitting "
+                                                   "work the default does (target >= 10)"))
     details = {"photos": [os.path.relpath(p.path) for p in prepared], "failed": failed, "detect_s": detect_s,
-               "per_photo": per_photo, "repeats": dict(repeats)}
+               "per_photo": per_photo, "repeats": dict(repeats), "batch_s_per_photo": batch_s, "batch": BATCH}
     return rows, details
 
 
 def _pct(v):
     return None if v is None else 100.0 * v
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
