@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fit best, else a 50-degree field of view (info.json's camera.focal_source says which); "
                         "the pose is then the head's pose in that camera (default: the original's camera of each "
                         "frame's crop)")
+    c.add_argument("--principal", type=cli.principal_point, default=None, metavar="CX,CY",
+                   help="the frame camera's principal point in source pixels (default: the frame centre; implies "
+                        "the frame camera)")
     c.add_argument("--export", action="append", choices=["nerf"], default=None,
                    help="'nerf': <video>_nerf/ with transforms_train.json, transforms_val.json, track_params.pt "
                         "and the landmarks (implies the frame camera; --focal auto unless given)")
@@ -93,7 +96,7 @@ def video_options(args: argparse.Namespace):
                         clip_overlap=args.clip_overlap, cache_folder=args.cache_folder or None,
                         padding_ratio=args.padding_ratio, keep_audio=not args.no_audio, threads=args.threads,
                         frame_range=frame_range, focal=args.focal, export=tuple(dict.fromkeys(args.export or ())),
-                        save_meshes=args.save_meshes)
+                        save_meshes=args.save_meshes, principal=args.principal)
 
 
 def main(argv: Sequence[str]) -> int:

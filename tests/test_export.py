@@ -134,19 +134,35 @@ def test_meshes_hold_every_frame_posed(export_run, model_path):
         assert np.abs(meshes[i][kp].astype(np.float64) - v).max() < 2e-3
 
 
-def test_a_given_focal_is_kept(tmp_path, clip, model_path):
+def test_a_given_focal_and_principal_point_are_kept(tmp_path, clip, model_path):
     rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(tmp_path), "--cache_folder", "",
-                                   "--model_path", model_path, "--focal", "500", "--frame_range", "5:9"] + FAST)
+                                   "--model_path", model_path, "--focal", "500", "--principal", "300.5,170",
+                                   "--export", "nerf", "--frame_range", "5:9"] + FAST)
     assert rc == 0
     with open(tmp_path / "talk_info.json", encoding="utf-8") as f:
-        cam = json.load(f)["camera"]
+        info = json.load(f)
+    cam = info["camera"]
     assert cam["focal"] == 500.0 and cam["focal_source"] == "given" and cam["model"] == "frame"
-    assert not (tmp_path / "talk_nerf").exists() and not (tmp_path / "talk_meshes.npy").exists()
+    assert (cam["cx"], cam["cy"]) == (300.5, 170.0) and cam["intrinsics"][0][2] == 300.5
+    assert not (tmp_path / "talk_meshes.npy").exists()
+    # The poses are in that camera: SPEC's landmarks with its focal and principal point give
+    # the run's own landmark error against the tracked landmarks.
+    with open(tmp_path / "talk_fitting_res.pkl", "rb") as f:
+        pkl = pickle.load(f)
+    lms = np.load(tmp_path / "talk_nerf" / "landmarks.npy")
+    for k, i in enumerate(sorted(pkl["fitting_res"])):
+        e = pkl["fitting_res"][i]
+        v = _model_landmarks(model_path, pkl["id"], e["exp"]) @ _rotation(e["rot"]).T + e["trans"]
+        zc = 10 - v[:, 2]
+        px = np.stack([300.5 + 500 * v[:, 0] / zc, 170 - 500 * v[:, 1] / zc], 1)
+        assert landmark_nme(px, lms[k]) == pytest.approx(info["landmark_nme_interocular"]["per_frame"][str(i)],
+                                                         abs=2e-4)
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--focal", "-3"], "--focal"),
     (["--focal", "wide"], "--focal"),
+    (["--principal", "12"], "--principal"),
 ])
 def test_bad_camera_flags_are_one_line_errors(flags, message, tmp_path, clip, model_path, capsys):
     rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(tmp_path), "--cache_folder", "",

@@ -143,6 +143,17 @@ def focal_length(text: str):
     return value
 
 
+def principal_point(text: str):
+    """argparse type of --principal: 'CX,CY' in pixels."""
+    try:
+        cx, cy = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CX,CY in pixels (e.g. 640,360); got '{text}'") from None
+    if not (math.isfinite(cx) and math.isfinite(cy)):
+        raise argparse.ArgumentTypeError(f"expected finite pixel coordinates; got '{text}'")
+    return cx, cy
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     v = _number(int, text)

@@ -37,7 +37,9 @@ class VideoOptions:
     export: export formats ("nerf": transforms_train.json / transforms_val.json,
     track_params.pt and the landmarks, see :mod:`core.pipelines.video.export`).
     save_meshes: write every frame's posed vertices (float16 .npy).
-    Any of focal, export and save_meshes fits the video with one frame camera
+    principal: the frame camera's principal point (cx, cy) in source pixels (None: the
+    frame centre (w/2, h/2)).
+    Any of focal, export, save_meshes and principal fits the video with one frame camera
     (:attr:`frame_camera`).
     """
 
@@ -54,11 +56,12 @@ class VideoOptions:
     focal: Optional[Union[str, float]] = None
     export: Tuple[str, ...] = ()
     save_meshes: bool = False
+    principal: Optional[Tuple[float, float]] = None
 
     @property
     def frame_camera(self) -> bool:
         """Whether the video is fitted with one full-frame camera (see the class docstring)."""
-        return self.focal is not None or bool(self.export) or self.save_meshes
+        return self.focal is not None or bool(self.export) or self.save_meshes or self.principal is not None
 
     @property
     def estimate_focal(self) -> bool:

@@ -115,7 +115,7 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     base_key = digest({"v": CACHE_VERSION, "landmarks": landmark_key(video_path, detector, options.frame_range),
                        "config": cfg.as_dict(), "tar_size": tar_size, "padding": options.padding_ratio,
                        "model": model_fingerprint(session.model), "renderer": session.renderer.backend,
-                       **({"focal": options.focal} if options.frame_camera else {})})
+                       **({"focal": options.focal, "principal": options.principal} if options.frame_camera else {})})
     shape = fit_shape(session, track, video_path, options, cache_dir, base_key)
     timings["shape_s"] = time.perf_counter() - t0
 

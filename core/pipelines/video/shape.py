@@ -136,10 +136,11 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
 
 def start_camera(track: LandmarkTrack, options: VideoOptions) -> FrameCamera:
     """The video's frame camera before the fit: the given focal, or for "auto" the start
-    of the estimate (:func:`core.render.camera.default_focal`); principal point at the
-    frame centre."""
+    of the estimate (:func:`core.render.camera.default_focal`); principal point as given,
+    else at the frame centre."""
     if options.focal is None or options.focal == "auto":
         focal = default_focal(track.width, track.height)
     else:
         focal = float(options.focal)
-    return FrameCamera(focal=focal, width=track.width, height=track.height)
+    cx, cy = options.principal if options.principal is not None else (None, None)
+    return FrameCamera(focal=focal, width=track.width, height=track.height, cx=cx, cy=cy)
