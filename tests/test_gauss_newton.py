@@ -218,3 +218,31 @@ def test_hessian_pixels_change_only_the_hessian(model):
     assert torch.equal(g_full, g_few) and not torch.equal(h_full, h_few)
     d_full, d_few = torch.diagonal(h_full[0]), torch.diagonal(h_few[0])
     assert float((d_few - d_full).norm() / d_full.norm()) < 0.2
+
+
+def test_converged_frames_leave_the_batch(model, monkeypatch):
+    """Independent frames fitted together: a frame that has converged is no longer rendered
+    (later steps evaluate fewer frames), and each frame's fit is the one it gets alone
+    (up to float rounding of batched products)."""
+    from core.fit import gauss_newton as G
+    f = fitter(model, first_nrf_iters=12)
+    gts = [truth(model, seed=s) for s in range(3)]
+    imgs, lms = zip(*(scene(f, gt) for gt in gts))
+    img, lm = torch.cat(imgs), torch.cat(lms)
+    # frame 0 starts at its truth (converges at once), the others far from it
+    x0 = Coeffs(**{k: torch.cat([getattr(gts[0], k)] + [getattr(perturbed(g), k) for g in gts[1:]])
+                   for k in GROUPS})
+    sizes = []
+    real = G.PhotometricProblem.evaluate
+
+    def counting(self, c, kp):
+        sizes.append(self.landmarks.shape[0])
+        return real(self, c, kp)
+
+    monkeypatch.setattr(G.PhotometricProblem, "evaluate", counting)
+    together = f.photometric(x0, lm, img, 12)
+    assert sizes[0] == 3 and min(sizes) < 3, sizes
+    for b in range(3):
+        alone = f.photometric(Coeffs(**{k: getattr(x0, k)[b:b + 1] for k in GROUPS}), lm[b:b + 1], img[b:b + 1], 12)
+        for k in GROUPS:
+            assert torch.allclose(getattr(together, k)[b], getattr(alone, k)[0], atol=2e-3), (b, k)

@@ -18,6 +18,7 @@ Shapes: B frames, N vertices, P optimised parameters (the groups' sizes, in orde
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
@@ -101,6 +102,20 @@ class PhotometricProblem:
         self.pose_ref = pose_ref
         self.cached = cached or {}
         self.columns = columns or {}
+
+    def subset(self, idx: torch.Tensor) -> "PhotometricProblem":
+        """The same problem for the frames ``idx`` (B',) only (frames are independent)."""
+        def rows(v):
+            return v if v is None or v.shape[0] == 1 else v[idx]
+
+        objective = self.objective
+        if objective.camera.batched:
+            objective = objective.with_camera(objective.camera.take(idx))
+        pose_ref = None if self.pose_ref is None else type(self.pose_ref)(angles=rows(self.pose_ref.angles),
+                                                                          trans=rows(self.pose_ref.trans))
+        return PhotometricProblem(objective, self.landmarks[idx], self.images[idx], self.camera.take(idx),
+                                  self.groups, pose_ref, {k: rows(v) for k, v in self.cached.items()},
+                                  self.columns, hessian_pixels=self.hessian_pixels)
 
     # -- the loss ------------------------------------------------------------------------
     @torch.no_grad()
@@ -395,6 +410,21 @@ class PhotometricProblem:
             full[:, :, offs[g]] = jg.reshape(batch, r.shape[1], -1)
         hess += 2 * full.transpose(1, 2) @ full
         grad += 2 * (full.transpose(1, 2) @ r[..., None])[..., 0]
+
+
+def take_state(st: State, keep: torch.Tensor) -> State:
+    """The state of the frames ``keep`` ((B,) bool or (B',) ids) of a batch: every per-frame
+    tensor indexed (values shared by the frames, batch 1, kept as they are)."""
+    batch = st.cost.shape[0]
+
+    def rows(v):
+        return v[keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
+
+    out = None if st.out is None else dataclasses.replace(
+        st.out, **{f.name: rows(getattr(st.out, f.name)) for f in dataclasses.fields(st.out)})
+    return State(cost=rows(st.cost), terms={k: rows(v) for k, v in st.terms.items()},
+                 coeffs=Coeffs(**{k: rows(v) for k, v in st.coeffs.as_dict().items()}), out=out,
+                 screen=rows(st.screen), pix_to_face=rows(st.pix_to_face), keypoints=rows(st.keypoints))
 
 
 def _skew(v: torch.Tensor) -> torch.Tensor:

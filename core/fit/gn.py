@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from core import threads
 from core.models.coeffs import Coeffs
-from .gauss_newton import HESSIAN_PIXELS, PhotometricProblem
+from .gauss_newton import HESSIAN_PIXELS, PhotometricProblem, take_state
 from .lm import solve_each
 from .objective import Objective, PoseRef, expand
 
@@ -76,49 +76,60 @@ def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
     sizes = [cols[g].numel() for g in groups]
     x = torch.cat([getattr(c, g)[:, cols[g]] for g in groups], dim=1).detach()
 
-    def unpack(v):
+    def unpack(v, act):
+        """The coefficients of the frames ``act`` with their optimised values ``v``."""
         parts = dict(zip(groups, torch.split(v, sizes, dim=1)))
-        return Coeffs(**fixed, **{g: start[g].index_copy(1, cols[g], parts[g]) for g in groups})
+        return Coeffs(**{k: f[act] for k, f in fixed.items()},
+                      **{g: start[g][act].index_copy(1, cols[g], parts[g]) for g in groups})
 
     bar = tqdm(total=sum(n for _, _, n in schedule), desc=desc, disable=not progress, leave=False)
     for prob, steps in _stages(objective, schedule, landmarks, groups, pose_ref, cached, columns):
-        kp = objective.keypoints(unpack(x), landmarks)
-        st = prob.evaluate(unpack(x), kp)
-        hess, grad = prob.linearize(st)
+        # The frames still moving (``act``, source ids) and their problem: a frame that has
+        # converged leaves the batch, so later steps render and solve only the others.
+        act = torch.arange(batch, device=x.device)
+        sub = prob
+        kp = sub.objective.keypoints(unpack(x, act), landmarks)
+        st = sub.evaluate(unpack(x, act), kp)
+        hess, grad = sub.linearize(st)
         lam = torch.full((batch,), GN_LAMBDA0, dtype=torch.float64, device=objective.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=objective.device)
         for step in range(steps):
             threads.tick()
             h = hess.double()
             damp = lam[:, None] * torch.diagonal(h, dim1=1, dim2=2) + 1e-12
             delta = solve_each(h + torch.diag_embed(damp), -grad.double()).to(x.dtype)
-            delta = torch.where(done[:, None], torch.zeros_like(delta), delta)
-            trial = prob.evaluate(unpack(x + delta), kp)
-            better = (trial.cost < st.cost) & ~done
+            xa = x[act]
+            trial = sub.evaluate(unpack(xa + delta, act), kp)
+            better = trial.cost < st.cost
             # A frame is done when a step gains less than GN_RTOL of its loss, or when
             # the damping has grown so large that steps no longer move it.
             small = better & (st.cost - trial.cost < GN_RTOL * st.cost)
             lam = torch.where(better, lam * GN_LAMBDA_DOWN, lam * GN_LAMBDA_UP).clamp(1e-8, 1e8)
-            done |= small | (lam > GN_LAMBDA_MAX)
+            done = small | (lam > GN_LAMBDA_MAX)
             bar.update(1)
             if bool(better.any()):
-                x = torch.where(better[:, None], x + delta, x)
+                x = x.index_copy(0, act, torch.where(better[:, None], xa + delta, xa))
             if bool(done.all()) or step == steps - 1:
                 break
+            if bool(done.any()):  # converged frames leave the batch
+                keep = ~done
+                act, lam, hess, grad, better = act[keep], lam[keep], hess[keep], grad[keep], better[keep]
+                st, trial = take_state(st, keep), take_state(trial, keep)
+                kp = None if kp is None else kp[keep]
+                sub = prob.subset(act)
             if not bool(better.any()):
                 continue
             if bool(better.all()) and not objective.model.has_contour:
                 st = trial
             else:  # some frames kept their old point, or the contour moves: re-evaluate
-                kp = objective.keypoints(unpack(x), landmarks)
-                st = prob.evaluate(unpack(x), kp)
-            # Frames that did not move (or are done) keep their Gauss-Newton model.
-            moved = better & ~done
-            h_new, g_new = prob.linearize(st, frames=moved)
-            hess = torch.where(moved[:, None, None], h_new, hess)
-            grad = torch.where(moved[:, None], g_new, grad)
+                kp = sub.objective.keypoints(unpack(x[act], act), landmarks[act])
+                st = sub.evaluate(unpack(x[act], act), kp)
+            # Frames that did not move keep their Gauss-Newton model.
+            h_new, g_new = sub.linearize(st, frames=better)
+            hess = torch.where(better[:, None, None], h_new, hess)
+            grad = torch.where(better[:, None], g_new, grad)
     bar.close()
-    return Coeffs(**{k: v.detach() for k, v in unpack(x).as_dict().items()})
+    every = torch.arange(batch, device=x.device)
+    return Coeffs(**{k: v.detach() for k, v in unpack(x, every).as_dict().items()})
 
 def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, schedule, groups: Tuple[str, ...],
               pose_ref: Optional[PoseRef] = None, progress: bool = False,

@@ -126,6 +126,14 @@ class Camera:
         """The camera with another focal (float or (B,) tensor)."""
         return replace(self, focal=focal)
 
+    def take(self, idx: torch.Tensor) -> "Camera":
+        """The camera of the frames ``idx`` (B',) of a batch (itself when nothing is per-frame)."""
+        if not self.batched:
+            return self
+        f = self.focal[idx] if torch.is_tensor(self.focal) and self.focal.numel() > 1 else self.focal
+        p = self.principal[idx] if torch.is_tensor(self.principal) else self.principal
+        return replace(self, focal=f, principal=p)
+
     def frame(self, b: int) -> "Camera":
         """Frame ``b``'s camera (itself when nothing is per-frame): its points may then
         be (..., 3) without the batch dimension."""
