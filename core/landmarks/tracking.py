@@ -14,7 +14,7 @@
    The landmark stage then runs once more on the box of its own result, which settles
    fast motion.
 3. Every tracked result is checked (:func:`landmarks_plausible` and
-   :meth:`FaceTracker._still_same_face`): implausible geometry, a big jump in position or
+   :meth:`FaceTracker._same_face_patch`): implausible geometry, a big jump in position or
    size, a face region without texture (a blank frame), or a face region that does not
    look like the previous frame's (a cut) count as *lost*; then the frame is searched with
    the full detector again (step 1). A landmark predictor always answers, even on a black
@@ -208,22 +208,27 @@ class FaceTracker:
             lms = np.asarray(self.detector.landmarks_in_box(image, box), dtype=np.float32)
             if not np.all(np.isfinite(lms)):
                 return None
-        if not landmarks_plausible(lms, image.shape) or not self._still_same_face(image, lms):
+        if not landmarks_plausible(lms, image.shape):
             return None
-        self._accept(image, lms)
+        patch = self._same_face_patch(image, lms)
+        if patch is None:
+            return None
+        self._accept(image, lms, patch)
         return TrackedFace(landmarks=lms, box=box, source=SOURCE_TRACK)
 
-    def _still_same_face(self, image: np.ndarray, lms: np.ndarray) -> bool:
+    def _same_face_patch(self, image: np.ndarray, lms: np.ndarray) -> Optional[np.ndarray]:
+        """The face patch at ``lms`` when they still show the tracked face (scale, jump,
+        texture and similarity to the previous patch within limits), else None."""
         prev = self._prev
         iod0, iod1 = interocular(prev), interocular(lms)
         if not (1.0 / self.max_scale <= iod1 / max(iod0, 1e-6) <= self.max_scale):
-            return False
+            return None
         if np.linalg.norm(lms.mean(0) - prev.mean(0)) > self.max_jump * iod0:
-            return False
+            return None
         patch = _face_patch(image, lms)
         if patch.std() < self.min_texture:
-            return False
-        return _ncc(patch, self._prev_patch) >= self.min_similarity
+            return None
+        return patch if _ncc(patch, self._prev_patch) >= self.min_similarity else None
 
     def _detect(self, image: np.ndarray) -> Optional[TrackedFace]:
         faces = [f for f in self.detector.detect(image) if landmarks_plausible(f.landmarks, image.shape)]
