@@ -905,3 +905,19 @@ def test_transfer_pose_keeps_the_face_in_place():
     # The same box: nothing moves.
     ang, tr = V.transfer_pose(c.angles.numpy()[0], c.trans.numpy()[0], a_box, a_box, cam)
     np.testing.assert_allclose(tr, c.trans.numpy()[0], atol=1e-6)
+
+
+def test_the_landmark_pass_keeps_the_planned_identity_frames(clip, tmp_path):
+    """The frames the identity fit will use (every frame with a face) are kept decoded by
+    the landmark pass, equal to what seeking back to them reads; a reused pass keeps none."""
+    from core.landmarks.detect import make_detector
+    from core.pipelines.video.shape import planned_shape_frames, read_frames
+    plan = planned_shape_frames(N_FRAMES, 0, 4)
+    assert plan == [2, 6, 10, 14]
+    det = make_detector("dlib")
+    track = V.landmark_pass(clip, det, str(tmp_path), progress=False, keep=plan)
+    assert sorted(track.frames) == plan
+    again = read_frames(clip, plan, track.source_timestamps())
+    for i in plan:
+        assert np.array_equal(track.frames[i], again[i])
+    assert V.landmark_pass(clip, det, str(tmp_path), progress=False, keep=plan).frames == {}

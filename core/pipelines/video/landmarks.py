@@ -8,8 +8,8 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Collection, Dict, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -48,6 +48,8 @@ class LandmarkTrack:
     height: int
     reused: bool = False  # loaded from the cache
     start: int = 0        # source index of the first frame
+    # Decoded frames kept by the pass ({source index: RGB frame}; see landmark_pass ``keep``).
+    frames: Dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def num_frames(self) -> int:
@@ -102,7 +104,7 @@ def _landmark_files(cache_dir: Optional[str], frame_range) -> Tuple[Optional[str
 
 def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, progress: bool = True,
                   checkpoint_s: float = 30.0, tracker: Optional[FaceTracker] = None,
-                  frame_range: Optional[FrameRange] = None) -> LandmarkTrack:
+                  frame_range: Optional[FrameRange] = None, keep: Collection[int] = ()) -> LandmarkTrack:
     """Stage 1: landmarks and face box of every frame (see :mod:`core.landmarks.tracking`), or of
     the source frames ``frame_range`` = (start, stop or None) only (the reader seeks to
     start; the track's ``start`` is then ``start``).
@@ -110,6 +112,10 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
     With ``cache_dir``, a finished pass is reused and an interrupted one resumes from its
     last checkpoint (each frame range has its own cache). Raises UserError for an
     unreadable video or a range that holds no frame.
+
+    ``keep``: source frame indices whose decoded frames the track keeps in memory
+    (``LandmarkTrack.frames``; a later stage then need not seek back to them). Frames a
+    reused or resumed pass did not decode are not kept.
     """
     key = landmark_key(video_path, detector, frame_range)
     final, partial = _landmark_files(cache_dir, frame_range)
@@ -123,6 +129,8 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
             track.reused = True
             return track
     tracker = tracker or FaceTracker(detector)
+    keep = set(int(i) for i in keep)
+    kept: Dict[int, np.ndarray] = {}
     lms, boxes, src, ts = [], [], [], []
     resume_from = 0
     saved = load_npz(partial, key) if partial else None
@@ -152,6 +160,8 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
                     tracker.resume(frame, lms[index - first])
                 continue
             face = tracker.update(frame)
+            if index in keep:
+                kept[index] = frame
             ts.append(reader.last_timestamp)
             if face is None:
                 lms.append(np.full((68, 2), np.nan, dtype=np.float32))
@@ -180,7 +190,9 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
         save_npz(final, key, **arrays)
         with contextlib.suppress(OSError):
             os.remove(partial)
-    return _track_from_arrays(arrays)
+    track = _track_from_arrays(arrays)
+    track.frames = kept
+    return track
 
 
 def _track_arrays(lms, boxes, src, ts, info, start: int = 0) -> Dict[str, np.ndarray]:

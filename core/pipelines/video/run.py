@@ -32,10 +32,13 @@ from .compose import commit_outputs, merge_clips, output_names, pkl_contents, re
 from .export import write_nerf
 from .landmarks import LandmarkTrack, landmark_key, landmark_pass
 from .options import VideoOptions, check_frame_range, check_options
-from .shape import ShapeResult, fit_shape
+from .shape import ShapeResult, fit_shape, planned_shape_frames
 from .workers import cpu_count, cpu_oversubscription, run_workers, threads_per_worker, worker_devices
 
 log = logging.getLogger(__name__)
+
+# At most this much memory for the frames the landmark pass keeps for the identity fit.
+KEEP_FRAMES_BYTES = 1 << 30
 
 
 @dataclass
@@ -93,10 +96,10 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     cfg = session.fitter.cfg
     tar_size = session.camera.image_size
 
-    # 1. landmarks
+    # 1. landmarks (keeping the frames the identity fit will most likely use: no seeking back)
     t0 = time.perf_counter()
     track = landmark_pass(video_path, detector, cache_dir, progress=progress, checkpoint_s=options.checkpoint_s,
-                          frame_range=options.frame_range)
+                          frame_range=options.frame_range, keep=_planned_shape_frames(video_path, options))
     timings["landmarks_s"] = time.perf_counter() - t0
     n, first = track.num_frames, track.start
     no_face = track.frames_without_face
@@ -199,6 +202,18 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     log.info("speed: %s; landmark NME %.1f%% of the inter-ocular distance (mean over frames)", speeds,
              100.0 * nme["mean"])
     return VideoReport(files=final, num_frames=n, frames_without_face=no_face, timings=timings, info=info)
+
+
+def _planned_shape_frames(video_path: str, options: VideoOptions) -> List[int]:
+    """The identity fit's frames when every frame has a face, from the container's frame
+    count (an estimate; frames that turn out different are read again later)."""
+    with VideoReader(video_path) as reader:
+        n, w, h = reader.info.num_frames or 0, reader.info.width, reader.info.height
+    if w * h * 3 * options.nframes_shape > KEEP_FRAMES_BYTES:
+        return []  # too much memory: the identity fit seeks to its frames
+    start, stop = options.frame_range or (0, None)
+    stop = n if stop is None else min(int(stop), n)
+    return planned_shape_frames(max(0, stop - int(start)), int(start), options.nframes_shape)
 
 
 def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options, cache_dir, shape_key):

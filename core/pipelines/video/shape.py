@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,14 @@ def select_shape_frames(has_face: np.ndarray, k: int) -> np.ndarray:
     return faces[np.unique(pos)]
 
 
+def planned_shape_frames(num_frames: int, start: int, k: int) -> List[int]:
+    """The source frames :func:`select_shape_frames` picks among ``num_frames`` frames from
+    ``start`` when every frame has a face (the landmark pass keeps them decoded)."""
+    if num_frames <= 0:
+        return []
+    return [int(i) + start for i in select_shape_frames(np.ones(num_frames, dtype=bool), k)]
+
+
 def read_frames(video_path: str, indices: Sequence[int], timestamps: Optional[np.ndarray] = None) -> Dict[int, np.ndarray]:
     """The frames ``indices`` of a video as {index: RGB frame} (seeks where it can)."""
     out: Dict[int, np.ndarray] = {}
@@ -92,7 +100,10 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
                                focal_source=str(cached["focal_source"]))
     log.info("identity/albedo from %d frames: %s", len(indices), (indices + track.start).tolist())
     boxes = track.crop_boxes(options.padding_ratio)
-    by_source = read_frames(video_path, indices + track.start, track.source_timestamps())
+    wanted = [int(i) + track.start for i in indices]
+    missing = [i for i in wanted if i not in track.frames]  # not kept by the landmark pass: seek
+    by_source = {**{i: track.frames[i] for i in wanted if i in track.frames},
+                 **(read_frames(video_path, missing, track.source_timestamps()) if missing else {})}
     frames = {int(i): by_source[int(i) + track.start] for i in indices}
     crops, lms = _crops(frames, track, boxes, indices, session.camera.image_size)
     dev, dt = session.device, fitter.dtype
