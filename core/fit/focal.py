@@ -61,16 +61,12 @@ def profile_focal(fitter, camera_at: Callable[[float], Camera], landmarks: torch
     focals = start * np.asarray(factors, dtype=np.float64)
     lm = costs(focals)
     curve = lm.mean(1, keepdims=True) if shared else lm
-    best = []
+    # A finer pass between each frame's (or the batch's) neighbours of the best candidate.
+    fine_focals = []
     for b in range(curve.shape[1]):
         k = int(np.argmin(curve[:, b]))
         lo, hi = np.log(focals[max(k - 1, 0)]), np.log(focals[min(k + 1, len(focals) - 1)])
-        best.append((lo, hi))
-    # A finer pass between each frame's (or the batch's) neighbours of the best candidate.
-    fine_focals, fine = [], []
-    for lo, hi in (best if not shared else best[:1]):
-        grid = np.exp(np.linspace(lo, hi, FINE_STEPS + 2)[1:-1])
-        fine_focals.append(grid)
+        fine_focals.append(np.exp(np.linspace(lo, hi, FINE_STEPS + 2)[1:-1]))
     grid = np.unique(np.concatenate(fine_focals))
     fine = costs(grid)
     all_f = np.concatenate([focals, grid])

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from core.render import MeshRenderer, interpolate
-from core.render.camera import Camera
+from core.render.camera import Camera, FrameCamera
 from .coeffs import Coeffs
 from .face_model import FaceModel
 
@@ -142,9 +142,8 @@ def frame_camera(width: int, height: int, focal: float) -> Camera:
 def project_to_frame(world: torch.Tensor, width: int, height: int, focal: float) -> torch.Tensor:
     """World points (..., 3) -> frame pixels (..., 2): col = W/2 + f·x/z_c, row = H/2 − f·y/z_c,
     z_c = 10 − z."""
-    x, y, z = world.unbind(-1)
-    zc = CAMERA_DISTANCE - z
-    return torch.stack([width / 2.0 + focal * x / zc, height / 2.0 - focal * y / zc], dim=-1)
+    cam = FrameCamera(focal=float(focal), width=int(width), height=int(height), distance=CAMERA_DISTANCE)
+    return cam.as_camera().project_points(world)
 
 
 # --- texture ---------------------------------------------------------------------------------

@@ -126,8 +126,9 @@ class Camera:
         """The camera with another focal (float or (B,) tensor)."""
         return replace(self, focal=focal)
 
-    def take(self, idx: torch.Tensor) -> "Camera":
-        """The camera of the frames ``idx`` (B',) of a batch (itself when nothing is per-frame)."""
+    def take(self, idx) -> "Camera":
+        """The camera of the frames ``idx`` ((B',) ids, a bool mask or a slice) of a batch
+        (itself when nothing is per-frame)."""
         if not self.batched:
             return self
         f = self.focal[idx] if torch.is_tensor(self.focal) and self.focal.numel() > 1 else self.focal
@@ -137,11 +138,7 @@ class Camera:
     def frame(self, b: int) -> "Camera":
         """Frame ``b``'s camera (itself when nothing is per-frame): its points may then
         be (..., 3) without the batch dimension."""
-        if not self.batched:
-            return self
-        f = self.focal[b:b + 1] if torch.is_tensor(self.focal) and self.focal.numel() > 1 else self.focal
-        p = self.principal[b:b + 1] if torch.is_tensor(self.principal) else self.principal
-        return replace(self, focal=f, principal=p)
+        return self.take(slice(b, b + 1))
 
     def fov_degrees(self) -> float:
         """Full field of view (pytorch3d's FoVPerspectiveCameras ``fov``)."""
@@ -188,16 +185,25 @@ class FrameCamera:
     def with_focal(self, focal: float) -> "FrameCamera":
         return replace(self, focal=float(focal))
 
+    def fov_degrees(self) -> float:
+        """The horizontal field of view across the frame's width."""
+        return math.degrees(2.0 * math.atan(self.width / 2.0 / self.focal))
+
     def intrinsics(self) -> np.ndarray:
         """(3, 3) K = [[f, 0, cx], [0, f, cy], [0, 0, 1]] (frame pixels; for points in the
         OpenCV camera frame, x right, y down, z forward = (x, −y, −z_cam))."""
         return np.array([[self.focal, 0.0, self.cx], [0.0, self.focal, self.cy], [0.0, 0.0, 1.0]])
 
+    def as_camera(self) -> Camera:
+        """This camera as a :class:`Camera` whose image is the whole frame (its principal
+        point (cx, cy)): its projections are frame pixels."""
+        return Camera(focal=float(self.focal), distance=self.distance, image_size=max(self.width, self.height),
+                      principal=(float(self.cx), float(self.cy)))
+
     def project(self, vertices: np.ndarray) -> np.ndarray:
-        """World vertices (..., 3) (numpy) -> frame pixels (..., 2) (col, row)."""
-        v = np.asarray(vertices, dtype=np.float64)
-        zc = self.distance - v[..., 2]
-        return np.stack([self.cx + self.focal * v[..., 0] / zc, self.cy - self.focal * v[..., 1] / zc], -1)
+        """World vertices (..., 3) (numpy) -> frame pixels (..., 2) (col, row), float64."""
+        v = torch.as_tensor(np.asarray(vertices, dtype=np.float64))
+        return self.as_camera().project_points(v).numpy()
 
     def as_dict(self) -> dict:
         return {"focal": float(self.focal), "cx": float(self.cx), "cy": float(self.cy), "width": int(self.width),

@@ -64,7 +64,7 @@ def pkl_contents(track: LandmarkTrack, boxes: np.ndarray, shape: ShapeResult, me
            "tar_size": int(tar_size), "fps": float(track.fps), "frames_without_face": track.frames_without_face,
            "num_frames": int(track.num_frames)}
     if shape.camera is not None:  # rot / trans are poses in this camera, not in each frame's crop
-        pkl["camera"] = {**shape.camera.as_dict(), "focal_source": shape.focal_source}
+        pkl["camera"] = shape.camera_info()
     if frame_range:
         pkl["frame_range"] = [int(first), int(track.stop)]
     return pkl

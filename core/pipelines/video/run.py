@@ -67,7 +67,8 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
     """
     check_options(options)
     t_start = time.perf_counter()
-    VideoReader(video_path).close()  # fail early on a missing / corrupt / empty video
+    with VideoReader(video_path) as reader:  # fail early on a missing / corrupt / empty video
+        video_info = reader.info
     check_frame_range(video_path, options.frame_range)
     check_writable_folder(res_folder, "output folder")
     names = output_names(video_path)
@@ -84,14 +85,14 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
         if options.threads:
             torch.set_num_threads(options.threads)
         try:
-            return _run(session, detector, video_path, res_folder, options, info_extra or {}, progress,
+            return _run(session, detector, video_path, video_info, res_folder, options, info_extra or {}, progress,
                         on_frame, cache_dir, names, t_start)
         finally:
             torch.set_num_threads(threads)
 
 
-def _run(session, detector, video_path, res_folder, options, info_extra, progress, on_frame, cache_dir, names,
-         t_start):
+def _run(session, detector, video_path, video_info, res_folder, options, info_extra, progress, on_frame, cache_dir,
+         names, t_start):
     timings: Dict[str, float] = {}
     cfg = session.fitter.cfg
     tar_size = session.camera.image_size
@@ -99,7 +100,7 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     # 1. landmarks (keeping the frames the identity fit will most likely use: no seeking back)
     t0 = time.perf_counter()
     track = landmark_pass(video_path, detector, cache_dir, progress=progress, checkpoint_s=options.checkpoint_s,
-                          frame_range=options.frame_range, keep=_planned_shape_frames(video_path, options))
+                          frame_range=options.frame_range, keep=_planned_shape_frames(video_info, options))
     timings["landmarks_s"] = time.perf_counter() - t0
     n, first = track.num_frames, track.start
     no_face = track.frames_without_face
@@ -204,11 +205,11 @@ def _run(session, detector, video_path, res_folder, options, info_extra, progres
     return VideoReport(files=final, num_frames=n, frames_without_face=no_face, timings=timings, info=info)
 
 
-def _planned_shape_frames(video_path: str, options: VideoOptions) -> List[int]:
+def _planned_shape_frames(info, options: VideoOptions) -> List[int]:
     """The identity fit's frames when every frame has a face, from the container's frame
-    count (an estimate; frames that turn out different are read again later)."""
-    with VideoReader(video_path) as reader:
-        n, w, h = reader.info.num_frames or 0, reader.info.width, reader.info.height
+    count in ``info`` (:class:`core.io.video.VideoInfo`; an estimate: frames that turn out
+    different are read again later)."""
+    n, w, h = info.num_frames or 0, info.width, info.height
     if w * h * 3 * options.nframes_shape > KEEP_FRAMES_BYTES:
         return []  # too much memory: the identity fit seeks to its frames
     start, stop = options.frame_range or (0, None)
@@ -302,7 +303,7 @@ def _camera_info(session: Session, shape: ShapeResult) -> Dict[str, object]:
     intrinsics in frame pixels; whether the focal was estimated), or the original's crop
     camera (focal and principal point in crop pixels, the pose relative to each frame's crop)."""
     if shape.camera is not None:
-        return {"model": "frame", **shape.camera.as_dict(), "focal_source": shape.focal_source}
+        return {"model": "frame", **shape.camera_info()}
     cam = session.camera
     return {"model": "crop", "focal": cam.focal, "cx": cam.center, "cy": cam.center, "width": cam.image_size,
             "height": cam.image_size, "distance": cam.distance}

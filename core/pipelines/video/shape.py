@@ -39,6 +39,10 @@ class ShapeResult:
     camera: Optional[FrameCamera] = None  # the video's frame camera (None: the original's crop camera)
     focal_source: str = ""                # "given", "estimated" (from the landmarks) or "assumed" (see fit_shape)
 
+    def camera_info(self) -> Dict[str, object]:
+        """The frame camera as the pkl and info.json give it (with its focal source)."""
+        return {**self.camera.as_dict(), "focal_source": self.focal_source}
+
 
 def select_shape_frames(has_face: np.ndarray, k: int) -> np.ndarray:
     """Indices of ``k`` face frames spread evenly over the video: the middle frame of each
@@ -112,7 +116,7 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
     init = zeros.replace(id=torch.zeros(1, model.layout.n_id, dtype=dt, device=dev),
                          tex=torch.zeros(1, model.layout.n_tex, dtype=dt, device=dev))
     lms_t = torch.as_tensor(lms, dtype=dt, device=dev)
-    camera = None
+    camera, source = None, ""
     if options.frame_camera:
         camera = start_camera(track, options)
         size, crop_boxes = session.camera.image_size, boxes[indices]
@@ -120,24 +124,23 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
         if options.estimate_focal:
             focal, prof = profile_focal(fitter, lambda f: camera.with_focal(f).crop(crop_boxes, size, dtype=dt,
                                                                                     device=dev), lms_t, init, camera.focal)
-            fov = 2 * np.degrees(np.arctan(camera.width / 2 / float(focal[0])))
+            best = camera.with_focal(float(focal[0]))
             if bool(prof["determined"][0]):
                 source = "estimated"
-                camera = camera.with_focal(float(focal[0]))
+                camera = best
                 log.info("focal length: %.1f px (estimated from the landmarks; %.1f° horizontal field of view)",
-                         camera.focal, fov)
+                         camera.focal, camera.fov_degrees())
             else:
                 source = "assumed"
                 log.warning("the landmarks do not determine the focal length (best %.0f px, %.0f° field of view, "
                             "but hardly better than others): using %.0f px (a %.0f° field of view); give --focal "
-                            "PIXELS when the camera is known", float(focal[0]), fov, camera.focal,
-                            2 * np.degrees(np.arctan(camera.width / 2 / camera.focal)))
+                            "PIXELS when the camera is known", best.focal, best.fov_degrees(), camera.focal,
+                            camera.fov_degrees())
         fitter = fitter.with_camera(camera.crop(crop_boxes, size, dtype=dt, device=dev))
     res = fitter.fit(lms_t, torch.as_tensor(crops, dtype=dt, device=dev), init=init)
     result = ShapeResult(id=res.coeffs.id[0].cpu().numpy().astype(np.float32),
                          tex=res.coeffs.tex[0].cpu().numpy().astype(np.float32),
-                         frames=indices + track.start, losses=res.losses, camera=camera,
-                         focal_source=source if camera is not None else "")
+                         frames=indices + track.start, losses=res.losses, camera=camera, focal_source=source)
     if path:
         save_npz(path, key, id=result.id, tex=result.tex, frames=result.frames,
                  losses=np.array(json.dumps(res.losses)), focal=np.array(camera.focal if camera else np.nan),
