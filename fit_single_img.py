@@ -50,11 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    cli.setup_logging(args)
-    cli.setup_threads(args)
+    ranks = cli.start_ranks(args)  # torchrun's ranks (a world of one without torchrun)
+    try:
+        return _fit(args, ranks)
+    finally:
+        ranks.close()
+
+
+def _fit(args: argparse.Namespace, ranks) -> int:
     from core.errors import UserError
     from core.landmarks.detect import make_detector
     from core.io.outputs import check_writable_folder
+    from core.pipelines.dataset.photos import run_photo_dataset
     from core.pipelines.photo import expand_inputs, run_photos
     from core.pipelines.session import Session, load_model
 
@@ -63,14 +70,17 @@ def main(argv: Sequence[str]) -> int:
     cfg = cli.fit_config_from_args(args)
     check_writable_folder(args.res_folder, "--res_folder")
     model = load_model(args.recon_model, args.model_path)
-    session = Session.create(model, cfg, tar_size=args.tar_size, device=args.device, gpu=args.gpu,
-                             renderer=args.renderer, progress=cli.show_progress(args))
+    device, gpu = ranks.device_flags(args.device, args.gpu)
+    session = Session.create(model, cfg, tar_size=args.tar_size, device=device, gpu=gpu,
+                             renderer=args.renderer, progress=cli.show_progress(args, ranks))
     detector = make_detector(args.lm_detector, device=str(session.device))
     logging.getLogger(__name__).info("model %s (%d vertices) on %s, renderer %s, preset %s",
                                      model.name, model.num_vertices, session.device, session.renderer.backend, args.preset)
-    report = run_photos(session, detector, paths, args.res_folder, padding_ratio=args.padding_ratio,
-                        face_index=face_index, batch_size=args.batch_size, focal=args.focal,
-                        info_extra={"detector": detector.name, "preset": args.preset, "fit_config": cfg.as_dict()})
+    photo_args = dict(padding_ratio=args.padding_ratio, face_index=face_index, focal=args.focal,
+                      info_extra={"detector": detector.name, "preset": args.preset, "fit_config": cfg.as_dict()})
+    if ranks.distributed:  # batches of photos handed out to the ranks, with a manifest
+        return run_photo_dataset(ranks, session, detector, paths, args.res_folder, args.batch_size, **photo_args)
+    report = run_photos(session, detector, paths, args.res_folder, batch_size=args.batch_size, **photo_args)
     if not report.written:
         raise UserError("no photo could be fitted")
     return 1 if report.failed else 0

@@ -101,30 +101,51 @@ def video_options(args: argparse.Namespace):
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    cli.setup_logging(args)
-    cli.setup_threads(args)
+    ranks = cli.start_ranks(args)  # torchrun's ranks (a world of one without torchrun)
+    try:
+        return _fit(args, ranks)
+    finally:
+        ranks.close()
+
+
+def _fit(args: argparse.Namespace, ranks) -> int:
+    from dataclasses import replace
+
+    from core import threads
     from core.landmarks.detect import make_detector
     from core.io.outputs import check_writable_folder
+    from core.pipelines.dataset.videos import expand_videos, is_video_list, run_video_dataset
     from core.pipelines.session import Session, load_model
     from core.pipelines.video import check_frame_range, run_video
     from core.io.video import VideoReader
 
+    dataset = ranks.distributed or is_video_list(args.v_path)
     check_writable_folder(args.res_folder, "--res_folder")
     if args.cache_folder:
         check_writable_folder(args.cache_folder, "--cache_folder")
     options = video_options(args)  # a bad --frame_range fails here
-    VideoReader(args.v_path).close()  # a bad video fails before the model loads
-    check_frame_range(args.v_path, options.frame_range)
+    if dataset:
+        videos = expand_videos(args.v_path)
+        if ranks.distributed and args.threads is None:
+            options = replace(options, cores=ranks.cpu_share(threads.cpu_cores()))
+    else:
+        VideoReader(args.v_path).close()  # a bad video fails before the model loads
+        check_frame_range(args.v_path, options.frame_range)
     cfg = cli.fit_config_from_args(args)
     model = load_model(args.recon_model, args.model_path)
-    session = Session.create(model, cfg, tar_size=args.tar_size, device=args.device, gpu=args.gpu,
-                             renderer=args.renderer, progress=cli.show_progress(args))
+    device, gpu = ranks.device_flags(args.device, args.gpu)
+    progress = cli.show_progress(args, ranks)
+    session = Session.create(model, cfg, tar_size=args.tar_size, device=device, gpu=gpu,
+                             renderer=args.renderer, progress=progress)
     detector = make_detector(args.lm_detector, device=str(session.device))
     logging.getLogger(__name__).info("model %s (%d vertices) on %s, renderer %s, preset %s",
                                      model.name, model.num_vertices, session.device, session.renderer.backend,
                                      args.preset)
-    run_video(session, detector, args.v_path, args.res_folder, options,
-              info_extra={"detector": detector.name, "preset": args.preset}, progress=cli.show_progress(args))
+    extra = {"detector": detector.name, "preset": args.preset}
+    if dataset:
+        return run_video_dataset(ranks, session, detector, videos, args.res_folder, options, info_extra=extra,
+                                 progress=progress)
+    run_video(session, detector, args.v_path, args.res_folder, options, info_extra=extra, progress=progress)
     return 0
 
 

@@ -209,15 +209,34 @@ def setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, handlers=[out, err], force=True)
 
 
-def show_progress(args: argparse.Namespace) -> bool:
-    """Progress bars: not with --quiet, and only when stderr is a terminal."""
-    return not args.quiet and sys.stderr.isatty()
+def show_progress(args: argparse.Namespace, ranks=None) -> bool:
+    """Progress bars: not with --quiet, not with other ranks writing to the same terminal,
+    and only when stderr is a terminal."""
+    return not args.quiet and sys.stderr.isatty() and (ranks is None or ranks.world_size == 1)
 
 
-def setup_threads(args: argparse.Namespace):
-    """``--threads N``: exactly N; else the adaptive count of :mod:`core.threads`."""
+def setup_threads(args: argparse.Namespace, max_threads: Optional[int] = None):
+    """``--threads N``: exactly N; else the adaptive count of :mod:`core.threads`, at most
+    ``max_threads`` (default: every core)."""
     from core import threads
-    return threads.install(getattr(args, "threads", None))
+    return threads.install(getattr(args, "threads", None), max_threads=max_threads)
+
+
+def start_ranks(args: argparse.Namespace):
+    """Logging, the ranks of a torchrun job (:mod:`core.pipelines.dataset.ranks`; a world
+    of one otherwise) and the CPU threads: under torchrun each rank's log lines start with
+    ``[rank r/n]``, its progress bars are off and its threads are its share of the cores.
+    Returns the :class:`~core.pipelines.dataset.ranks.Ranks`."""
+    from core import threads
+    from core.pipelines.dataset import ranks as rank_mod
+
+    setup_logging(args)
+    ranks = rank_mod.start(args.device)
+    if ranks.label:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"[{ranks.label}] %(message)s"))
+    setup_threads(args, max_threads=ranks.cpu_share(threads.cpu_cores()) if ranks.distributed else None)
+    return ranks
 
 
 def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> int:

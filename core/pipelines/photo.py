@@ -175,17 +175,21 @@ def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, ind
     colors = result.output.colors[index].cpu().numpy()
     log.info("%s: landmark loss %.6f, photo loss %.4f, landmark NME %.2f%% of the inter-ocular distance",
              photo.name, float(terms["lm"]), float(terms["photo"]), 100 * nme)
+    names = output_names(photo.name, model)
     if model.layout == BFM09_LAYOUT:  # the original's 257-vector
-        coeff_file = {f"{photo.name}_coeffs.npy": model.layout.pack(one)[0].cpu().numpy().astype(np.float32)}
+        coeffs = model.layout.pack(one)[0].cpu().numpy().astype(np.float32)
     else:  # other models: named arrays, each with its own size
-        coeff_file = {f"{photo.name}_coeffs.npz": {k: v[0].cpu().numpy().astype(np.float32)
-                                                   for k, v in one.as_dict().items()}}
-    return {
-        **coeff_file,
-        f"{photo.name}_mesh.obj": format_obj(verts, model.tri.cpu().numpy(), colors),
-        f"{photo.name}_composed_img.jpg": composed,
-        f"{photo.name}_info.json": info,
-    }
+        coeffs = {k: v[0].cpu().numpy().astype(np.float32) for k, v in one.as_dict().items()}
+    return dict(zip(names, (coeffs, format_obj(verts, model.tri.cpu().numpy(), colors), composed, info)))
+
+
+def output_names(name: str, model) -> List[str]:
+    """The output files of the photo ``name`` (its file name without extension), in the
+    order they are renamed into place (the info last): the coefficients (``.npy``, the
+    original's 257-vector, for the BFM09 layout; ``.npz`` named arrays otherwise), the
+    mesh, the composed image and the info."""
+    coeffs = f"{name}_coeffs.npy" if model.layout == BFM09_LAYOUT else f"{name}_coeffs.npz"
+    return [coeffs, f"{name}_mesh.obj", f"{name}_composed_img.jpg", f"{name}_info.json"]
 
 
 def _camera_info(photo: PreparedPhoto, cam, source: str) -> Dict[str, object]:

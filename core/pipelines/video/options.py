@@ -39,6 +39,8 @@ class VideoOptions:
     save_meshes: write every frame's posed vertices (float16 .npy).
     principal: the frame camera's principal point (cx, cy) in source pixels (None: the
     frame centre (w/2, h/2)).
+    cores: the CPU cores this run may use (None: every core of this process; a torchrun
+    rank gets its share of the machine's).
     Any of focal, export, save_meshes and principal fits the video with one frame camera
     (:attr:`frame_camera`).
     """
@@ -57,6 +59,7 @@ class VideoOptions:
     export: Tuple[str, ...] = ()
     save_meshes: bool = False
     principal: Optional[Tuple[float, float]] = None
+    cores: Optional[int] = None
 
     @property
     def frame_camera(self) -> bool:

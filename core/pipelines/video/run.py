@@ -127,7 +127,7 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     t0 = time.perf_counter()
     clips = [(first + a, first + b) for a, b in split_clips(n, options.nworkers)]
     devices = worker_devices(session, len(clips), options.ngpus)
-    cores = cpu_count()
+    cores = options.cores or cpu_count()
     threads = options.threads or threads_per_worker(cores, len(clips))
     shape_key = digest({"base": base_key, "id": array_digest(shape.id, shape.tex),
                         **({"camera": shape.camera.as_dict()} if shape.camera else {})})

@@ -1,0 +1,79 @@
+"""Videos as work units for a job of many ranks: ``--v_path`` as a folder of videos or a
+text file listing them, each video fitted and written by
+:func:`core.pipelines.video.run_video`."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import List, Optional, Sequence
+
+from core.errors import UserError
+
+from ..session import Session
+from ..video import VideoOptions, output_names, run_video
+from .ranks import Ranks
+from .workqueue import Unit, check_unique, share_units
+
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts")
+LIST_EXTS = (".txt", ".lst", ".list")
+
+
+def is_video_list(path: str) -> bool:
+    """Whether ``--v_path`` names several videos: a folder, or a list file (.txt, .lst,
+    .list)."""
+    return os.path.isdir(path) or path.lower().endswith(LIST_EXTS)
+
+
+def expand_videos(path: str) -> List[str]:
+    """The videos of ``--v_path``: a folder's video files (sorted; not its sub-folders), a
+    list file's lines (blank lines and ``#`` comments skipped; relative paths from the list
+    file's folder), or the one video. UserError when there are none."""
+    if os.path.isdir(path):
+        found = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.lower().endswith(VIDEO_EXTS) and os.path.isfile(os.path.join(path, f)))
+        if not found:
+            raise UserError(f"folder '{path}' contains no videos ({', '.join(VIDEO_EXTS)})")
+        return found
+    if not path.lower().endswith(LIST_EXTS):
+        return [path]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the video list '{path}': {getattr(e, 'strerror', None) or e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    found = [ln if os.path.isabs(ln) else os.path.join(base, ln) for ln in lines if ln and not ln.startswith("#")]
+    if not found:
+        raise UserError(f"the video list '{path}' names no videos (one path per line)")
+    return found
+
+
+def video_units(paths: Sequence[str]) -> List[Unit]:
+    """One unit per video (UserError when two videos would write the same outputs)."""
+    check_unique([os.path.splitext(os.path.basename(p))[0] for p in paths])
+    return [Unit(name=os.path.basename(p), items=(p,)) for p in paths]
+
+
+def video_written(path: str, res_folder: str, options: VideoOptions) -> bool:
+    """Whether every output ``options`` asks for of the video ``path`` is in ``res_folder``
+    (the info goes last: with it, the pkl and the video are complete)."""
+    names = output_names(path)
+    need = ["pkl", "video", "info"] + (["meshes"] if options.save_meshes else [])
+    files = [os.path.join(res_folder, names[k]) for k in need]
+    if "nerf" in options.export:
+        files.append(os.path.join(res_folder, names["nerf"], "transforms_train.json"))
+    return all(os.path.isfile(f) for f in files)
+
+
+def run_video_dataset(ranks: Ranks, session: Session, detector, paths: Sequence[str], res_folder: str,
+                      options: VideoOptions, info_extra: Optional[dict] = None, progress: bool = False) -> int:
+    """Fit ``paths``, one video per unit, shared among the ranks; videos already written
+    are skipped. Returns the exit status of :func:`share_units`."""
+    if ranks.distributed:  # each rank keeps to its own GPU (or its share of the CPU)
+        options = replace(options, ngpus=1)
+
+    def work(unit: Unit) -> None:
+        run_video(session, detector, unit.items[0], res_folder, options, info_extra=info_extra, progress=progress)
+
+    return share_units(ranks, video_units(paths), work,
+                       lambda unit: video_written(unit.items[0], res_folder, options), res_folder)

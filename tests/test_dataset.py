@@ -1,0 +1,287 @@
+"""Datasets on many ranks (core.pipelines.dataset): the work queue and its manifest with two
+ranks in threads, the inputs (folders, list files, batches), and torchrun itself on the CPU:
+2 ranks over a folder of photos and a folder of short clips (one of them broken), a rank
+killed midway and the job resumed without refitting finished units."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import scipy.io as sio
+
+from core.errors import UserError
+from core.io.video import VideoReader, VideoWriter
+from core.pipelines.dataset import workqueue
+from core.pipelines.dataset.photos import photo_units
+from core.pipelines.dataset.ranks import LocalStore, Ranks, launched_by_torchrun
+from core.pipelines.dataset.videos import expand_videos, is_video_list, video_units
+from core.pipelines.dataset.workqueue import Unit, share_units
+from tests.helpers import REPO, synthetic_arrays
+
+FAST = ["--device", "cpu", "--threads", "1", "--lm_detector", "dlib", "--preset", "default", "--tar_size", "64",
+        "--first_rf_iters", "6", "--first_nrf_iters", "3"]
+VIDEO_FAST = FAST + ["--nframes_shape", "3", "--rest_rf_iters", "3", "--rest_nrf_iters", "2"]
+
+
+# --- the work queue, two ranks in threads ----------------------------------------------------
+
+def _two_ranks(work, is_done, units, res_folder):
+    """share_units on ranks 0 and 1 of one store, each in its own thread; returns
+    ({rank: exit status}, manifest)."""
+    store, status = LocalStore(), {}
+
+    def rank(r):
+        status[r] = share_units(Ranks(rank=r, world_size=2, store=store), units, lambda u: work(r, u), is_done,
+                                str(res_folder), poll_s=0.01)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    with open(res_folder / workqueue.MANIFEST_NAME, encoding="utf-8") as f:
+        return status, json.load(f)
+
+
+def test_units_go_to_whichever_rank_is_free(tmp_path):
+    """The first unit is long: the other rank takes every other unit meanwhile; the manifest
+    lists them in input order with the rank that did each."""
+    units = [Unit(name=f"u{i}", items=(str(i),)) for i in range(6)]
+    started = threading.Event()
+
+    def work(rank, unit):
+        if unit.name == "u0":
+            started.set()
+            time.sleep(0.6)
+        else:
+            started.wait(5)
+            time.sleep(0.02)
+
+    status, m = _two_ranks(work, lambda u: False, units, tmp_path)
+    assert status == {0: 0, 1: 0}
+    assert [u["unit"] for u in m["units"]] == [f"u{i}" for i in range(6)]
+    by = {u["unit"]: u["rank"] for u in m["units"]}
+    slow = by["u0"]
+    assert all(by[f"u{i}"] == 1 - slow for i in range(1, 6))
+    assert m["units"][0]["seconds"] >= 0.6 and m["done"] == 6 and m["failed"] == m["skipped"] == 0
+    assert m["world_size"] == 2 and m["ranks"][slow]["units"] == 1 and m["ranks"][1 - slow]["units"] == 5
+    assert all(set(u) == {"unit", "rank", "status", "seconds", "error"} for u in m["units"])
+
+
+def test_failed_and_finished_units_are_recorded_not_fatal(tmp_path):
+    """A unit that raises, one that reports a partial failure and one already done: the
+    others are still fitted, rank 0 exits 1 (some failed), the other rank 0."""
+    units = [Unit(name=n, items=()) for n in ("ok", "boom", "bug", "part", "old")]
+    fitted = []
+
+    def work(rank, unit):
+        fitted.append(unit.name)
+        if unit.name == "boom":
+            raise UserError("no face found in any frame")
+        if unit.name == "bug":
+            raise ZeroDivisionError("division by zero")
+        return "x.jpg: no face" if unit.name == "part" else None
+
+    status, m = _two_ranks(work, lambda u: u.name == "old", units, tmp_path)
+    assert status == {0: 1, 1: 0}
+    got = {u["unit"]: (u["status"], u["error"]) for u in m["units"]}
+    assert got == {"ok": ("done", None), "boom": ("failed", "no face found in any frame"),
+                   "bug": ("failed", "internal error: ZeroDivisionError: division by zero"),
+                   "part": ("failed", "x.jpg: no face"), "old": ("skipped", None)}
+    assert sorted(fitted) == ["boom", "bug", "ok", "part"]
+    assert (m["done"], m["failed"], m["skipped"]) == (1, 3, 1)
+
+
+def test_a_world_of_one_needs_no_torchrun(tmp_path):
+    status = share_units(Ranks(store=LocalStore()), [Unit("a", ()), Unit("b", ())], lambda u: None,
+                         lambda u: u.name == "b", str(tmp_path))
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert status == 0 and [(u["rank"], u["status"]) for u in m["units"]] == [(0, "done"), (0, "skipped")]
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+def test_video_folders_and_list_files(tmp_path):
+    for name in ("b.mp4", "a.MOV", "notes.txt", "c.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.mp4").write_bytes(b"x")
+    assert expand_videos(str(tmp_path)) == [str(tmp_path / "a.MOV"), str(tmp_path / "b.mp4")]
+    lst = tmp_path / "sub" / "list.txt"
+    lst.write_text("# my videos\n\nd.mp4\n  /abs/e.mp4  \n")
+    assert is_video_list(str(lst)) and is_video_list(str(tmp_path)) and not is_video_list(str(tmp_path / "b.mp4"))
+    assert expand_videos(str(lst)) == [str(tmp_path / "sub" / "d.mp4"), "/abs/e.mp4"]
+    assert expand_videos(str(tmp_path / "b.mp4")) == [str(tmp_path / "b.mp4")]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    for bad, msg in (("empty", "contains no videos"), ("empty.txt", "names no videos"), ("missing.txt", "cannot read")):
+        with pytest.raises(UserError, match=msg):
+            expand_videos(str(tmp_path / bad))
+
+
+def test_units_with_the_same_outputs_are_refused():
+    with pytest.raises(UserError, match="same outputs 'talk'"):
+        video_units(["a/talk.mp4", "b/talk.avi"])
+    with pytest.raises(UserError, match="same outputs 'x'"):
+        photo_units(["a/x.jpg", "b/x.png"], 4)
+
+
+def test_photo_units_are_batches_in_input_order():
+    units = photo_units([f"p/{i}.jpg" for i in range(5)], 2)
+    assert [u.items for u in units] == [("p/0.jpg", "p/1.jpg"), ("p/2.jpg", "p/3.jpg"), ("p/4.jpg",)]
+    assert units[0].name == "0.jpg .. 1.jpg (2 photos)" and units[2].name == "4.jpg"
+
+
+def test_torchrun_environment_and_the_share_of_a_rank():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    assert launched_by_torchrun(env) and not launched_by_torchrun({**env, "MASTER_PORT": ""})
+    r = Ranks(rank=1, world_size=4, local_rank=1, local_world_size=2, distributed=True)
+    assert r.cpu_share(16) == 8 and r.cpu_share(1) == 1 and Ranks().cpu_share(16) == 16
+    assert r.device_flags("cpu", None) == ("cpu", None) and r.device_flags("cuda:3", None) == ("cuda:3", None)
+    assert r.label == "rank 1/4" and Ranks().label == ""
+
+
+# --- torchrun on the CPU ---------------------------------------------------------------------
+
+def _torchrun(args, nproc=2, extra=(), timeout=300, background=False):
+    """``torchrun --standalone`` with ``nproc`` ranks: the finished process, or the running
+    Popen (stdout and stderr together) when ``background``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *extra,
+           *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    if background:
+        return subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _manifest(folder):
+    with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "synthetic.mat"
+    sio.savemat(path, synthetic_arrays(1500))
+    return str(path)
+
+
+def test_torchrun_two_ranks_over_a_folder_of_photos(tmp_path, model_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        for name in ("astronaut.jpg", "grace_hopper.jpg"):
+            os.symlink(REPO / "data" / name, photos / f"{i}_{name}")
+    (photos / "blank.png").write_bytes(
+        __import__("cv2").imencode(".png", np.zeros((64, 64, 3), np.uint8))[1].tobytes())
+    res = tmp_path / "res"
+    proc = _torchrun(["fit_single_img.py", "--img_path", str(photos), "--res_folder", str(res), "--batch_size", "1",
+                      "--model_path", model_path] + FAST)
+    assert proc.returncode != 0, proc.stdout + proc.stderr  # the blank photo failed: not every unit was done
+    m = _manifest(res)
+    assert m["world_size"] == 2 and m["units_total"] == 5 and (m["done"], m["failed"]) == (4, 1)
+    assert {u["rank"] for u in m["units"]} == {0, 1}, m  # both ranks worked
+    blank = [u for u in m["units"] if u["unit"] == "blank.png"][0]
+    assert blank["status"] == "failed" and "no face" in blank["error"]
+    for u in m["units"]:
+        if u["status"] == "done":
+            stem = u["unit"].rsplit(".", 1)[0]
+            info = json.loads((res / f"{stem}_info.json").read_text())
+            assert info["landmark_nme_interocular"] < 0.15
+    assert "[rank 1/2]" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> str:
+    """Four 8-frame clips cut from data/clip.mp4 and a broken one."""
+    folder = tmp_path_factory.mktemp("clips")
+    with VideoReader(str(REPO / "data" / "clip.mp4")) as r:
+        frames = [f for _, f in r.frames(0, 32)]
+    h, w = frames[0].shape[:2]
+    for k in range(4):
+        with VideoWriter(str(folder / f"c{k}.mp4"), (w, h), 25.0) as wr:
+            for f in frames[8 * k:8 * k + 8]:
+                wr.write(f)
+    return str(folder)
+
+
+def test_torchrun_two_ranks_over_a_folder_of_clips(clips, tmp_path, model_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in sorted(os.listdir(clips))[:3]:
+        os.symlink(os.path.join(clips, name), folder / name)
+    (folder / "broken.mp4").write_bytes(b"not a video" * 100)
+    res = tmp_path / "res"
+    proc = _torchrun(["fit_video.py", "--v_path", str(folder), "--res_folder", str(res), "--cache_folder",
+                      str(tmp_path / "cache"), "--model_path", model_path] + VIDEO_FAST)
+    assert proc.returncode != 0
+    m = _manifest(res)
+    assert [u["unit"] for u in m["units"]] == ["broken.mp4", "c0.mp4", "c1.mp4", "c2.mp4"]
+    assert [u["status"] for u in m["units"]] == ["failed", "done", "done", "done"]
+    assert "cannot read video" in m["units"][0]["error"]
+    assert {u["rank"] for u in m["units"]} == {0, 1}, m
+    for k in range(3):
+        info = json.loads((res / f"c{k}_info.json").read_text())
+        assert info["num_frames"] == 8 and info["frames_with_fit"] == 8
+        assert info["landmark_nme_interocular"]["mean"] < 0.15
+        assert (res / f"c{k}_recon_video.mp4").is_file() and (res / f"c{k}_fitting_res.pkl").is_file()
+
+    # The same folder without torchrun: one rank, every finished video skipped, the broken one failed again.
+    proc = subprocess.run([sys.executable, "fit_video.py", "--v_path", str(folder), "--res_folder", str(res),
+                           "--cache_folder", str(tmp_path / "cache"), "--model_path", model_path] + VIDEO_FAST,
+                          cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("broken.mp4 failed: cannot read")
+    m = _manifest(res)
+    assert m["world_size"] == 1 and [u["status"] for u in m["units"]] == ["failed", "skipped", "skipped", "skipped"]
+
+
+def _children(pid: int):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", encoding="ascii") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc to find the ranks")
+def test_a_killed_rank_is_restarted_and_finished_units_are_not_refitted(clips, tmp_path, model_path):
+    """torchrun --max_restarts 1; a rank is killed (SIGKILL) once the first video is
+    written: the restarted job skips that video (its outputs untouched) and fits the rest."""
+    res = tmp_path / "res"
+    cmd_args = ["fit_video.py", "--v_path", clips, "--res_folder", str(res), "--cache_folder", str(tmp_path / "cache"),
+                "--model_path", model_path, "--quiet"] + VIDEO_FAST
+    job = _torchrun(cmd_args, extra=["--max_restarts", "1"], background=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not glob.glob(str(res / "*_info.json")) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(res / "*_info.json"))}
+        ranks = _children(job.pid)
+        assert first and len(ranks) == 2 and job.poll() is None
+        os.kill(ranks[1], signal.SIGKILL)
+        out, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-3000:]
+    m = _manifest(res)
+    status = {u["unit"]: u["status"] for u in m["units"]}
+    finished = {os.path.basename(p)[:-len("_info.json")] + ".mp4" for p in first}
+    assert all(status[u] == "skipped" for u in finished), (status, finished)
+    assert all(s == "done" for u, s in status.items() if u not in finished)
+    assert {p: os.stat(p).st_mtime_ns for p in first} == first  # not written again
+    assert len(glob.glob(str(res / "*_info.json"))) == 4
