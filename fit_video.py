@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--clip_overlap", type=cli.non_negative_int, default=defaults.clip_overlap,
                    help="warm-up frames fitted and dropped before each clip after the first, so the result does "
                         f"not depend on the worker count (default: {defaults.clip_overlap}; 0 = the original)")
+    v.add_argument("--clip_frames", type=cli.non_negative_int, default=None, metavar="N",
+                   help="under torchrun with several ranks: fit each video in clips of at most N frames, which "
+                        "ranks with no video of their own left help with (default: 1000; 0: each video by its "
+                        "own rank alone, with --nworkers processes)")
     c = p.add_argument_group("camera and exports (README: 'Use with talking-head pipelines')")
     c.add_argument("--focal", type=cli.focal_length, default=None, metavar="auto|PIXELS",
                    help="fit the video with one pinhole camera for the whole frame (principal point at the frame "
@@ -144,7 +148,8 @@ def _fit(args: argparse.Namespace, ranks) -> int:
     extra = {"detector": detector.name, "preset": args.preset}
     if dataset:
         return run_video_dataset(ranks, session, detector, videos, args.res_folder, options, info_extra=extra,
-                                 progress=progress)
+                                 progress=progress, **({} if args.clip_frames is None else
+                                                       {"clip_frames": args.clip_frames}))
     run_video(session, detector, args.v_path, args.res_folder, options, info_extra=extra, progress=progress)
     return 0
 

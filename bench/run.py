@@ -17,7 +17,9 @@ medians over repeats; ratio > 1 means the default is better):
 * whole command: ``fit_video.py`` on a clip as a user runs it (wall time, real-time factor,
   each stage);
 * busy CPU: photo fits, the photo command and video frame fits on an idle machine and with
-  one core kept busy by another program, fixed threads vs the adaptive count.
+  one core kept busy by another program, fixed threads vs the adaptive count;
+* ranks: a folder of clips and a folder of photos under torchrun with 1 and 2 ranks
+  (original column: 1 rank, default column: 2 ranks).
 
 Prints the markdown table and writes ``bench/results/latest.json`` and ``latest.md``.
 The machine is often shared: compare the ratios, which are measured in the same run with
@@ -46,7 +48,7 @@ from core import defaults  # noqa: E402
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("renderer", "photo", "synthetic", "video", "command", "load", "camera")
+SECTIONS = ("renderer", "photo", "synthetic", "video", "command", "load", "camera", "ranks")
 SAMPLE_CLIP = os.path.join(REPO, "data", "clip.mp4")
 BFM_VERTICES = 35709
 # --quick fits the synthetic cases on a 10k-vertex version of the same synthetic face (the
@@ -89,6 +91,8 @@ class Plan:
     seed: int = 0
     threads: Optional[int] = None  # torch CPU threads (None: adaptive, core.threads); also each video worker's
     load_rounds: int = 3            # busy-CPU rows: rounds of the four conditions
+    ranks_clips: int = 3            # ranks rows: clips in the folder of videos
+    ranks_repeats: int = 2          # ranks rows: alternating runs of each rank count
 
 
 def shipped_photos() -> List[str]:
@@ -130,7 +134,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         video=video, video_start=args.video_start, video_frames=pick(args.video_frames, 12, 48),
         video_width=args.video_width, nframes_shape=pick(args.nframes_shape, 2, 8),
         clip_overlap=pick(args.clip_overlap, 2, None), workers=tuple(args.workers), seed=args.seed,
-        threads=args.threads, load_rounds=pick(args.load_rounds, 2, 3), camera_frames=pick(None, 30, 60))
+        threads=args.threads, load_rounds=pick(args.load_rounds, 2, 3), camera_frames=pick(None, 30, 60),
+        ranks_clips=pick(None, 2, 3), ranks_repeats=pick(None, 1, 2))
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -307,7 +312,15 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
         report.details["camera"] = details
         return rows
 
-    sections = {"renderer": ("renderer", renderer_section), "photo": ("single photo", photo_section),
+    def ranks_section():
+        from bench.rows_ranks import ranks_rows
+        photos = plan.photos[:8]
+        rows, details = ranks_rows(SAMPLE_CLIP, photos, n_clips=plan.ranks_clips, repeats=plan.ranks_repeats,
+                                   device=str(device), lm_detector=lm_detector)
+        report.details["ranks"] = details
+        return rows
+
+    sections = {"renderer": ("renderer", renderer_section), "ranks": ("ranks", ranks_section), "photo": ("single photo", photo_section),
                 "camera": ("camera", camera_section),
                 "command": ("whole command", command_section),
                 "load": ("busy CPU", load_section),

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -105,6 +106,88 @@ def test_a_world_of_one_needs_no_torchrun(tmp_path):
                          lambda u: u.name == "b", str(tmp_path))
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert status == 0 and [(u["rank"], u["status"]) for u in m["units"]] == [(0, "done"), (0, "skipped")]
+
+
+# --- clips of a long video shared with an idle rank (two ranks in threads) --------------------
+
+def _fake_jobs(tmp_path, n):
+    from core.pipelines.video import ClipJob
+    return [ClipJob(worker=k, session="owner's", video_path="v.mp4", timestamps=np.zeros(4), fit_start=k, start=k,
+                    stop=k + 1, landmarks=np.zeros((1, 68, 2), np.float32), crop_boxes=np.zeros((1, 4), np.int64),
+                    id=np.zeros(3, np.float32), tex=np.zeros(3, np.float32), threads=2,
+                    cache_path=str(tmp_path / f"clip{k}.npz"), key=f"key{k}") for k in range(n)]
+
+
+def test_an_idle_rank_helps_with_clips_and_a_failed_clip_is_fitted_again(tmp_path, monkeypatch):
+    """The owner posts 6 clips; the idle rank fits some (with its own session and threads)
+    and fails one, which the owner then fits itself; every result is there at the end."""
+    from core.pipelines.dataset import clipshare
+    from core.pipelines.video.cache import load_npz, save_npz
+
+    calls = []
+
+    def fake_run_workers(jobs, on_frame=None):
+        (job,) = jobs
+        who = "owner" if job.session == "owner's" else "helper"
+        calls.append((who, job.worker, job.threads))
+        time.sleep(0.05)
+        if who == "helper" and len([c for c in calls if c[0] == "helper"]) == 1:  # its first clip fails
+            raise UserError(f"worker {job.worker} failed: cannot write")
+        save_npz(job.cache_path, job.key, frames=np.array([job.start]))
+
+    monkeypatch.setattr(clipshare, "run_workers", fake_run_workers)
+    monkeypatch.setattr(clipshare.SessionSpec, "of", staticmethod(lambda session: "helper's"))
+    store = LocalStore()
+    owner = clipshare.ClipSharing(Ranks(rank=0, world_size=2, store=store), None, clip_frames=5, threads=2,
+                                  poll_s=0.01)
+    helper = clipshare.ClipSharing(Ranks(rank=1, world_size=2, store=store), None, clip_frames=5, threads=1,
+                                   poll_s=0.01)
+    finished = threading.Event()
+    t = threading.Thread(target=helper.help, args=(finished.is_set,))
+    t.start()
+    jobs = _fake_jobs(tmp_path, 6)
+    try:
+        owner.run(jobs)
+    finally:
+        finished.set()
+        t.join(10)
+    assert owner.clips_for(11) == 3 and owner.clips_for(10) == 2 and owner.clips_for(1) == 1
+    helped = [k for who, k, _ in calls if who == "helper"]
+    assert helped and all(th == 1 for who, _, th in calls if who == "helper")  # its own threads
+    owned = [k for who, k, _ in calls if who == "owner"]
+    assert helped[0] in owned and sorted(set(helped[1:]) | set(owned)) == list(range(6))  # the failed one again
+    assert helper.helped == len(helped) - 1
+    assert [int(load_npz(j.cache_path, j.key)["frames"][0]) for j in jobs] == list(range(6))
+
+
+def test_a_helper_writing_where_the_owner_cannot_read_costs_time_not_the_video(tmp_path, monkeypatch):
+    """A helper on another machine without the shared folder: its clip's result is not
+    readable here, so the owner fits that clip itself."""
+    from core.pipelines.dataset import clipshare
+    from core.pipelines.video.cache import load_npz, save_npz
+
+    def fake_run_workers(jobs, on_frame=None):
+        (job,) = jobs
+        time.sleep(0.05)
+        if job.session == "owner's":
+            save_npz(job.cache_path, job.key, frames=np.array([job.start]))  # the helper writes nothing here
+
+    monkeypatch.setattr(clipshare, "run_workers", fake_run_workers)
+    monkeypatch.setattr(clipshare.SessionSpec, "of", staticmethod(lambda session: "helper's"))
+    store = LocalStore()
+    owner = clipshare.ClipSharing(Ranks(rank=0, world_size=2, store=store), None, 5, 1, poll_s=0.01)
+    helper = clipshare.ClipSharing(Ranks(rank=1, world_size=2, store=store), None, 5, 1, poll_s=0.01)
+    finished = threading.Event()
+    t = threading.Thread(target=helper.help, args=(finished.is_set,))
+    t.start()
+    jobs = _fake_jobs(tmp_path, 4)
+    try:
+        owner.run(jobs)
+    finally:
+        finished.set()
+        t.join(10)
+    assert helper.helped >= 1
+    assert all(load_npz(j.cache_path, j.key) is not None for j in jobs)
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -285,3 +368,48 @@ def test_a_killed_rank_is_restarted_and_finished_units_are_not_refitted(clips, t
     assert all(s == "done" for u, s in status.items() if u not in finished)
     assert {p: os.stat(p).st_mtime_ns for p in first} == first  # not written again
     assert len(glob.glob(str(res / "*_info.json"))) == 4
+
+
+def test_torchrun_shares_the_clips_of_one_long_video(tmp_path, model_path):
+    """One 24-frame video, 2 ranks, --clip_frames 6: the rank without a video fits some of
+    its 4 clips; the result equals the same clips all fitted by one rank."""
+    import pickle
+
+    import fit_video
+    from core.landmarks.detect import make_detector
+    from core.pipelines import cli
+    from core.pipelines.dataset.clipshare import ClipSharing
+    from core.pipelines.dataset.ranks import alone
+    from core.pipelines.session import Session, load_model
+    from core.pipelines.video import run_video
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    with VideoReader(str(REPO / "data" / "clip.mp4")) as r:
+        frames = [f for _, f in r.frames(0, 24)]
+    with VideoWriter(str(folder / "long.mp4"), (frames[0].shape[1], frames[0].shape[0]), 25.0) as w:
+        for f in frames:
+            w.write(f)
+    args = ["--v_path", str(folder), "--res_folder", str(tmp_path / "res"), "--cache_folder", str(tmp_path / "cache"),
+            "--model_path", model_path, "--clip_frames", "6"] + VIDEO_FAST
+    proc = _torchrun(["fit_video.py"] + args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = _manifest(tmp_path / "res")
+    assert m["units"][0]["status"] == "done" and sum(r["clips_helped"] for r in m["ranks"]) >= 1, m
+    info = json.loads((tmp_path / "res" / "long_info.json").read_text())
+    assert info["clips_fitted"] == 4 and info["frames_with_fit"] == 24
+    assert info["landmark_nme_interocular"]["mean"] < 0.15
+
+    parsed = fit_video.build_parser().parse_args(args)
+    session = Session.create(load_model(None, model_path), cli.fit_config_from_args(parsed), tar_size=64, device="cpu")
+    options = dataclasses_replace(fit_video.video_options(parsed), cache_folder=str(tmp_path / "cache1"))
+    run_video(session, make_detector("dlib"), str(folder / "long.mp4"), str(tmp_path / "res1"), options,
+              progress=False, clip_runner=ClipSharing(alone(), session, 6, threads=1))
+    with open(tmp_path / "res" / "long_fitting_res.pkl", "rb") as f:
+        shared = pickle.load(f)["fitting_res"]
+    with open(tmp_path / "res1" / "long_fitting_res.pkl", "rb") as f:
+        single = pickle.load(f)["fitting_res"]
+    assert sorted(shared) == sorted(single) == list(range(24))
+    for i in range(24):
+        for k in ("rot", "trans", "exp", "gamma"):
+            np.testing.assert_allclose(shared[i][k], single[i][k], atol=1e-4, err_msg=f"frame {i} {k}")

@@ -7,15 +7,21 @@ import os
 from dataclasses import replace
 from typing import List, Optional, Sequence
 
+import torch
+
 from core.errors import UserError
 
 from ..session import Session
 from ..video import VideoOptions, output_names, run_video
+from .clipshare import ClipSharing
 from .ranks import Ranks
 from .workqueue import Unit, check_unique, share_units
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts")
 LIST_EXTS = (".txt", ".lst", ".list")
+# Under torchrun, the most frames of a video fitted as one clip (40 s at 25 fps): a long
+# video's clips are shared with ranks that have no video of their own left.
+CLIP_FRAMES = 1000
 
 
 def is_video_list(path: str) -> bool:
@@ -66,14 +72,24 @@ def video_written(path: str, res_folder: str, options: VideoOptions) -> bool:
 
 
 def run_video_dataset(ranks: Ranks, session: Session, detector, paths: Sequence[str], res_folder: str,
-                      options: VideoOptions, info_extra: Optional[dict] = None, progress: bool = False) -> int:
+                      options: VideoOptions, info_extra: Optional[dict] = None, progress: bool = False,
+                      clip_frames: int = CLIP_FRAMES) -> int:
     """Fit ``paths``, one video per unit, shared among the ranks; videos already written
-    are skipped. Returns the exit status of :func:`share_units`."""
+    are skipped. With more than one rank and ``clip_frames`` > 0, each video is fitted in
+    clips of at most ``clip_frames`` frames that ranks without a video of their own help
+    with (:mod:`.clipshare`). Returns the exit status of :func:`share_units`."""
+    sharing = None
     if ranks.distributed:  # each rank keeps to its own GPU (or its share of the CPU)
         options = replace(options, ngpus=1)
+        if ranks.world_size > 1 and clip_frames > 0:
+            sharing = ClipSharing(ranks, session, clip_frames,
+                                  threads=options.threads or options.cores or torch.get_num_threads())
 
     def work(unit: Unit) -> None:
-        run_video(session, detector, unit.items[0], res_folder, options, info_extra=info_extra, progress=progress)
+        run_video(session, detector, unit.items[0], res_folder, options, info_extra=info_extra, progress=progress,
+                  clip_runner=sharing)
 
     return share_units(ranks, video_units(paths), work,
-                       lambda unit: video_written(unit.items[0], res_folder, options), res_folder)
+                       lambda unit: video_written(unit.items[0], res_folder, options), res_folder,
+                       idle=sharing.help if sharing else None,
+                       rank_info=(lambda: {"clips_helped": sharing.helped}) if sharing else None)

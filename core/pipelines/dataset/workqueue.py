@@ -81,7 +81,9 @@ def _run_one(unit: Unit, work: Callable[[Unit], Optional[str]], is_done: Callabl
 
 
 def share_units(ranks: Ranks, units: Sequence[Unit], work: Callable[[Unit], Optional[str]],
-                is_done: Callable[[Unit], bool], res_folder: str, poll_s: float = POLL_S) -> int:
+                is_done: Callable[[Unit], bool], res_folder: str, poll_s: float = POLL_S,
+                idle: Optional[Callable[[Callable[[], bool]], None]] = None,
+                rank_info: Optional[Callable[[], dict]] = None) -> int:
     """Work through ``units`` together with the other ranks. Rank 0 returns the job's
     exit status: 0 every unit done or skipped, 1 some failed, 2 the manifest could not be
     written; the other ranks return 0 once rank 0 has written the manifest (their failed
@@ -90,6 +92,9 @@ def share_units(ranks: Ranks, units: Sequence[Unit], work: Callable[[Unit], Opti
     work(unit): fits the unit and writes its outputs (atomically) under ``res_folder``;
     returns None, or a message when part of the unit failed; raising fails the unit.
     is_done(unit): whether the unit's outputs are all there already.
+    idle(finished): called once this rank finds no unit left, with a function that says
+    whether every unit is finished (a rank helps the others meanwhile, :mod:`.clipshare`).
+    rank_info(): more keys for this rank's entry in the manifest's ``ranks``.
     """
     store, n = ranks.store, len(units)
     # Start together: a rank still loading its model would otherwise find the first units
@@ -116,14 +121,18 @@ def share_units(ranks: Ranks, units: Sequence[Unit], work: Callable[[Unit], Opti
         else:
             log.info("%s: %s (%d of %d, %.1f s)", unit.name, "fitted" if status == "done" else
                      "already done, skipped", i + 1, n, seconds)
+    records = [ranks.key(f"unit/{i}") for i in range(n)]
+    if idle is not None:
+        idle(lambda: store.check(records))
     busy = time.perf_counter() - t_start
-    store.set(ranks.key(f"rank/{ranks.rank}"), json.dumps({"rank": ranks.rank, "units": mine, "seconds": round(busy, 3)}))
+    store.set(ranks.key(f"rank/{ranks.rank}"), json.dumps({"rank": ranks.rank, "units": mine, "seconds": round(busy, 3),
+                                                           **(rank_info() if rank_info else {})}))
     if ranks.is_main:
         status = EXIT_NO_MANIFEST
         try:
-            _wait(store, [ranks.key(f"unit/{i}") for i in range(n)]
-                  + [ranks.key(f"rank/{r}") for r in range(ranks.world_size)], poll_s)
+            _wait(store, records + [ranks.key(f"rank/{r}") for r in range(ranks.world_size)], poll_s)
             manifest = _manifest(ranks, n, time.perf_counter() - t_start)
+            os.makedirs(res_folder, exist_ok=True)  # when no unit wrote anything
             write_text_atomic(os.path.join(res_folder, MANIFEST_NAME), json.dumps(manifest, indent=2))
             status = EXIT_SOME_FAILED if manifest["failed"] else EXIT_ALL_DONE
             log.info("%d units: %d done, %d skipped (already done), %d failed; %s", n, manifest["done"],

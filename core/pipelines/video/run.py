@@ -54,7 +54,8 @@ class VideoReport:
 
 def run_video(session: Session, detector, video_path: str, res_folder: str,
               options: VideoOptions = VideoOptions(), info_extra: Optional[dict] = None,
-              progress: bool = True, on_frame: Optional[Callable[[FrameDone], None]] = None) -> VideoReport:
+              progress: bool = True, on_frame: Optional[Callable[[FrameDone], None]] = None,
+              clip_runner=None) -> VideoReport:
     """Fit every frame of ``video_path`` (or of ``options.frame_range``) and write the
     outputs into ``res_folder``. The cache folder is locked for the run (see
     :func:`cache_lock`).
@@ -64,6 +65,9 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
     :class:`FrameDone` (worker, source frame, finish time in the worker, ...) of each kept
     frame of each clip fitted in this run, whichever worker process fits it (clips reused
     from the cache report nothing). Each worker's frames arrive in order.
+    ``clip_runner``: fits the clips instead of ``options.nworkers`` worker processes: an
+    object with ``clips_for(n_frames)`` (how many clips) and ``run(jobs, on_frame)``
+    (:class:`core.pipelines.dataset.clipshare.ClipSharing`: clips shared with other ranks).
     """
     check_options(options)
     t_start = time.perf_counter()
@@ -86,13 +90,13 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
             torch.set_num_threads(options.threads)
         try:
             return _run(session, detector, video_path, video_info, res_folder, options, info_extra or {}, progress,
-                        on_frame, cache_dir, names, t_start)
+                        on_frame, cache_dir, names, t_start, clip_runner)
         finally:
             torch.set_num_threads(threads)
 
 
 def _run(session, detector, video_path, video_info, res_folder, options, info_extra, progress, on_frame, cache_dir,
-         names, t_start):
+         names, t_start, clip_runner):
     timings: Dict[str, float] = {}
     cfg = session.fitter.cfg
     tar_size = session.camera.image_size
@@ -125,10 +129,11 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
 
     # 3. per-frame fits (clip bounds in source frame indices)
     t0 = time.perf_counter()
-    clips = [(first + a, first + b) for a, b in split_clips(n, options.nworkers)]
+    n_clips = options.nworkers if clip_runner is None else clip_runner.clips_for(n)
+    clips = [(first + a, first + b) for a, b in split_clips(n, n_clips)]
     devices = worker_devices(session, len(clips), options.ngpus)
     cores = options.cores or cpu_count()
-    threads = options.threads or threads_per_worker(cores, len(clips))
+    threads = options.threads or threads_per_worker(cores, len(clips) if clip_runner is None else 1)
     shape_key = digest({"base": base_key, "id": array_digest(shape.id, shape.tex),
                         **({"camera": shape.camera.as_dict()} if shape.camera else {})})
     jobs, results = _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options,
@@ -143,7 +148,7 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
         log.info("fitting %d frames in %d clip(s) on %s (%s%d thread(s) each)", todo, len(jobs),
                  ", ".join(sorted(set(j.session.device for j in jobs))),
                  "adaptive, at most " if options.threads is None else "", threads)
-        n_cpu = sum(j.session.device == "cpu" for j in jobs)
+        n_cpu = sum(j.session.device == "cpu" for j in jobs) if clip_runner is None else 1  # a runner: one at a time
         warning = cpu_oversubscription(n_cpu, cores, threads) if n_cpu > 1 else None
         if warning:
             log.warning("%s", warning)
@@ -153,7 +158,7 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
             if on_frame is not None:
                 on_frame(event)
 
-        run_workers(jobs, on_frame=frame_done)
+        (run_workers if clip_runner is None else clip_runner.run)(jobs, on_frame=frame_done)
     for job in jobs:
         loaded = load_npz(job.cache_path, job.key)
         if loaded is None:
