@@ -164,6 +164,7 @@ class ThreadGovernor:
             log.debug("threads %d -> %d (other programs use %.2f of %d cores)", self.threads, n, others, self.cores)
             self.threads = n
             self.changes += 1
+        if torch.get_num_threads() != n:  # also when other code changed it meanwhile
             torch.set_num_threads(n)
         return self.threads
 

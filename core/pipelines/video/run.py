@@ -92,7 +92,8 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
             return _run(session, detector, video_path, video_info, res_folder, options, info_extra or {}, progress,
                         on_frame, cache_dir, names, t_start, clip_runner)
         finally:
-            torch.set_num_threads(threads)
+            if options.threads:  # else the count is the adaptive governor's (core.threads): leave it
+                torch.set_num_threads(threads)
 
 
 def _run(session, detector, video_path, video_info, res_folder, options, info_extra, progress, on_frame, cache_dir,
