@@ -223,13 +223,19 @@ def test_photo_units_are_batches_in_input_order():
     assert units[0].name == "0.jpg .. 1.jpg (2 photos)" and units[2].name == "4.jpg"
 
 
-def test_torchrun_environment_and_the_share_of_a_rank():
+def test_torchrun_environment_and_the_share_of_a_rank(monkeypatch):
     env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
     assert launched_by_torchrun(env) and not launched_by_torchrun({**env, "MASTER_PORT": ""})
-    r = Ranks(rank=1, world_size=4, local_rank=1, local_world_size=2, distributed=True)
-    assert r.cpu_share(16) == 8 and r.cpu_share(1) == 1 and Ranks().cpu_share(16) == 16
+    r = Ranks(rank=1, world_size=4, local_rank=3, local_world_size=4, distributed=True)
+    assert r.cpu_share(16) == 4 and r.cpu_share(1) == 1 and Ranks().cpu_share(16) == 16
     assert r.device_flags("cpu", None) == ("cpu", None) and r.device_flags("cuda:3", None) == ("cuda:3", None)
     assert r.label == "rank 1/4" and Ranks().label == ""
+    # On a machine with 2 GPUs, local rank 3 gets GPU 1 for auto and cuda; --gpu still wins.
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert r.device_flags("auto", None) == ("auto", 1) and r.device_flags("cuda", None) == ("cuda", 1)
+    assert r.device_flags("auto", 0) == ("auto", 0) and Ranks().device_flags("auto", None) == ("auto", None)
 
 
 # --- torchrun on the CPU ---------------------------------------------------------------------
@@ -341,13 +347,16 @@ def _children(pid: int):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc to find the ranks")
-def test_a_killed_rank_is_restarted_and_finished_units_are_not_refitted(clips, tmp_path, model_path):
-    """torchrun --max_restarts 1; a rank is killed (SIGKILL) once the first video is
-    written: the restarted job skips that video (its outputs untouched) and fits the rest."""
+@pytest.mark.parametrize("resume", ["restart", "rerun"])
+def test_a_killed_rank_and_finished_units_are_not_refitted(resume, clips, tmp_path, model_path):
+    """A rank is killed (SIGKILL) once the first video is written. "restart": torchrun
+    --max_restarts 1 restarts the job by itself; "rerun": the job ends (non-zero) and the
+    user runs the same command again. Either way the finished video is skipped (its outputs
+    untouched) and the rest are fitted."""
     res = tmp_path / "res"
     cmd_args = ["fit_video.py", "--v_path", clips, "--res_folder", str(res), "--cache_folder", str(tmp_path / "cache"),
                 "--model_path", model_path, "--quiet"] + VIDEO_FAST
-    job = _torchrun(cmd_args, extra=["--max_restarts", "1"], background=True)
+    job = _torchrun(cmd_args, extra=["--max_restarts", "1" if resume == "restart" else "0"], background=True)
     try:
         deadline = time.monotonic() + 240
         while not glob.glob(str(res / "*_info.json")) and job.poll() is None and time.monotonic() < deadline:
@@ -360,6 +369,10 @@ def test_a_killed_rank_is_restarted_and_finished_units_are_not_refitted(clips, t
     finally:
         if job.poll() is None:
             job.kill()
+    if resume == "rerun":
+        assert job.returncode != 0 and len(glob.glob(str(res / "*_info.json"))) < 4
+        proc = _torchrun(cmd_args)
+        job, out = proc, proc.stdout + proc.stderr
     assert job.returncode == 0, out[-3000:]
     m = _manifest(res)
     status = {u["unit"]: u["status"] for u in m["units"]}
