@@ -19,7 +19,9 @@ medians over repeats; ratio > 1 means the default is better):
 * busy CPU: photo fits, the photo command and video frame fits on an idle machine and with
   one core kept busy by another program, fixed threads vs the adaptive count;
 * ranks: a folder of clips and a folder of photos under torchrun with 1 and 2 ranks
-  (original column: 1 rank, default column: 2 ranks).
+  (original column: 1 rank, default column: 2 ranks);
+* vs eos: landmark NME of ``--recon_model sfm`` against eos-py's fit_shape_and_pose on the
+  same photos and landmarks (original column: eos).
 
 Prints the markdown table and writes ``bench/results/latest.json`` and ``latest.md``.
 The machine is often shared: compare the ratios, which are measured in the same run with
@@ -48,7 +50,7 @@ from core import defaults  # noqa: E402
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("renderer", "photo", "synthetic", "video", "command", "load", "camera", "ranks")
+SECTIONS = ("renderer", "photo", "synthetic", "video", "command", "load", "camera", "ranks", "eos")
 SAMPLE_CLIP = os.path.join(REPO, "data", "clip.mp4")
 BFM_VERTICES = 35709
 # --quick fits the synthetic cases on a 10k-vertex version of the same synthetic face (the
@@ -320,7 +322,19 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
         report.details["ranks"] = details
         return rows
 
-    sections = {"renderer": ("renderer", renderer_section), "ranks": ("ranks", ranks_section), "photo": ("single photo", photo_section),
+    def eos_section():
+        from bench.rows_eos import default_sfm_folder, eos_rows
+        folder = default_sfm_folder(shared)
+        if folder is None:
+            return [Row("vs eos", "landmark NME, 50 points (%, mean)", missing="no ../shared/sfm",
+                        note="eos needs the SFM edge topology (../shared/sfm)")]
+        rows, details = eos_rows(plan.photos, folder, device=str(device),
+                                 lm_detector="dlib" if lm_detector == "auto" else lm_detector)
+        report.details["eos"] = details
+        return rows
+
+    sections = {"renderer": ("renderer", renderer_section), "ranks": ("ranks", ranks_section),
+                "eos": ("vs eos", eos_section), "photo": ("single photo", photo_section),
                 "camera": ("camera", camera_section),
                 "command": ("whole command", command_section),
                 "load": ("busy CPU", load_section),
