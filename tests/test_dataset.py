@@ -378,7 +378,9 @@ def test_a_killed_rank_and_finished_units_are_not_refitted(resume, clips, tmp_pa
     status = {u["unit"]: u["status"] for u in m["units"]}
     finished = {os.path.basename(p)[:-len("_info.json")] + ".mp4" for p in first}
     assert all(status[u] == "skipped" for u in finished), (status, finished)
-    assert all(s == "done" for u, s in status.items() if u not in finished)
+    # A video the other rank finished between the look and the kill is skipped too.
+    others = [s for u, s in status.items() if u not in finished]
+    assert set(others) <= {"done", "skipped"} and "done" in others, status
     assert {p: os.stat(p).st_mtime_ns for p in first} == first  # not written again
     assert len(glob.glob(str(res / "*_info.json"))) == 4
 
