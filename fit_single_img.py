@@ -13,6 +13,10 @@ tex 0).
 
 Exit status: 0 every photo fitted, 1 some photos skipped (each named on stderr), 2 bad
 input or an output that cannot be written (one line on stderr, nothing half-written).
+
+Under torchrun (README "Datasets on many machines") the photos are shared out in batches
+of --batch_size to the next free rank, photos already written are skipped, and
+<res_folder>/manifest.json says which rank did what.
 """
 from __future__ import annotations
 

@@ -16,6 +16,11 @@ show the original) and <video>_info.json (timings, devices, landmark error). Eve
 cached in --cache_folder; a re-run after an interruption continues where it stopped (one
 run at a time per cache folder: a second one fails at once).
 
+--v_path may also be a folder of videos or a .txt file listing them, and the script runs
+unchanged under torchrun (one machine or many: README "Datasets on many machines"): each
+video is a unit that the next free rank takes, finished videos are skipped on a re-run,
+and <res_folder>/manifest.json says which rank did what (exit status 1 when a video failed).
+
 --frame_range START:STOP fits only the source frames START..STOP-1 (0-based, either side
 may be empty: 100: to the end, :250 from the start): only they are read, fitted and
 composed; the pkl keeps source frame indices as keys, its num_frames counts the range and
@@ -40,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = VideoOptions()
     p = cli.make_parser(__doc__)
     g = p.add_argument_group("input and output")
-    g.add_argument("--v_path", required=True, help="video to fit (anything OpenCV/FFmpeg decodes)")
+    g.add_argument("--v_path", required=True, help="video to fit (anything OpenCV/FFmpeg decodes), a folder of videos, "
+                                                   "or a .txt file listing them, one per line")
     g.add_argument("--res_folder", required=True, help="output folder")
     g.add_argument("--cache_folder", default=CACHE_FOLDER,
                    help=f"folder for the per-stage caches, reused by re-runs (default: {CACHE_FOLDER}; "
