@@ -67,6 +67,9 @@ class ClipSharing:
         """Fit ``jobs`` (one video's clips) with whichever ranks are free; return when every
         job's result is in its cache file (UserError when a clip cannot be fitted here)."""
         store, n = self.store, len(jobs)
+        if n == 1:  # nothing to share
+            run_workers(jobs, on_frame=on_frame)
+            return
         b = int(store.add(self.ranks.key("clipsets"), 1)) - 1
         for k, job in enumerate(jobs):
             store.set(self._key(b, f"job/{k}"), pickle.dumps(replace(job, session=None)))

@@ -116,21 +116,26 @@ def share_units(ranks: Ranks, units: Sequence[Unit], work: Callable[[Unit], Opti
         record = {"unit": unit.name, "rank": ranks.rank, "status": status, "seconds": round(seconds, 3),
                   "error": error or None}
         store.set(ranks.key(f"unit/{i}"), json.dumps(record))
+        store.add(ranks.key("records"), 1)
         if status == "failed":
             log.warning("%s failed: %s", unit.name, error)
         else:
             log.info("%s: %s (%d of %d, %.1f s)", unit.name, "fitted" if status == "done" else
                      "already done, skipped", i + 1, n, seconds)
-    records = [ranks.key(f"unit/{i}") for i in range(n)]
+    def finished() -> bool:  # one store operation, however many units (ranks poll it)
+        return int(store.add(ranks.key("records"), 0)) >= n
+
     if idle is not None:
-        idle(lambda: store.check(records))
+        idle(finished)
     busy = time.perf_counter() - t_start
     store.set(ranks.key(f"rank/{ranks.rank}"), json.dumps({"rank": ranks.rank, "units": mine, "seconds": round(busy, 3),
                                                            **(rank_info() if rank_info else {})}))
     if ranks.is_main:
         status = EXIT_NO_MANIFEST
         try:
-            _wait(store, records + [ranks.key(f"rank/{r}") for r in range(ranks.world_size)], poll_s)
+            while not finished():
+                time.sleep(poll_s)
+            _wait(store, [ranks.key(f"rank/{r}") for r in range(ranks.world_size)], poll_s)
             manifest = _manifest(ranks, n, time.perf_counter() - t_start)
             os.makedirs(res_folder, exist_ok=True)  # when no unit wrote anything
             write_text_atomic(os.path.join(res_folder, MANIFEST_NAME), json.dumps(manifest, indent=2))
