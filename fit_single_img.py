@@ -70,7 +70,7 @@ def _fit(args: argparse.Namespace, ranks) -> int:
     from core.pipelines.session import Session, load_model
 
     face_index = args.face_index if args.face_index == "largest" else _int(args.face_index, "--face_index")
-    paths = expand_inputs(args.img_path)
+    paths = expand_inputs(args.img_path, res_folder=args.res_folder)
     cfg = cli.fit_config_from_args(args)
     check_writable_folder(args.res_folder, "--res_folder")
     model = load_model(args.recon_model, args.model_path)

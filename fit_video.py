@@ -135,7 +135,7 @@ def _fit(args: argparse.Namespace, ranks) -> int:
         check_writable_folder(args.cache_folder, "--cache_folder")
     options = video_options(args)  # a bad --frame_range fails here
     if dataset:
-        videos = expand_videos(args.v_path)
+        videos = expand_videos(args.v_path, res_folder=args.res_folder)
         if ranks.distributed and args.threads is None:
             options = replace(options, cores=ranks.cpu_share(threads.cpu_cores()))
     else:

@@ -210,6 +210,18 @@ def test_video_folders_and_list_files(tmp_path):
             expand_videos(str(tmp_path / bad))
 
 
+def test_outputs_in_the_input_folder_are_not_inputs_again(tmp_path):
+    """--res_folder = the input folder: a re-run must not fit the composed videos / images
+    written there (elsewhere such names are ordinary inputs)."""
+    from core.pipelines.photo import expand_inputs
+    for name in ("talk.mp4", "talk_recon_video.mp4", "a.jpg", "a_composed_img.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    assert expand_videos(str(tmp_path), res_folder=str(tmp_path / ".")) == [str(tmp_path / "talk.mp4")]
+    assert len(expand_videos(str(tmp_path), res_folder=str(tmp_path / "out"))) == 2
+    assert expand_inputs([str(tmp_path)], res_folder=str(tmp_path)) == [str(tmp_path / "a.jpg")]
+    assert len(expand_inputs([str(tmp_path)])) == 2
+
+
 def test_units_with_the_same_outputs_are_refused():
     with pytest.raises(UserError, match="same outputs 'talk'"):
         video_units(["a/talk.mp4", "b/talk.avi"])

@@ -31,6 +31,7 @@ from .session import Session
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+COMPOSED_SUFFIX = "_composed_img.jpg"  # <name>_composed_img.jpg: the render pasted on the photo
 
 
 @dataclass
@@ -56,12 +57,16 @@ class PhotoReport:
     failed: Dict[str, str] = field(default_factory=dict)              # path -> reason
 
 
-def expand_inputs(paths: Sequence[str]) -> List[str]:
-    """Files as given; folders replaced by the images they contain (sorted)."""
+def expand_inputs(paths: Sequence[str], res_folder: Optional[str] = None) -> List[str]:
+    """Files as given; folders replaced by the images they contain (sorted), except, in
+    ``res_folder`` itself, the composed images this script wrote there (a re-run must not
+    fit its own outputs)."""
     out = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTS))
+            ours = res_folder is not None and os.path.realpath(p) == os.path.realpath(res_folder)
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTS)
+                           and not (ours and f.endswith(COMPOSED_SUFFIX)))
             if not found:
                 raise UserError(f"folder '{p}' contains no images ({', '.join(IMAGE_EXTS)})")
             out += found
@@ -189,7 +194,7 @@ def output_names(name: str, model) -> List[str]:
     original's 257-vector, for the BFM09 layout; ``.npz`` named arrays otherwise), the
     mesh, the composed image and the info."""
     coeffs = f"{name}_coeffs.npy" if model.layout == BFM09_LAYOUT else f"{name}_coeffs.npz"
-    return [coeffs, f"{name}_mesh.obj", f"{name}_composed_img.jpg", f"{name}_info.json"]
+    return [coeffs, f"{name}_mesh.obj", f"{name}{COMPOSED_SUFFIX}", f"{name}_info.json"]
 
 
 def _camera_info(photo: PreparedPhoto, cam, source: str) -> Dict[str, object]:

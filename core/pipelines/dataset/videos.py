@@ -13,6 +13,7 @@ from core.errors import UserError
 
 from ..session import Session
 from ..video import VideoOptions, output_names, run_video
+from ..video.compose import RECON_SUFFIX
 from .clipshare import ClipSharing
 from .ranks import Ranks
 from .workqueue import Unit, check_unique, share_units
@@ -30,13 +31,16 @@ def is_video_list(path: str) -> bool:
     return os.path.isdir(path) or path.lower().endswith(LIST_EXTS)
 
 
-def expand_videos(path: str) -> List[str]:
-    """The videos of ``--v_path``: a folder's video files (sorted; not its sub-folders), a
-    list file's lines (blank lines and ``#`` comments skipped; relative paths from the list
-    file's folder), or the one video. UserError when there are none."""
+def expand_videos(path: str, res_folder: Optional[str] = None) -> List[str]:
+    """The videos of ``--v_path``: a folder's video files (sorted; not its sub-folders, nor,
+    when the folder is ``res_folder``, the composed videos written there), a list file's
+    lines (blank lines and ``#`` comments skipped; relative paths from the list file's
+    folder), or the one video. UserError when there are none."""
     if os.path.isdir(path):
+        ours = res_folder is not None and os.path.realpath(path) == os.path.realpath(res_folder)
         found = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.lower().endswith(VIDEO_EXTS) and os.path.isfile(os.path.join(path, f)))
+                       if f.lower().endswith(VIDEO_EXTS) and os.path.isfile(os.path.join(path, f))
+                       and not (ours and f.endswith(RECON_SUFFIX)))
         if not found:
             raise UserError(f"folder '{path}' contains no videos ({', '.join(VIDEO_EXTS)})")
         return found

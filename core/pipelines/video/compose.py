@@ -31,11 +31,14 @@ from .options import VideoOptions
 from .shape import ShapeResult
 
 
+RECON_SUFFIX = "_recon_video.mp4"  # <video>_recon_video.mp4: the composed video
+
+
 def output_names(video_path: str) -> Dict[str, str]:
     """Output file names of a video: pkl, composed video and info (and, when asked for,
     the meshes and the nerf export folder)."""
     stem = os.path.splitext(os.path.basename(video_path))[0]
-    return {"pkl": f"{stem}_fitting_res.pkl", "video": f"{stem}_recon_video.mp4", "info": f"{stem}_info.json",
+    return {"pkl": f"{stem}_fitting_res.pkl", "video": f"{stem}{RECON_SUFFIX}", "info": f"{stem}_info.json",
             "meshes": f"{stem}_meshes.npy", "nerf": f"{stem}_nerf"}
 
 
