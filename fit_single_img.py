@@ -21,7 +21,6 @@ of --batch_size to the next free rank, photos already written are skipped, and
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Sequence
 
@@ -54,34 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    ranks = cli.start_ranks(args)  # torchrun's ranks (a world of one without torchrun)
-    try:
+    with cli.started(args) as ranks:  # torchrun's ranks (a world of one without torchrun)
         return _fit(args, ranks)
-    finally:
-        ranks.close()
 
 
 def _fit(args: argparse.Namespace, ranks) -> int:
     from core.errors import UserError
-    from core.landmarks.detect import make_detector
     from core.io.outputs import check_writable_folder
     from core.pipelines.dataset.photos import run_photo_dataset
     from core.pipelines.photo import expand_inputs, run_photos
-    from core.pipelines.session import Session, load_model
 
     face_index = args.face_index if args.face_index == "largest" else _int(args.face_index, "--face_index")
     paths = expand_inputs(args.img_path, res_folder=args.res_folder)
-    cfg = cli.fit_config_from_args(args)
     check_writable_folder(args.res_folder, "--res_folder")
-    model = load_model(args.recon_model, args.model_path)
-    device, gpu = ranks.device_flags(args.device, args.gpu)
-    session = Session.create(model, cfg, tar_size=args.tar_size, device=device, gpu=gpu,
-                             renderer=args.renderer, progress=cli.show_progress(args, ranks))
-    detector = make_detector(args.lm_detector, device=str(session.device))
-    logging.getLogger(__name__).info("model %s (%d vertices) on %s, renderer %s, preset %s",
-                                     model.name, model.num_vertices, session.device, session.renderer.backend, args.preset)
+    session, detector = cli.session_from_args(args, ranks, cli.show_progress(args, ranks))
     photo_args = dict(padding_ratio=args.padding_ratio, face_index=face_index, focal=args.focal,
-                      info_extra={"detector": detector.name, "preset": args.preset, "fit_config": cfg.as_dict()})
+                      info_extra={"detector": detector.name, "preset": args.preset,
+                                  "fit_config": session.fitter.cfg.as_dict()})
     if ranks.distributed:  # batches of photos handed out to the ranks, with a manifest
         return run_photo_dataset(ranks, session, detector, paths, args.res_folder, args.batch_size, **photo_args)
     report = run_photos(session, detector, paths, args.res_folder, batch_size=args.batch_size, **photo_args)

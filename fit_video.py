@@ -29,7 +29,6 @@ its 'frame_range' is [START, STOP] as fitted (STOP clipped to the end of the vid
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Sequence
 
@@ -111,21 +110,15 @@ def video_options(args: argparse.Namespace):
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    ranks = cli.start_ranks(args)  # torchrun's ranks (a world of one without torchrun)
-    try:
+    with cli.started(args) as ranks:  # torchrun's ranks (a world of one without torchrun)
         return _fit(args, ranks)
-    finally:
-        ranks.close()
 
 
 def _fit(args: argparse.Namespace, ranks) -> int:
     from dataclasses import replace
 
-    from core import threads
-    from core.landmarks.detect import make_detector
     from core.io.outputs import check_writable_folder
     from core.pipelines.dataset.videos import expand_videos, is_video_list, run_video_dataset
-    from core.pipelines.session import Session, load_model
     from core.pipelines.video import check_frame_range, run_video
     from core.io.video import VideoReader
 
@@ -136,21 +129,13 @@ def _fit(args: argparse.Namespace, ranks) -> int:
     options = video_options(args)  # a bad --frame_range fails here
     if dataset:
         videos = expand_videos(args.v_path, res_folder=args.res_folder)
-        if ranks.distributed and args.threads is None:
-            options = replace(options, cores=ranks.cpu_share(threads.cpu_cores()))
+        if args.threads is None:
+            options = replace(options, cores=ranks.cpu_threads())
     else:
         VideoReader(args.v_path).close()  # a bad video fails before the model loads
         check_frame_range(args.v_path, options.frame_range)
-    cfg = cli.fit_config_from_args(args)
-    model = load_model(args.recon_model, args.model_path)
-    device, gpu = ranks.device_flags(args.device, args.gpu)
     progress = cli.show_progress(args, ranks)
-    session = Session.create(model, cfg, tar_size=args.tar_size, device=device, gpu=gpu,
-                             renderer=args.renderer, progress=progress)
-    detector = make_detector(args.lm_detector, device=str(session.device))
-    logging.getLogger(__name__).info("model %s (%d vertices) on %s, renderer %s, preset %s",
-                                     model.name, model.num_vertices, session.device, session.renderer.backend,
-                                     args.preset)
+    session, detector = cli.session_from_args(args, ranks, progress)
     extra = {"detector": detector.name, "preset": args.preset}
     if dataset:
         return run_video_dataset(ranks, session, detector, videos, args.res_folder, options, info_extra=extra,

@@ -118,10 +118,34 @@ def _fake_jobs(tmp_path, n):
                     cache_path=str(tmp_path / f"clip{k}.npz"), key=f"key{k}") for k in range(n)]
 
 
+def _owner_and_helper(tmp_path, monkeypatch, fake_run_workers, n_clips, owner_threads=1, helper_threads=1):
+    """Rank 0 runs ``n_clips`` fake clip jobs through ClipSharing while rank 1 helps in a
+    thread (both on one LocalStore, ``fake_run_workers`` in place of the workers; the
+    helper's session spec is "helper's"). Returns (owner, helper, jobs)."""
+    from core.pipelines.dataset import clipshare
+
+    monkeypatch.setattr(clipshare, "run_workers", fake_run_workers)
+    monkeypatch.setattr(clipshare.SessionSpec, "of", staticmethod(lambda session: "helper's"))
+    store = LocalStore()
+    owner = clipshare.ClipSharing(Ranks(rank=0, world_size=2, store=store), None, clip_frames=5,
+                                  threads=owner_threads, poll_s=0.01)
+    helper = clipshare.ClipSharing(Ranks(rank=1, world_size=2, store=store), None, clip_frames=5,
+                                   threads=helper_threads, poll_s=0.01)
+    finished = threading.Event()
+    t = threading.Thread(target=helper.help, args=(finished.is_set,))
+    t.start()
+    jobs = _fake_jobs(tmp_path, n_clips)
+    try:
+        owner.run(jobs)
+    finally:
+        finished.set()
+        t.join(10)
+    return owner, helper, jobs
+
+
 def test_an_idle_rank_helps_with_clips_and_a_failed_clip_is_fitted_again(tmp_path, monkeypatch):
     """The owner posts 6 clips; the idle rank fits some (with its own session and threads)
     and fails one, which the owner then fits itself; every result is there at the end."""
-    from core.pipelines.dataset import clipshare
     from core.pipelines.video.cache import load_npz, save_npz
 
     calls = []
@@ -135,22 +159,7 @@ def test_an_idle_rank_helps_with_clips_and_a_failed_clip_is_fitted_again(tmp_pat
             raise UserError(f"worker {job.worker} failed: cannot write")
         save_npz(job.cache_path, job.key, frames=np.array([job.start]))
 
-    monkeypatch.setattr(clipshare, "run_workers", fake_run_workers)
-    monkeypatch.setattr(clipshare.SessionSpec, "of", staticmethod(lambda session: "helper's"))
-    store = LocalStore()
-    owner = clipshare.ClipSharing(Ranks(rank=0, world_size=2, store=store), None, clip_frames=5, threads=2,
-                                  poll_s=0.01)
-    helper = clipshare.ClipSharing(Ranks(rank=1, world_size=2, store=store), None, clip_frames=5, threads=1,
-                                   poll_s=0.01)
-    finished = threading.Event()
-    t = threading.Thread(target=helper.help, args=(finished.is_set,))
-    t.start()
-    jobs = _fake_jobs(tmp_path, 6)
-    try:
-        owner.run(jobs)
-    finally:
-        finished.set()
-        t.join(10)
+    owner, helper, jobs = _owner_and_helper(tmp_path, monkeypatch, fake_run_workers, 6, owner_threads=2)
     assert owner.clips_for(11) == 3 and owner.clips_for(10) == 2 and owner.clips_for(1) == 1
     helped = [k for who, k, _ in calls if who == "helper"]
     assert helped and all(th == 1 for who, _, th in calls if who == "helper")  # its own threads
@@ -163,7 +172,6 @@ def test_an_idle_rank_helps_with_clips_and_a_failed_clip_is_fitted_again(tmp_pat
 def test_a_helper_writing_where_the_owner_cannot_read_costs_time_not_the_video(tmp_path, monkeypatch):
     """A helper on another machine without the shared folder: its clip's result is not
     readable here, so the owner fits that clip itself."""
-    from core.pipelines.dataset import clipshare
     from core.pipelines.video.cache import load_npz, save_npz
 
     def fake_run_workers(jobs, on_frame=None):
@@ -172,20 +180,7 @@ def test_a_helper_writing_where_the_owner_cannot_read_costs_time_not_the_video(t
         if job.session == "owner's":
             save_npz(job.cache_path, job.key, frames=np.array([job.start]))  # the helper writes nothing here
 
-    monkeypatch.setattr(clipshare, "run_workers", fake_run_workers)
-    monkeypatch.setattr(clipshare.SessionSpec, "of", staticmethod(lambda session: "helper's"))
-    store = LocalStore()
-    owner = clipshare.ClipSharing(Ranks(rank=0, world_size=2, store=store), None, 5, 1, poll_s=0.01)
-    helper = clipshare.ClipSharing(Ranks(rank=1, world_size=2, store=store), None, 5, 1, poll_s=0.01)
-    finished = threading.Event()
-    t = threading.Thread(target=helper.help, args=(finished.is_set,))
-    t.start()
-    jobs = _fake_jobs(tmp_path, 4)
-    try:
-        owner.run(jobs)
-    finally:
-        finished.set()
-        t.join(10)
+    _, helper, jobs = _owner_and_helper(tmp_path, monkeypatch, fake_run_workers, 4)
     assert helper.helped >= 1
     assert all(load_npz(j.cache_path, j.key) is not None for j in jobs)
 

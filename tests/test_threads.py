@@ -57,46 +57,47 @@ def test_threads_for_free_cores(free, max_threads, want):
     assert T.threads_for(free, max_threads) == want
 
 
-def test_governor_follows_the_load_and_tick_is_rate_limited(tmp_path):
+@pytest.fixture
+def idle_stat(tmp_path):
+    """A faked /proc/stat of 2 idle cores and its FakeLoad; torch's thread count is restored
+    afterwards."""
     stat = tmp_path / "stat"
     stat.write_text(_stat([(0,) * 8, (0,) * 8]))
-    load = FakeLoad(stat, cpus=[0, 1])
     before = torch.get_num_threads()
     try:
-        gov = T.ThreadGovernor(max_threads=2, cores=2, interval_s=3600, load=load)
-        assert gov.threads == 2 and torch.get_num_threads() == 2
-        # another program kept one core busy for 1 s
-        stat.write_text(_stat([(100, 0, 0, 0, 0, 0, 0, 0), (0, 0, 0, 100, 0, 0, 0, 0)]))
-        load.clock = 1.0
-        assert gov.update() == 2                     # not due yet (interval 1 h)
-        assert gov.update(force=True) == 1 and torch.get_num_threads() == 1 and gov.changes == 1
-        # the program ended: both cores idle for 1 s
-        stat.write_text(_stat([(100, 0, 0, 100, 0, 0, 0, 0), (0, 0, 0, 200, 0, 0, 0, 0)]))
-        load.clock = 2.0
-        assert gov.update(force=True) == 2 and torch.get_num_threads() == 2 and gov.changes == 2
+        yield stat, FakeLoad(stat, cpus=[0, 1])
     finally:
         torch.set_num_threads(before)
 
 
-def test_governor_undoes_a_count_other_code_set(tmp_path):
+def test_governor_follows_the_load_and_tick_is_rate_limited(idle_stat):
+    stat, load = idle_stat
+    gov = T.ThreadGovernor(max_threads=2, cores=2, interval_s=3600, load=load)
+    assert gov.threads == 2 and torch.get_num_threads() == 2
+    # another program kept one core busy for 1 s
+    stat.write_text(_stat([(100, 0, 0, 0, 0, 0, 0, 0), (0, 0, 0, 100, 0, 0, 0, 0)]))
+    load.clock = 1.0
+    assert gov.update() == 2                     # not due yet (interval 1 h)
+    assert gov.update(force=True) == 1 and torch.get_num_threads() == 1 and gov.changes == 1
+    # the program ended: both cores idle for 1 s
+    stat.write_text(_stat([(100, 0, 0, 100, 0, 0, 0, 0), (0, 0, 0, 200, 0, 0, 0, 0)]))
+    load.clock = 2.0
+    assert gov.update(force=True) == 2 and torch.get_num_threads() == 2 and gov.changes == 2
+
+
+def test_governor_undoes_a_count_other_code_set(idle_stat):
     """Code that sets torch's thread count behind the governor's back (as a finished video
     run restoring its start count did: two ranks then ran 2 threads each on 2 cores, the
     second video's identity fit 9x slower) is corrected at the next sample."""
-    stat = tmp_path / "stat"
-    stat.write_text(_stat([(0,) * 8, (0,) * 8]))
-    load = FakeLoad(stat, cpus=[0, 1])
-    before = torch.get_num_threads()
-    try:
-        gov = T.ThreadGovernor(max_threads=2, cores=2, interval_s=3600, load=load)
-        stat.write_text(_stat([(100, 0, 0, 0, 0, 0, 0, 0), (0, 0, 0, 100, 0, 0, 0, 0)]))  # one core busy
-        load.clock = 1.0
-        assert gov.update(force=True) == 1 and torch.get_num_threads() == 1
-        torch.set_num_threads(2)
-        stat.write_text(_stat([(200, 0, 0, 0, 0, 0, 0, 0), (0, 0, 0, 200, 0, 0, 0, 0)]))  # still busy
-        load.clock = 2.0
-        assert gov.update(force=True) == 1 and torch.get_num_threads() == 1 and gov.changes == 1
-    finally:
-        torch.set_num_threads(before)
+    stat, load = idle_stat
+    gov = T.ThreadGovernor(max_threads=2, cores=2, interval_s=3600, load=load)
+    stat.write_text(_stat([(100, 0, 0, 0, 0, 0, 0, 0), (0, 0, 0, 100, 0, 0, 0, 0)]))  # one core busy
+    load.clock = 1.0
+    assert gov.update(force=True) == 1 and torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    stat.write_text(_stat([(200, 0, 0, 0, 0, 0, 0, 0), (0, 0, 0, 200, 0, 0, 0, 0)]))  # still busy
+    load.clock = 2.0
+    assert gov.update(force=True) == 1 and torch.get_num_threads() == 1 and gov.changes == 1
 
 
 def test_install_fixed_count_has_no_governor_and_tick_is_a_no_op():

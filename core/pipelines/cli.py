@@ -10,6 +10,7 @@ or 130 (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
@@ -222,12 +223,13 @@ def setup_threads(args: argparse.Namespace, max_threads: Optional[int] = None):
     return threads.install(getattr(args, "threads", None), max_threads=max_threads)
 
 
-def start_ranks(args: argparse.Namespace):
-    """Logging, the ranks of a torchrun job (:mod:`core.pipelines.dataset.ranks`; a world
-    of one otherwise) and the CPU threads: under torchrun each rank's log lines start with
-    ``[rank r/n]``, its progress bars are off and its threads are its share of the cores.
-    Returns the :class:`~core.pipelines.dataset.ranks.Ranks`."""
-    from core import threads
+@contextlib.contextmanager
+def started(args: argparse.Namespace):
+    """The scripts' start: logging, the ranks of a torchrun job
+    (:mod:`core.pipelines.dataset.ranks`; a world of one otherwise) and the CPU threads.
+    Under torchrun each rank's log lines start with ``[rank r/n]``, its progress bars are
+    off and its threads are its share of the cores. Yields the
+    :class:`~core.pipelines.dataset.ranks.Ranks`; leaves the process group at the end."""
     from core.pipelines.dataset import ranks as rank_mod
 
     setup_logging(args)
@@ -235,8 +237,27 @@ def start_ranks(args: argparse.Namespace):
     if ranks.label:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(f"[{ranks.label}] %(message)s"))
-    setup_threads(args, max_threads=ranks.cpu_share(threads.cpu_cores()) if ranks.distributed else None)
-    return ranks
+    setup_threads(args, max_threads=ranks.cpu_threads())
+    try:
+        yield ranks
+    finally:
+        ranks.close()
+
+
+def session_from_args(args: argparse.Namespace, ranks, progress: bool):
+    """The model, :class:`~core.pipelines.session.Session` and landmark detector of the
+    flags, on this rank's device; logs which. Returns (session, detector)."""
+    from core.landmarks.detect import make_detector
+    from core.pipelines.session import Session, load_model
+
+    model = load_model(args.recon_model, args.model_path)
+    device, gpu = ranks.device_flags(args.device, args.gpu)
+    session = Session.create(model, fit_config_from_args(args), tar_size=args.tar_size, device=device, gpu=gpu,
+                             renderer=args.renderer, progress=progress)
+    detector = make_detector(args.lm_detector, device=str(session.device))
+    logging.getLogger(__name__).info("model %s (%d vertices) on %s, renderer %s, preset %s", model.name,
+                                     model.num_vertices, session.device, session.renderer.backend, args.preset)
+    return session, detector
 
 
 def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> int:

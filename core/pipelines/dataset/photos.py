@@ -44,5 +44,3 @@ def run_photo_dataset(ranks: Ranks, session: Session, detector, paths: Sequence[
         return "; ".join(report.failed.values()) or None
 
     return share_units(ranks, photo_units(paths, batch_size), work, is_done, res_folder)
-
-

@@ -69,7 +69,8 @@ class Ranks:
     rank / world_size: global; local_rank / local_world_size: on this machine. store: the
     shared key-value store (a torch.distributed Store, or a :class:`LocalStore` alone).
     distributed: started by torchrun (the default process group is initialised).
-    backend: "gloo" or "nccl" when distributed.
+    backend: "gloo" or "nccl" when distributed. attempt: torchrun's restart count (its
+    agent keeps the store across restarts, so every key goes under the attempt).
     """
 
     rank: int = 0
@@ -79,6 +80,7 @@ class Ranks:
     store: Any = None
     distributed: bool = False
     backend: Optional[str] = None
+    attempt: str = "0"  # torchrun's restart count: the store keys of this attempt
 
     @property
     def is_main(self) -> bool:
@@ -104,10 +106,14 @@ class Ranks:
         """This rank's CPU threads: the machine's ``cores`` shared by the ranks on it."""
         return max(1, int(cores) // max(1, self.local_world_size))
 
+    def cpu_threads(self) -> Optional[int]:
+        """Under torchrun, this rank's share of this machine's cores; None alone (every core)."""
+        from core.threads import cpu_cores
+        return self.cpu_share(cpu_cores()) if self.distributed else None
+
     def key(self, name: str) -> str:
         """A store key of this job's attempt (torchrun's restarts start afresh)."""
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if self.distributed else "0"
-        return f"{KEY_PREFIX}/{attempt}/{name}"
+        return f"{KEY_PREFIX}/{self.attempt}/{name}"
 
     def close(self) -> None:
         """Leave the process group (a no-op alone)."""
@@ -138,15 +144,14 @@ def join(use_cuda: bool, environ: Mapping[str, str] = os.environ) -> Ranks:
         raise UserError(f"torchrun rendezvous at {environ.get('MASTER_ADDR')}:{environ.get('MASTER_PORT')} "
                         f"failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     backend = "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
-    # torchrun's agent keeps its store across restarts (--max_restarts): every key of this
-    # attempt goes under the attempt's number, or a restarted rank would meet the addresses
-    # and counters of the ranks that died.
-    attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"{KEY_PREFIX}/{attempt}/process_group", store),
-                            rank=rank, world_size=world)
+    ranks = Ranks(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, store=store,
+                  distributed=True, backend=backend, attempt=environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # The process group's keys too go under the attempt, or a restarted rank would meet the
+    # addresses of the ranks that died.
+    dist.init_process_group(backend, store=dist.PrefixStore(ranks.key("process_group"), store), rank=rank,
+                            world_size=world)
     log.debug("rank %d of %d (local %d of %d), %s", rank, world, local_rank, local_world, backend)
-    return Ranks(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, store=store,
-                 distributed=True, backend=backend)
+    return ranks
 
 
 def start(device: str = "auto") -> Ranks:
