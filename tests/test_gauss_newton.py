@@ -44,11 +44,12 @@ def scene(f, gt):
     return rgba[..., :3], f.project_landmarks(gt) + 0.5
 
 
-@pytest.mark.parametrize("normals_grad", [True, False])
-def test_loss_and_gradient_match_autograd(model, normals_grad):
+@pytest.mark.parametrize("normals_grad, robust", [(True, 0.0), (False, 0.0), (True, 0.3)])
+def test_loss_and_gradient_match_autograd(model, normals_grad, robust):
     """evaluate() is the objective's total (Fitter.loss_terms); linearize()'s gradient is autograd's of it
-    (the shading through the normals included or not, as in the Adam path)."""
-    f = fitter(model, normals_grad=normals_grad)
+    (the shading through the normals included or not, as in the Adam path; the robust landmark
+    loss's IRLS model included)."""
+    f = fitter(model, normals_grad=normals_grad, lm_robust_px=robust, lm_loss_w=3000.0 if robust else 100.0)
     gt = truth(model)
     img, lms = scene(f, gt)
     x0 = perturbed(gt)

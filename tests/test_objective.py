@@ -11,7 +11,7 @@ from core.render import MeshRenderer
 from core.render.camera import Camera
 from tests.helpers import synthetic_arrays
 
-CFG = get_preset("default").with_overrides(lm_loss_w=7.0, rgb_loss_w=1.3, tex_w=2.0, id_reg_w=0.01, exp_reg_w=0.02,
+CFG = get_preset("default").with_overrides(lm_robust_px=0.0, lm_loss_w=7.0, rgb_loss_w=1.3, tex_w=2.0, id_reg_w=0.01, exp_reg_w=0.02,
                                            tex_reg_w=0.03, rot_reg_w=5.0, trans_reg_w=6.0)
 
 
@@ -75,6 +75,19 @@ def test_landmark_residual_weights_are_the_lm_term_in_least_squares_form(model):
     ev = obj.evaluate(c, q)
     assert torch.allclose((r ** 2).sum((1, 2)), 7.0 * ev.terms["lm"], rtol=1e-5)
     assert set(ev.terms) == {"lm", "id_reg", "exp_reg"}   # no images: no photo terms, no tex prior
+    s = obj.landmark_residual_scale(p, q)   # without a robust loss: the fixed weights
+    assert torch.equal(s, obj.landmark_residual_weights()[None, :, None].expand(2, -1, 1))
+
+
+def test_robust_residual_scale_is_the_irls_model_of_the_lm_term(model):
+    """With lm_robust_px the lm term is Charbonnier's; Σ (r·s)² has its gradient in the points."""
+    obj = Objective(model, MeshRenderer("builtin"), Camera(image_size=128), CFG.with_overrides(lm_robust_px=1.5))
+    c, t = coeffs(model, 2), coeffs(model, 2, seed=3)
+    p, q = obj.project_landmarks(c).detach().requires_grad_(True), obj.project_landmarks(t)
+    (7.0 * obj.landmark_term(p, q)).sum().backward()
+    s = obj.landmark_residual_scale(p.detach(), q)
+    assert torch.allclose(p.grad, 2 * (p.detach() - q) * s ** 2, rtol=1e-4, atol=1e-9)
+    assert float(s.max()) < 0.9 * float(obj.landmark_residual_weights().max())   # far points count less
 
 
 def test_fit_result_carries_each_frames_losses_and_render(model):

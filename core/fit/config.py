@@ -31,6 +31,14 @@ class FitConfig:
     rest_nrf_lr: Optional[float] = None
     # Loss weights (SPEC §4).
     lm_loss_w: float = 100.0
+    # Relative weights of the 68 landmarks' groups (core.fit.losses.landmark_weights):
+    # the jaw contour, the nose bridge and mouth, the other inner points (SPEC: 1, 10, 1).
+    lm_jaw_w: float = 1.0
+    lm_heavy_w: float = 10.0
+    lm_inner_w: float = 1.0
+    # Robust landmark loss: Charbonnier's ρ with this scale in crop pixels, which counts a
+    # point's distance rather than its square beyond it (0: SPEC's squared distance).
+    lm_robust_px: float = 0.0
     rgb_loss_w: float = 1.6
     id_reg_w: float = 1e-3
     exp_reg_w: float = 0.8e-3
@@ -91,11 +99,20 @@ PRESETS: Dict[str, FitConfig] = {
     # first frame and the video identity/albedo fit alike. See docs/performance.md for
     # what the bench measured. A least-squares light/albedo start (init_light) made fits worse in
     # development.
+    # The landmark term (issue 17, docs/performance.md "Against eos"): every inner point
+    # weighs the same, 2x a jaw-contour point (SPEC: the mouth and nose bridge 10x the
+    # rest, so the fit traded the eyes and brows for the mouth; a lighter jaw costs head
+    # rotation accuracy), a robust loss beyond 2 px
+    # (one badly detected point no longer bends the face), and the landmark weight and the
+    # identity prior set so that the landmarks outweigh the priors a little more (both:
+    # the fitted landmarks nearer the detector's and the model's nearer the true ones on
+    # rendered faces, lower photometric loss, less jitter).
     "default": FitConfig(
         first_rf_iters=12, first_nrf_iters=30, rest_rf_iters=0, rest_nrf_iters=1,
         rigid_solver="lm", lm_init_iters=10, nonrigid_solver="gn",
         nrf_lr=3e-2, rest_nrf_lr=5e-3, coarse_size=128, fine_iters=10,
         rest_lm_init_iters=2, rest_fine_iters=0, rest_normals_grad=False,
+        lm_jaw_w=1.0, lm_heavy_w=2.0, lm_inner_w=2.0, lm_robust_px=2.0, lm_loss_w=250.0, id_reg_w=3e-4,
     ),
 }
 

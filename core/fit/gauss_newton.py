@@ -401,8 +401,9 @@ class PhotometricProblem:
         c, cam = st.coeffs, self.objective.camera
         jac = self.model.landmarks_3d_jacobian(c, geo, st.keypoints)
         dproj = cam.project_points_jacobian(jac["value"])  # (B, L, 2, 3)
-        w = self.objective.landmark_residual_weights()[None, :, None]
-        r = ((cam.project_points(jac["value"]) - self.landmarks) * w).reshape(c.angles.shape[0], -1)
+        pts = cam.project_points(jac["value"])
+        w = self.objective.landmark_residual_scale(pts, self.landmarks)
+        r = ((pts - self.landmarks) * w).reshape(c.angles.shape[0], -1)
         batch, p = grad.shape
         full = r.new_zeros(batch, r.shape[1], p)
         for g in geo:

@@ -27,7 +27,6 @@ def landmark_lm(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, g
     batch = landmarks.shape[0]
     c = expand(coeffs, batch)
     sizes = [getattr(c, g).shape[1] for g in groups]
-    w = objective.landmark_residual_weights()[None, :, None]
     table = objective.priors(pose_ref, photo=False)
     prior_w, prior_mu = [], []
     for g, n in zip(groups, sizes):
@@ -41,21 +40,24 @@ def landmark_lm(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, g
         return c.replace(**dict(zip(groups, torch.split(x, sizes, dim=1))))
 
     def residual_cost(x, kp):
+        """(B,) cost, (B, 2L) residuals and (B, L, 1) their scale (IRLS with a robust loss)."""
         pts = objective.project_landmarks(unpack(x), kp)
+        w = objective.landmark_residual_scale(pts, landmarks)
         r = ((pts - landmarks) * w).reshape(batch, -1)
-        return (r ** 2).sum(1) + ((x - prior_mu) ** 2 * prior_w).sum(1), r
+        cost = objective.weigh({"lm": objective.landmark_term(pts, landmarks)}) + ((x - prior_mu) ** 2 * prior_w).sum(1)
+        return cost, r, w
 
     x = torch.cat([getattr(c, g) for g in groups], dim=1).detach()
     lam = torch.full((batch,), 1e-3, dtype=dtype, device=device)
     eye = torch.eye(x.shape[1], dtype=dtype, device=device)
     with torch.no_grad():
         kp = objective.keypoints(unpack(x), landmarks)
-        cost, r = residual_cost(x, kp)
+        cost, r, w = residual_cost(x, kp)
         for _ in tqdm(range(iters), desc=desc, disable=not progress, leave=False):
             threads.tick()
             if model.has_contour:  # the silhouette correspondence moves with the pose
                 kp = objective.keypoints(unpack(x), landmarks)
-                cost, r = residual_cost(x, kp)
+                cost, r, w = residual_cost(x, kp)
             jac = model.landmarks_3d_jacobian(unpack(x), groups, kp)
             dproj = cam.project_points_jacobian(jac["value"])  # (B, L, 2, 3)
             J = torch.cat([torch.einsum("blij,bljk->blik", dproj, jac[g]) for g in groups], dim=-1)
@@ -64,10 +66,11 @@ def landmark_lm(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, g
             grad = (J.transpose(1, 2) @ r[..., None])[..., 0] + prior_w * (x - prior_mu)
             damp = lam[:, None, None] * (torch.diagonal(jtj, dim1=1, dim2=2)[:, :, None] * eye + 1e-9 * eye)
             x_new = x + solve_each(jtj + damp, -grad)
-            cost_new, r_new = residual_cost(x_new, kp)
+            cost_new, r_new, w_new = residual_cost(x_new, kp)
             better = cost_new < cost
             x = torch.where(better[:, None], x_new, x)
             r = torch.where(better[:, None], r_new, r)
+            w = torch.where(better[:, None, None], w_new, w)
             cost = torch.where(better, cost_new, cost)
             lam = torch.where(better, lam * 0.3, lam * 10.0).clamp(1e-9, 1e9)
     parts = dict(zip(groups, torch.split(x, sizes, dim=1)))

@@ -93,7 +93,8 @@ class Objective:
         self.cfg = cfg
         p = next(iter(model.buffers()))
         self.device, self.dtype = p.device, p.dtype
-        self.lm_weights = L.landmark_weights(model.num_landmarks, dtype=self.dtype, device=self.device)
+        self.lm_weights = L.landmark_weights(model.num_landmarks, dtype=self.dtype, device=self.device,
+                                             jaw=cfg.lm_jaw_w, inner=cfg.lm_inner_w, heavy=cfg.lm_heavy_w)
         self._cache: Dict[object, object] = {}
 
     def with_camera(self, camera: Camera) -> "Objective":
@@ -130,8 +131,24 @@ class Objective:
 
     def landmark_residual_weights(self) -> torch.Tensor:
         """(L,) r_k = (p_k − q_k) · this gives Σ r_k² = lm_loss_w · the lm term (least-squares
-        form for the Levenberg-Marquardt and Gauss-Newton solvers)."""
+        form for the Levenberg-Marquardt and Gauss-Newton solvers; without a robust loss)."""
         return torch.sqrt(self.cfg.lm_loss_w * self.lm_weights) / self.camera.image_size
+
+    def landmark_residual_scale(self, points: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """(B, L, 1) s_k with r_k = (p_k − q_k) · s_k the landmark residuals of the solvers
+        at the model's points ``points`` (B, L, 2): Σ r_k² is lm_loss_w · the lm term, or
+        with ``cfg.lm_robust_px`` its Gauss-Newton (IRLS) model there (equal gradient)."""
+        w = self.landmark_residual_weights()[None, :, None]
+        if not self.cfg.lm_robust_px:
+            return w.expand(points.shape[0], -1, 1)
+        size = self.camera.image_size
+        d2 = (((points - landmarks) / size) ** 2).sum(-1, keepdim=True)
+        return w * L.robust_irls_scale(d2, (self.cfg.lm_robust_px / size) ** 2)
+
+    def landmark_term(self, points: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """(B,) the unweighted lm term of the model's points (B, L, 2) against the targets."""
+        return L.landmark_loss_per_frame(points, landmarks, self.lm_weights, self.camera.image_size,
+                                         self.cfg.lm_robust_px)
 
     def weigh(self, terms: Dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
         """THE weighted total: ``scale · Σ_k w_k data_k + Σ_g w_g prior_g`` over the terms
@@ -197,7 +214,7 @@ class Objective:
             lms = self.camera.project_points(self.landmark_vertices(ev.out, keypoints))
         else:
             lms = self.project_landmarks(c, keypoints)
-        ev.terms["lm"] = L.landmark_loss_per_frame(lms, landmarks, self.lm_weights, self.camera.image_size)
+        ev.terms["lm"] = self.landmark_term(lms, landmarks)
         # Priors on the rows as given: a shared group's one row (its gradient then reaches
         # the shared coefficients directly, not through the broadcast to the frames).
         for g, (_, ref) in self.priors(pose_ref, photo=images is not None).items():

@@ -78,6 +78,10 @@ def add_fit_flags(parser: argparse.ArgumentParser, video: bool = False) -> None:
         "rest_nrf_lr": "non-rigid Adam learning rate of video frames warm-started from the previous one "
                        "(unset: --nrf_lr)",
         "lm_loss_w": "landmark loss weight", "rgb_loss_w": "photometric loss weight",
+        "lm_jaw_w": "relative weight of the jaw-contour landmarks (iBUG 1-17)",
+        "lm_heavy_w": "relative weight of the nose-bridge and mouth landmarks (iBUG 29-31, 49-68)",
+        "lm_inner_w": "relative weight of the other landmarks (brows, nose, eyes)",
+        "lm_robust_px": "robust landmark loss: Charbonnier scale in crop pixels (0: squared distances, SPEC)",
         "id_reg_w": "identity regulariser weight", "exp_reg_w": "expression regulariser weight",
         "tex_reg_w": "albedo regulariser weight", "tex_w": "albedo smoothness (reflectance) weight",
         "rot_reg_w": "video: rotation temporal weight", "trans_reg_w": "video: translation temporal weight",
