@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'100:' to the end, ':250' from the start); outputs keep source frame indices "
                         "(default: every frame)")
     v = p.add_argument_group("video fitting")
-    v.add_argument("--nframes_shape", type=cli.positive_int, default=defaults.nframes_shape,
+    v.add_argument("--nframes_shape", type=cli.positive_int, default=None,
                    help="frames, spread over the video, used to estimate identity and albedo "
-                        f"(default: {defaults.nframes_shape})")
+                        "(default: from --preset: original 16, default 8)")
     v.add_argument("--nworkers", type=cli.positive_int, default=defaults.nworkers,
                    help=f"fitting processes, each on a contiguous clip (default: {defaults.nworkers})")
     v.add_argument("--ngpus", type=cli.positive_int, default=defaults.ngpus,

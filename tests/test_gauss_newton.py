@@ -247,3 +247,25 @@ def test_converged_frames_leave_the_batch(model, monkeypatch):
         alone = f.photometric(Coeffs(**{k: getattr(x0, k)[b:b + 1] for k in GROUPS}), lm[b:b + 1], img[b:b + 1], 12)
         for k in GROUPS:
             assert torch.allclose(getattr(together, k)[b], getattr(alone, k)[0], atol=2e-3), (b, k)
+
+
+def test_rekey_is_evaluate_with_the_new_contour_keypoints():
+    """After a step the jaw landmarks move along the silhouette; rekey() recomputes only the
+    landmark term (no render) and equals a full evaluation with the new vertex ids."""
+    from core.models.sfm import load_sfm
+
+    m = load_sfm(None)  # the bundled Surrey model: a contour definition
+    f = Fitter(m, MeshRenderer("builtin"), Camera(image_size=96), get_preset("default"), progress=False)
+    g = torch.Generator().manual_seed(0)
+    c = m.layout.zeros(2).replace(id=torch.randn(2, m.layout.n_id, generator=g) * 0.5,
+                                  angles=torch.tensor([[0.1, 0.4, 0.0], [0.0, -0.3, 0.1]]),
+                                  gamma=torch.randn(2, 27, generator=g) * 0.1)
+    with torch.no_grad():
+        img = f.render(c.replace(angles=c.angles + 0.05))[0][..., :3]
+    lms = f.project_landmarks(c) + torch.randn(2, 68, 2, generator=g)
+    prob = PhotometricProblem(f.objective, lms, img, f.camera, ("id", "exp", "gamma", "angles", "trans"))
+    old, new = f.objective.keypoints(c.replace(angles=c.angles - 0.3), lms), f.objective.keypoints(c, lms)
+    assert int((old != new).sum()) > 5
+    a, b = prob.rekey(prob.evaluate(c, old), new), prob.evaluate(c, new)
+    assert torch.allclose(a.cost, b.cost, rtol=1e-6) and torch.equal(a.keypoints, b.keypoints)
+    assert not torch.allclose(prob.evaluate(c, old).cost, b.cost, rtol=1e-4)

@@ -820,7 +820,8 @@ def test_presets_and_defaults():
     assert (cfg.first_rf_iters, cfg.first_nrf_iters, cfg.rest_rf_iters, cfg.rest_nrf_iters) == (1000, 500, 50, 30)
     opts = fit_video.video_options(args)
     assert cfg.rest_nrf_lr is None  # = nrf_lr
-    assert (opts.nframes_shape, opts.nworkers, opts.ngpus, opts.cache_folder) == (16, 1, 1, "fitting_cache")
+    assert (opts.nframes_shape, opts.nworkers, opts.ngpus, opts.cache_folder) == (None, 1, 1, "fitting_cache")
+    assert cfg.shape_frames == 16 and PRESETS["default"].shape_frames == 8   # None: the preset's
     # The flags' defaults are the library's, but for the cache folder, which only the script puts in the
     # working directory (the library's default is a temporary folder).
     assert opts == dataclasses.replace(V.VideoOptions(), cache_folder=fit_video.CACHE_FOLDER)
@@ -831,6 +832,20 @@ def test_presets_and_defaults():
                           "--cache_folder", ""])
     assert cli.fit_config_from_args(given).rest_nrf_lr == 0.02 and fit_video.video_options(given).cache_folder is None
     assert cli.fit_config_from_args(given).rest_nrf_iters == 7
+
+
+def test_identity_frames_and_settings_come_from_the_preset():
+    """--nframes_shape unset: the preset's (original 16, SPEC; default 8, at 64 px without
+    full-size steps); given: as given. The identity fit's settings are shape_stage()'s."""
+    from core.fit.config import PRESETS
+    from core.pipelines.video.options import resolve_options
+
+    assert resolve_options(V.VideoOptions(), PRESETS["original"]).nframes_shape == 16
+    assert resolve_options(V.VideoOptions(), PRESETS["default"]).nframes_shape == 8
+    assert resolve_options(V.VideoOptions(nframes_shape=5), PRESETS["default"]).nframes_shape == 5
+    shape = PRESETS["default"].shape_stage()
+    assert (shape.coarse_size, shape.fine_iters) == (64, 0)
+    assert PRESETS["original"].shape_stage() == PRESETS["original"]
 
 
 @pytest.mark.parametrize("flag", ["--nworkers", "--ngpus", "--nframes_shape", "--threads"])

@@ -100,6 +100,12 @@ class Fitter:
         other._following = other if follow is self else follow.with_camera(camera)
         return other
 
+    def with_config(self, config: FitConfig) -> "Fitter":
+        """The same model, renderer and camera with other settings (itself when equal)."""
+        if config == self.cfg:
+            return self
+        return Fitter(self.model, self.renderer, self.camera, config, progress=self.progress)
+
     # -- helpers -------------------------------------------------------------------------
     def zeros(self, batch: int) -> Coeffs:
         return self.model.layout.zeros(batch, dtype=self.dtype, device=self.device)

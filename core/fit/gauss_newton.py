@@ -126,6 +126,15 @@ class PhotometricProblem:
         return State(cost=self.objective.frame_costs(ev.terms), terms=ev.terms, coeffs=c, out=ev.out,
                      screen=ev.screen, pix_to_face=ev.pix_to_face, keypoints=keypoints)
 
+    @torch.no_grad()
+    def rekey(self, st: State, keypoints: Optional[torch.Tensor]) -> State:
+        """``st`` with other landmark vertex ids (the silhouette moved with the pose): only
+        the landmark term changes, nothing is rendered again (= evaluate(st.coeffs, keypoints))."""
+        obj = self.objective
+        lms = obj.camera.project_points(obj.landmark_vertices(st.out, keypoints))
+        terms = {**st.terms, "lm": obj.landmark_term(lms, self.landmarks)}
+        return dataclasses.replace(st, terms=terms, cost=obj.frame_costs(terms), keypoints=keypoints)
+
     def priors(self) -> Dict[str, Tuple[float, Optional[torch.Tensor]]]:
         """group -> (weight, reference or None) of the quadratic priors (the objective's)."""
         return self.objective.priors(self.pose_ref, photo=True)

@@ -118,9 +118,12 @@ def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
                 sub = prob.subset(act)
             if not bool(better.any()):
                 continue
-            if bool(better.all()) and not objective.model.has_contour:
+            if bool(better.all()):  # every frame moved to its trial point
                 st = trial
-            else:  # some frames kept their old point, or the contour moves: re-evaluate
+                if objective.model.has_contour:  # the contour moves: new landmark vertices
+                    kp = sub.objective.keypoints(unpack(x[act], act), landmarks[act])
+                    st = sub.rekey(st, kp)
+            else:  # some frames kept their old point: evaluate them all there
                 kp = sub.objective.keypoints(unpack(x[act], act), landmarks[act])
                 st = sub.evaluate(unpack(x[act], act), kp)
             # Frames that did not move keep their Gauss-Newton model.
@@ -224,9 +227,9 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
             lam *= GN_LAMBDA_DOWN
             if gain < GN_RTOL * float(cost) or step == steps - 1:
                 break
-            if objective.model.has_contour:
+            if objective.model.has_contour:  # new landmark vertices, same render
                 kp = objective.keypoints(unpack(xs, xf), landmarks)
-                st = prob.evaluate(unpack(xs, xf), kp)
+                st = prob.rekey(st, kp)
                 cost = total(st)
             h, g = system(st, prob)
     bar.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 from core import defaults
@@ -19,7 +19,8 @@ EXPORTS = ("nerf",)
 class VideoOptions:
     """Settings of a video run beyond the fit configuration.
 
-    nframes_shape: frames used for identity and albedo. nworkers: fitting processes.
+    nframes_shape: frames used for identity and albedo (None: the fit preset's
+    ``shape_frames``: 16 for the original, 8 for the default). nworkers: fitting processes.
     ngpus: GPUs used round-robin by the workers when the session runs on CUDA.
     clip_overlap: warm-up frames before each clip after the first (0: the original).
     cache_folder: where stages are cached, ``<cache_folder>/<video name>/`` (None: a
@@ -45,7 +46,7 @@ class VideoOptions:
     (:attr:`frame_camera`).
     """
 
-    nframes_shape: int = 16
+    nframes_shape: Optional[int] = None
     nworkers: int = 1
     ngpus: int = 1
     clip_overlap: int = 8
@@ -71,9 +72,17 @@ class VideoOptions:
         return self.frame_camera and (self.focal is None or self.focal == "auto")
 
 
+def resolve_options(options: VideoOptions, cfg) -> VideoOptions:
+    """``options`` with what it leaves to the fit preset ``cfg`` (a FitConfig) filled in:
+    ``nframes_shape`` None -> ``cfg.shape_frames``."""
+    if options.nframes_shape is None:
+        options = replace(options, nframes_shape=cfg.shape_frames)
+    return options
+
+
 def check_options(options: VideoOptions) -> None:
     """Raise UserError for counts below their minimum or an inverted frame range."""
-    if options.nworkers < 1 or options.ngpus < 1 or options.nframes_shape < 1 or options.clip_overlap < 0 \
+    if options.nworkers < 1 or options.ngpus < 1 or (options.nframes_shape is not None and options.nframes_shape < 1) or options.clip_overlap < 0 \
             or (options.threads is not None and options.threads < 1):
         raise UserError("--nworkers, --ngpus, --nframes_shape and --threads must be >= 1 and --clip_overlap >= 0")
     if options.focal is not None and options.focal != "auto" and not (

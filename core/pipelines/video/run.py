@@ -31,7 +31,7 @@ from .clips import ClipJob, FrameDone, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
 from .export import write_nerf
 from .landmarks import LandmarkTrack, landmark_key, landmark_pass
-from .options import VideoOptions, check_frame_range, check_options
+from .options import VideoOptions, check_frame_range, check_options, resolve_options
 from .shape import ShapeResult, fit_shape, planned_shape_frames
 from .workers import cpu_count, cpu_oversubscription, run_workers, threads_per_worker, worker_devices
 
@@ -70,6 +70,7 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
     (:class:`core.pipelines.dataset.clipshare.ClipSharing`: clips shared with other ranks).
     """
     check_options(options)
+    options = resolve_options(options, session.fitter.cfg)
     t_start = time.perf_counter()
     with VideoReader(video_path) as reader:  # fail early on a missing / corrupt / empty video
         video_info = reader.info

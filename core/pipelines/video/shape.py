@@ -89,6 +89,7 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
     shared (batch 1) and exp/gamma/pose per frame, with the ``first_*`` iteration counts.
     The result's ``frames`` are source frame indices."""
     fitter, model = session.fitter, session.model
+    fitter = fitter.with_config(fitter.cfg.shape_stage())
     indices = select_shape_frames(track.has_face, options.nframes_shape)  # positions in the track
     key = digest({"base": cache_key_base, "frames": (indices + track.start).tolist(), "stage": "shape"})
     path = os.path.join(cache_dir, f"shape{range_suffix(options.frame_range)}.npz") if cache_dir else None
