@@ -29,6 +29,7 @@ def _run(main, args, capsys):
     (["--img_path", "x.jpg", "--res_folder", "o", "--threads", "two"], "integer"),
     (["--img_path", "x.jpg", "--res_folder", "o", "--recon_model", "bfm"], "invalid choice"),
     (["--img_path", "x.jpg", "--res_folder", "o", "--bogus"], "unrecognized"),
+    (["--img_path", "x.jpg", "--res_folder", "o", "--lm_robust_px", "-1"], ">= 0"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(args, words, capsys):
     with pytest.raises(SystemExit) as e:
@@ -36,6 +37,15 @@ def test_bad_flags_give_one_line_and_exit_2(args, words, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0] and "--help" in err[0], err
+
+
+def test_all_zero_landmark_weights_are_a_user_error():
+    args = fit_single_img.build_parser().parse_args(["--img_path", "x.jpg", "--res_folder", "o", "--lm_jaw_w", "0",
+                                                     "--lm_heavy_w", "0", "--lm_inner_w", "0"])
+    with pytest.raises(UserError, match="cannot all be 0"):
+        cli.fit_config_from_args(args)
+    args.lm_inner_w = 1.0
+    assert cli.fit_config_from_args(args).lm_inner_w == 1.0
 
 
 @pytest.fixture

@@ -188,7 +188,10 @@ def add_runtime_flags(parser: argparse.ArgumentParser, threads_help: Optional[st
 def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
     cfg = get_preset(args.preset)
     names = [n for n in cfg.as_dict() if hasattr(args, n)]
-    return cfg.with_overrides(**{n: getattr(args, n) for n in names})
+    cfg = cfg.with_overrides(**{n: getattr(args, n) for n in names})
+    if cfg.lm_jaw_w + cfg.lm_heavy_w + cfg.lm_inner_w <= 0:
+        raise UserError("--lm_jaw_w, --lm_heavy_w and --lm_inner_w cannot all be 0")
+    return cfg
 
 
 class _Below(logging.Filter):
