@@ -171,13 +171,12 @@ def video_rows(model, presets: Mapping[str, FitConfig], device, detector, clip: 
                workers: Sequence[int] = (1, 2), nframes_shape: Optional[int] = None,
                clip_overlap: Optional[int] = None, renderer: str = defaults.RENDERER, tar_size: int = defaults.TAR_SIZE,
                work_dir: Optional[str] = None, threads: Optional[int] = None) -> Tuple[List[Row], Dict[str, object]]:
-    """The video rows; ``nframes_shape`` and ``clip_overlap`` None: the pipeline's defaults
-    (``VideoOptions``)."""
+    """The video rows; ``nframes_shape`` None: each preset's own (``FitConfig.shape_frames``);
+    ``clip_overlap`` None: the pipeline's default (``VideoOptions``)."""
     video = video_pipeline()
     if video is None:
         return unavailable_rows("video pipeline not available"), {"available": False}
     defaults = video.VideoOptions()
-    nframes_shape = defaults.nframes_shape if nframes_shape is None else nframes_shape
     clip_overlap = defaults.clip_overlap if clip_overlap is None else clip_overlap
     own_tmp = None
     if work_dir is None:
@@ -264,7 +263,7 @@ def _video_rows(video, model, presets, device, detector, clip, clip_desc, worker
                              "the landmark pass"))
     rows.append(Row(SECTION, "identity/albedo fit (s, once per schedule)",
                     _shape_s(runs.get("original", {})), _shape_s(runs.get("default", {})), "lower",
-                    note=f"nframes_shape {nframes_shape}, batched; not in the fps"
+                    note=f"nframes_shape {nframes_shape or 'from the preset'}, batched; not in the fps"
                          + (f"; landmark pass {n_frames / lm_s:.1f} fps (both schedules share it)" if lm_s else "")))
     details = {"available": True, "clip": clip_desc, "frames": n_frames, "workers": list(workers),
                "nframes_shape": nframes_shape, "clip_overlap": clip_overlap, "landmarks_s": lm_s,

@@ -145,9 +145,7 @@ class Fitter:
         """The fitter of following video frames, warm-started from the previous frame
         (config ``FitConfig.following_frames()``; itself when that changes nothing)."""
         if self._following is None:
-            rest = self.cfg.following_frames()
-            self._following = self if rest == self.cfg else \
-                Fitter(self.model, self.renderer, self.camera, rest, progress=self.progress)
+            self._following = self.with_config(self.cfg.following_frames())
         return self._following
 
     # -- stages ------------------------------------------------------------------------

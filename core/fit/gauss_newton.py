@@ -131,8 +131,7 @@ class PhotometricProblem:
         """``st`` with other landmark vertex ids (the silhouette moved with the pose): only
         the landmark term changes, nothing is rendered again (= evaluate(st.coeffs, keypoints))."""
         obj = self.objective
-        lms = obj.camera.project_points(obj.landmark_vertices(st.out, keypoints))
-        terms = {**st.terms, "lm": obj.landmark_term(lms, self.landmarks)}
+        terms = {**st.terms, "lm": obj.landmark_term(obj.output_landmarks(st.out, keypoints), self.landmarks)}
         return dataclasses.replace(st, terms=terms, cost=obj.frame_costs(terms), keypoints=keypoints)
 
     def priors(self) -> Dict[str, Tuple[float, Optional[torch.Tensor]]]:

@@ -118,13 +118,12 @@ def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
                 sub = prob.subset(act)
             if not bool(better.any()):
                 continue
-            if bool(better.all()):  # every frame moved to its trial point
-                st = trial
-                if objective.model.has_contour:  # the contour moves: new landmark vertices
-                    kp = sub.objective.keypoints(unpack(x[act], act), landmarks[act])
-                    st = sub.rekey(st, kp)
+            # The landmark vertex ids at the new points (None: fixed keypoints; a contour
+            # model's jaw vertices move with the pose).
+            kp = sub.objective.keypoints(unpack(x[act], act), landmarks[act])
+            if bool(better.all()):  # every frame moved to its trial point: its render stands
+                st = trial if kp is None else sub.rekey(trial, kp)
             else:  # some frames kept their old point: evaluate them all there
-                kp = sub.objective.keypoints(unpack(x[act], act), landmarks[act])
                 st = sub.evaluate(unpack(x[act], act), kp)
             # Frames that did not move keep their Gauss-Newton model.
             h_new, g_new = sub.linearize(st, frames=better)

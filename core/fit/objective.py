@@ -211,7 +211,7 @@ class Objective:
             mask = (ev.rgba[..., 3] > 0).to(ev.rgba.dtype)
             ev.terms["photo"] = L.photo_loss_per_frame(ev.rgba[..., :3], images, mask)
             ev.terms["reflectance"] = L.reflectance_loss_per_frame(ev.out.albedo, self.model.skinmask)
-            lms = self.camera.project_points(self.landmark_vertices(ev.out, keypoints))
+            lms = self.output_landmarks(ev.out, keypoints)
         else:
             lms = self.project_landmarks(c, keypoints)
         ev.terms["lm"] = self.landmark_term(lms, landmarks)
@@ -248,6 +248,10 @@ class Objective:
         if keypoints is None:
             return out.landmarks
         return out.vertices.gather(1, keypoints[..., None].expand(-1, -1, 3))
+
+    def output_landmarks(self, out, keypoints: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, L, 2) crop pixels of a model output's landmarks (``keypoints`` (B, L) ids)."""
+        return self.camera.project_points(self.landmark_vertices(out, keypoints))
 
     def project_landmarks(self, coeffs: Coeffs, keypoints: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L, 2) crop pixels of the model's landmarks (no rendering)."""

@@ -189,8 +189,12 @@ def fit_config_from_args(args: argparse.Namespace) -> FitConfig:
     cfg = get_preset(args.preset)
     names = [n for n in cfg.as_dict() if hasattr(args, n)]
     cfg = cfg.with_overrides(**{n: getattr(args, n) for n in names})
-    if cfg.lm_jaw_w + cfg.lm_heavy_w + cfg.lm_inner_w <= 0:
-        raise UserError("--lm_jaw_w, --lm_heavy_w and --lm_inner_w cannot all be 0")
+    from core.fit.losses import landmark_weights  # torch: not at import (the --help path)
+
+    try:  # the weights' own check, as a user error naming the flags
+        landmark_weights(jaw=cfg.lm_jaw_w, inner=cfg.lm_inner_w, heavy=cfg.lm_heavy_w)
+    except ValueError:
+        raise UserError("--lm_jaw_w, --lm_heavy_w and --lm_inner_w cannot all be 0") from None
     return cfg
 
 
