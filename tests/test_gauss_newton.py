@@ -269,3 +269,35 @@ def test_rekey_is_evaluate_with_the_new_contour_keypoints():
     a, b = prob.rekey(prob.evaluate(c, old), new), prob.evaluate(c, new)
     assert torch.allclose(a.cost, b.cost, rtol=1e-6) and torch.equal(a.keypoints, b.keypoints)
     assert not torch.allclose(prob.evaluate(c, old).cost, b.cost, rtol=1e-4)
+
+
+def test_merge_states_is_evaluate_at_each_frames_point(model):
+    """After a step some frames of a batch move and some keep their point: the merged state
+    (no render) equals a full evaluation at each frame's chosen point, term by term, and its
+    linearisation is the same."""
+    from core.fit.gauss_newton import merge_states
+
+    m = model
+    f = Fitter(m, MeshRenderer("builtin"), Camera(image_size=64), get_preset("default"), progress=False)
+    g = torch.Generator().manual_seed(1)
+    c = m.layout.zeros(3).replace(id=torch.randn(3, m.layout.n_id, generator=g) * 0.5,
+                                  angles=torch.tensor([[0.1, 0.3, 0.0], [0.0, -0.2, 0.1], [0.05, 0.0, 0.0]]),
+                                  gamma=torch.randn(3, 27, generator=g) * 0.1)
+    moved = c.replace(angles=c.angles + 0.04, exp=torch.randn(3, m.layout.n_exp, generator=g) * 0.3)
+    with torch.no_grad():
+        img = f.render(c.replace(angles=c.angles + 0.02))[0][..., :3]
+    lms = f.project_landmarks(c) + torch.randn(3, 68, 2, generator=g)
+    groups = ("exp", "gamma", "angles", "trans")
+    prob = PhotometricProblem(f.objective, lms, img, f.camera, groups)
+    better = torch.tensor([True, False, True])
+    chosen = Coeffs(**{k: torch.where(better[:, None], v, getattr(c, k)) for k, v in moved.as_dict().items()})
+    merged = merge_states(better, prob.evaluate(moved, None), prob.evaluate(c, None))
+    full = prob.evaluate(chosen, None)
+    assert torch.allclose(merged.cost, full.cost, rtol=1e-6)
+    for k in full.terms:
+        assert torch.allclose(merged.terms[k], full.terms[k], rtol=1e-6), k
+    assert torch.equal(merged.pix_to_face, full.pix_to_face)
+    h1, g1 = prob.linearize(merged)
+    h2, g2 = prob.linearize(full)
+    assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-7) and torch.allclose(h1, h2, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(prob.evaluate(moved, None).cost, full.cost, rtol=1e-4)

@@ -436,6 +436,28 @@ def take_state(st: State, keep: torch.Tensor) -> State:
                  screen=rows(st.screen), pix_to_face=rows(st.pix_to_face), keypoints=rows(st.keypoints))
 
 
+def merge_states(better: torch.Tensor, new: State, old: State) -> State:
+    """Frame by frame, ``new`` where ``better`` (B,) bool, else ``old``: two states of the
+    same frames (same landmark vertex ids per frame where both have them). Values shared
+    by the frames (batch 1) are the same in both and kept. No rendering: the result is
+    what evaluating each frame at its chosen point gives."""
+    batch = new.cost.shape[0]
+
+    def pick(a, b):
+        if not torch.is_tensor(a) or a.dim() == 0 or a.shape[0] != batch:
+            return a
+        return torch.where(better.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+    out = None if new.out is None else dataclasses.replace(
+        new.out, **{f.name: pick(getattr(new.out, f.name), getattr(old.out, f.name))
+                    for f in dataclasses.fields(new.out)})
+    kp = new.keypoints if new.keypoints is None or old.keypoints is None else pick(new.keypoints, old.keypoints)
+    return State(cost=pick(new.cost, old.cost), terms={k: pick(v, old.terms[k]) for k, v in new.terms.items()},
+                 coeffs=Coeffs(**{k: pick(v, getattr(old.coeffs, k)) for k, v in new.coeffs.as_dict().items()}),
+                 out=out, screen=pick(new.screen, old.screen), pix_to_face=pick(new.pix_to_face, old.pix_to_face),
+                 keypoints=kp)
+
+
 def _skew(v: torch.Tensor) -> torch.Tensor:
     """(..., 3) -> (..., 3, 3) cross-product matrices: _skew(a) @ b = a × b."""
     x, y, z = v.unbind(-1)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from core import threads
 from core.models.coeffs import Coeffs
-from .gauss_newton import HESSIAN_PIXELS, PhotometricProblem, take_state
+from .gauss_newton import HESSIAN_PIXELS, PhotometricProblem, merge_states, take_state
 from .lm import solve_each
 from .objective import Objective, PoseRef, expand
 
@@ -121,10 +121,11 @@ def gn_frames(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
             # The landmark vertex ids at the new points (None: fixed keypoints; a contour
             # model's jaw vertices move with the pose).
             kp = sub.objective.keypoints(unpack(x[act], act), landmarks[act])
-            if bool(better.all()):  # every frame moved to its trial point: its render stands
-                st = trial if kp is None else sub.rekey(trial, kp)
-            else:  # some frames kept their old point: evaluate them all there
-                st = sub.evaluate(unpack(x[act], act), kp)
+            # Each frame's render at its point: the trial's where it moved, the old one where
+            # not; then only the landmark term with the new vertex ids.
+            st = trial if bool(better.all()) else merge_states(better, trial, st)
+            if kp is not None:
+                st = sub.rekey(st, kp)
             # Frames that did not move keep their Gauss-Newton model.
             h_new, g_new = sub.linearize(st, frames=better)
             hess = torch.where(better[:, None, None], h_new, hess)
