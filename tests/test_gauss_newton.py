@@ -206,7 +206,7 @@ def test_adjoint_gradient_is_the_transpose_of_the_vertex_jacobians(model, normal
 
 
 def test_hessian_pixels_change_only_the_hessian(model):
-    """Fewer Hessian pixels (the shared fit spreads HESSIAN_PIXELS over its frames): the
+    """Fewer Hessian pixels (the shared fit spreads SHARED_HESSIAN_PIXELS over its frames): the
     gradient stays exact (every pixel), the Hessian is a coarser estimate of the same one."""
     f = fitter(model)
     gt = truth(model)

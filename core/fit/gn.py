@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from core import threads
 from core.models.coeffs import Coeffs
-from .gauss_newton import HESSIAN_PIXELS, PhotometricProblem, merge_states, take_state
+from .gauss_newton import PhotometricProblem, merge_states, take_state
 from .lm import solve_each
 from .objective import Objective, PoseRef, expand
 
@@ -29,10 +29,9 @@ GN_LAMBDA0, GN_LAMBDA_DOWN, GN_LAMBDA_UP = 1e-2, 0.3, 10.0
 # A frame's GN stage ends early once a step gains less than GN_RTOL of its loss, or once
 # its damping exceeds GN_LAMBDA_MAX (steps too short to matter).
 GN_RTOL, GN_LAMBDA_MAX = 1e-4, 1e3
-# The shared fit's Hessian: HESSIAN_PIXELS covered pixels in all, spread over the frames (at
-# least SHARED_MIN_PIXELS each). The shared groups see every frame's pixels, so their curvature
-# is as well sampled as one frame's; the gradient always uses every pixel.
-SHARED_MIN_PIXELS = 256
+# The shared fit's Hessian: SHARED_HESSIAN_PIXELS covered pixels in all, spread over the frames
+# (at least SHARED_MIN_PIXELS each); the gradient always uses every pixel.
+SHARED_HESSIAN_PIXELS, SHARED_MIN_PIXELS = 2048, 256
 
 
 def _setup(objective: Objective, coeffs: Coeffs, groups: Sequence[str], batch: int):
@@ -51,7 +50,7 @@ def _setup(objective: Objective, coeffs: Coeffs, groups: Sequence[str], batch: i
 
 
 def _stages(objective: Objective, schedule, landmarks: torch.Tensor, groups: Sequence[str],
-            pose_ref: Optional[PoseRef], cached, columns, hessian_pixels: int = HESSIAN_PIXELS):
+            pose_ref: Optional[PoseRef], cached, columns, hessian_pixels: Optional[int] = None):
     """(PhotometricProblem, steps) of each stage of ``schedule`` that has steps: the
     stage's camera (the crop camera when None) and images, the optimised groups in their
     order and the fixed model pieces."""
@@ -145,7 +144,7 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
     every frame). One system over [shared | frame 1 | ... | frame B] parameters: the
     frames' Gauss-Newton models (data terms) averaged into the shared block and its
     couplings, the priors added on the diagonal; one damping for the whole fit. Each
-    frame's photometric Hessian is sampled at HESSIAN_PIXELS / B covered pixels (at least
+    frame's photometric Hessian is sampled at SHARED_HESSIAN_PIXELS / B covered pixels (at least
     SHARED_MIN_PIXELS); the gradient uses them all."""
     batch = landmarks.shape[0]
     shared = [g for g in groups if getattr(coeffs, g).shape[0] == 1]
@@ -203,7 +202,7 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
         return h, g
 
     bar = tqdm(total=sum(n for _, _, n in schedule), desc=desc, disable=not progress, leave=False)
-    per_frame = max(SHARED_MIN_PIXELS, HESSIAN_PIXELS // batch)
+    per_frame = max(SHARED_MIN_PIXELS, SHARED_HESSIAN_PIXELS // batch)
     for prob, steps in _stages(objective, schedule, landmarks, order, pose_ref, cached, columns, per_frame):
         kp = objective.keypoints(unpack(xs, xf), landmarks)
         st = prob.evaluate(unpack(xs, xf), kp)
