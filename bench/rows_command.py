@@ -7,11 +7,17 @@ seconds, 1 = real time), and split into the stages the command's ``<video>_info.
 reports (``timings_s``): start-up and the rest (wall minus the pipeline's total), the landmark
 pass, the shared identity/albedo fit, the per-frame fitting and composing the output video.
 
+The photo rows time ``fit_single_img.py`` on one photo the same way (a new process each time,
+the default schedule) against the floor a Python tool built on torch cannot go under: the
+command's own fitting time (its info.json) plus ``python -c "import torch"``; the two
+commands alternate run by run and the rows are medians.
+
 The original schedule is not run here: at well under one frame per second on a CPU it would
 take tens of minutes for the full clip (its per-frame rates are in the video rows).
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -20,6 +26,8 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from .common import Row
 
@@ -89,3 +97,49 @@ def command_rows(clip: str, nworkers: int = 2, device: str = "auto", lm_detector
     details = {"command": shown, "wall_s": wall, "duration_s": duration, "timings_s": info.get("timings_s"),
                "frames": meta.num_frames, "size": [meta.width, meta.height]}
     return command_rows_from(wall, info, duration, desc), details
+
+
+def _timed(cmd: Sequence[str]) -> float:
+    """Wall seconds of one run of ``cmd`` (RuntimeError if it fails)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(cmd[1]) if len(cmd) > 1 else cmd[0]} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip()[-300:]}")
+    return wall
+
+
+def photo_command_rows(photo: str, runs: int = 3, device: str = "auto", lm_detector: str = "auto",
+                       threads: Optional[int] = None) -> Tuple[List[Row], Dict[str, object]]:
+    """``fit_single_img.py`` on one photo, ``runs`` times, alternating with ``python -c
+    "import torch"``: its wall time against its fitting time plus torch's import (medians)."""
+    walls, fits, imports = [], [], []
+    with tempfile.TemporaryDirectory(prefix="bench_photo_command_") as tmp:
+        cmd = [sys.executable, os.path.join(REPO, "fit_single_img.py"), "--img_path", photo, "--res_folder", tmp,
+               "--device", device, "--lm_detector", lm_detector, "--quiet"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        for r in range(runs):
+            for what in (("import", "command") if r % 2 == 0 else ("command", "import")):
+                if what == "import":
+                    imports.append(_timed([sys.executable, "-c", "import torch"]))
+                    continue
+                walls.append(_timed(cmd))
+                info_files = glob.glob(os.path.join(tmp, "*_info.json"))
+                if len(info_files) != 1:
+                    raise RuntimeError(f"fit_single_img.py wrote {len(info_files)} info files")
+                with open(info_files[0], encoding="utf-8") as f:
+                    fits.append(float(json.load(f)["timings_s_fit_per_photo"]))
+        shown = " ".join(cmd[1:]).replace(tmp, "OUT").replace(REPO + os.sep, "")
+    wall, fit, imp = (float(np.median(v)) for v in (walls, fits, imports))
+    floor = fit + imp
+    note = f"`{shown}`, {runs} runs alternating with `python -c \"import torch\"`, medians"
+    rows = [Row(SECTION, "fit_single_img.py wall time, one photo (s)", None, wall, "lower", missing=NOT_RUN,
+                note=note, n_default=runs),
+            Row(SECTION, "its fitting + `import torch` (s)", None, floor, "lower", missing=NOT_RUN,
+                note=f"fitting {fit:.2f} s (the command's info.json) + import {imp:.2f} s", n_default=runs),
+            Row(SECTION, "one-photo run / (fitting + import torch)", None, wall / floor if floor > 0 else None,
+                "lower", missing=NOT_RUN, note="target <= 2", n_default=runs)]
+    details = {"command": shown, "wall_s": walls, "fit_s": fits, "import_torch_s": imports}
+    return rows, details

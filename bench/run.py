@@ -299,13 +299,19 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
         return rows
 
     def command_section():
-        from bench.rows_command import ORIGINAL_NOTE, command_rows
+        from bench.rows_command import ORIGINAL_NOTE, command_rows, photo_command_rows
         if not plan.command_clip or not os.path.isfile(plan.command_clip):
             return [Row("whole command", "fit_video.py wall time (s)", missing="no clip", note="no clip")]
         rows, details = command_rows(plan.command_clip, nworkers=2, device=str(device), lm_detector=lm_detector,
                                      threads=plan.threads or None)
         report.details["command"] = details
         notes.append(ORIGINAL_NOTE)
+        if plan.photos:
+            photo_rows, photo_details = photo_command_rows(plan.photos[0], runs=max(3, plan.repeats),
+                                                           device=str(device), lm_detector=lm_detector,
+                                                           threads=plan.threads or None)
+            rows += photo_rows
+            report.details["photo_command"] = photo_details
         return rows
 
     def camera_section():

@@ -281,3 +281,34 @@ def test_whole_command_rows_split_the_wall_time_into_stages():
     assert rows["landmark NME (%, mean over frames)"].default == pytest.approx(4.0)
     assert "slowest stage: identity/albedo fit" in rows["fit_video.py wall time (s)"].note
     assert all(r.original is None and r.missing for r in rows.values())
+
+
+def test_photo_command_rows_compare_the_run_with_its_fit_plus_import(monkeypatch):
+    """The one-photo run rows: medians of the command's wall time, of its own fitting time
+    (info.json) plus `import torch`, and their ratio; the two commands alternate."""
+    import json as _json
+    import os as _os
+
+    from bench import rows_command
+
+    calls, walls, fits = [], iter([5.0, 7.0, 6.0]), iter([1.0, 1.4, 1.2])
+    imports = iter([2.0, 2.4, 2.2])
+
+    def fake(cmd):
+        if cmd[-1] == "import torch":
+            calls.append("import")
+            return next(imports)
+        calls.append("command")
+        out = cmd[cmd.index("--res_folder") + 1]
+        with open(_os.path.join(out, "a_info.json"), "w") as f:
+            _json.dump({"timings_s_fit_per_photo": next(fits)}, f)
+        return next(walls)
+
+    monkeypatch.setattr(rows_command, "_timed", fake)
+    rows, details = rows_command.photo_command_rows("data/astronaut.jpg", runs=3)
+    assert calls == ["import", "command", "command", "import", "import", "command"]
+    by = {r.metric: r for r in rows}
+    assert by["fit_single_img.py wall time, one photo (s)"].default == 6.0
+    assert by["its fitting + `import torch` (s)"].default == pytest.approx(1.2 + 2.2)
+    assert by["one-photo run / (fitting + import torch)"].default == pytest.approx(6.0 / 3.4)
+    assert details["fit_s"] == [1.0, 1.4, 1.2]
