@@ -36,11 +36,11 @@ RHO_MIN = 2.0
 # Covered pixels a frame's Gauss-Newton Hessian is assembled from (evenly spaced; the
 # gradient always uses every pixel): HESSIAN_PIXELS_PER_PARAM per optimised parameter, at
 # least HESSIAN_MIN_PIXELS. The Hessian only shapes the step (the loop accepts it on the exact
-# loss); 2048 for every problem before. On the 10 bench photos (102 parameters: 512 pixels)
-# the landmark NME and photometric loss stayed the same at 20 % less CPU per photo, and a
-# following video frame (39 parameters) took 30 % less; with the BFM09 layout's 257
-# parameters, 512 pixels are too few (an 8-step test fit reached 10x the loss), 768 enough
-# (docs/performance.md).
+# loss); 2048 for every problem before. On the 10 bench photos (102 parameters: 816 pixels)
+# the landmark NME and photometric loss stayed the same at 14 % less CPU per photo (20 % at
+# 512 pixels), and a following video frame (39 parameters: 512) took 10-30 % less; with the
+# BFM09 layout's 257 parameters, 512 pixels are too few (an 8-step test fit reached 10x the
+# loss), 768 enough, and a fit converges in fewer steps with 2048 (docs/performance.md).
 HESSIAN_PIXELS_PER_PARAM, HESSIAN_MIN_PIXELS = 8, 512
 
 GEOMETRY = ("id", "exp", "angles", "trans")
