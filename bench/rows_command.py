@@ -82,11 +82,7 @@ def command_rows(clip: str, nworkers: int = 2, device: str = "auto", lm_detector
                "--quiet", *extra]
         if threads:
             cmd += ["--threads", str(threads)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f"fit_video.py failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+        wall = _timed(cmd)
         stem = os.path.splitext(os.path.basename(clip))[0]
         with open(os.path.join(tmp, f"{stem}_info.json"), encoding="utf-8") as f:
             info = json.load(f)

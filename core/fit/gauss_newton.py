@@ -433,19 +433,32 @@ class PhotometricProblem:
         grad += 2 * (full.transpose(1, 2) @ r[..., None])[..., 0]
 
 
+def _map_frames(fn, st: State, *others: State) -> State:
+    """A state whose per-frame tensors (first dim B = the batch) are ``fn`` of ``st``'s and
+    the same fields of ``others``; values shared by the frames (batch 1), scalars and
+    missing ones (None) are ``st``'s as they are."""
+    batch = st.cost.shape[0]
+
+    def each(v, *w):
+        per_frame = torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch
+        return fn(v, *w) if per_frame and all(torch.is_tensor(x) for x in w) else v
+
+    out = None if st.out is None else dataclasses.replace(st.out, **{
+        f.name: each(getattr(st.out, f.name), *(getattr(o.out, f.name) for o in others))
+        for f in dataclasses.fields(st.out)})
+    return State(cost=each(st.cost, *(o.cost for o in others)),
+                 terms={k: each(v, *(o.terms[k] for o in others)) for k, v in st.terms.items()},
+                 coeffs=Coeffs(**{k: each(v, *(getattr(o.coeffs, k) for o in others))
+                                  for k, v in st.coeffs.as_dict().items()}),
+                 out=out, screen=each(st.screen, *(o.screen for o in others)),
+                 pix_to_face=each(st.pix_to_face, *(o.pix_to_face for o in others)),
+                 keypoints=each(st.keypoints, *(o.keypoints for o in others)))
+
+
 def take_state(st: State, keep: torch.Tensor) -> State:
     """The state of the frames ``keep`` ((B,) bool or (B',) ids) of a batch: every per-frame
     tensor indexed (values shared by the frames, batch 1, kept as they are)."""
-    batch = st.cost.shape[0]
-
-    def rows(v):
-        return v[keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v
-
-    out = None if st.out is None else dataclasses.replace(
-        st.out, **{f.name: rows(getattr(st.out, f.name)) for f in dataclasses.fields(st.out)})
-    return State(cost=rows(st.cost), terms={k: rows(v) for k, v in st.terms.items()},
-                 coeffs=Coeffs(**{k: rows(v) for k, v in st.coeffs.as_dict().items()}), out=out,
-                 screen=rows(st.screen), pix_to_face=rows(st.pix_to_face), keypoints=rows(st.keypoints))
+    return _map_frames(lambda v: v[keep], st)
 
 
 def merge_states(better: torch.Tensor, new: State, old: State) -> State:
@@ -453,21 +466,7 @@ def merge_states(better: torch.Tensor, new: State, old: State) -> State:
     same frames (same landmark vertex ids per frame where both have them). Values shared
     by the frames (batch 1) are the same in both and kept. No rendering: the result is
     what evaluating each frame at its chosen point gives."""
-    batch = new.cost.shape[0]
-
-    def pick(a, b):
-        if not torch.is_tensor(a) or a.dim() == 0 or a.shape[0] != batch:
-            return a
-        return torch.where(better.view(-1, *([1] * (a.dim() - 1))), a, b)
-
-    out = None if new.out is None else dataclasses.replace(
-        new.out, **{f.name: pick(getattr(new.out, f.name), getattr(old.out, f.name))
-                    for f in dataclasses.fields(new.out)})
-    kp = new.keypoints if new.keypoints is None or old.keypoints is None else pick(new.keypoints, old.keypoints)
-    return State(cost=pick(new.cost, old.cost), terms={k: pick(v, old.terms[k]) for k, v in new.terms.items()},
-                 coeffs=Coeffs(**{k: pick(v, getattr(old.coeffs, k)) for k, v in new.coeffs.as_dict().items()}),
-                 out=out, screen=pick(new.screen, old.screen), pix_to_face=pick(new.pix_to_face, old.pix_to_face),
-                 keypoints=kp)
+    return _map_frames(lambda a, b: torch.where(better.view(-1, *([1] * (a.dim() - 1))), a, b), new, old)
 
 
 def _skew(v: torch.Tensor) -> torch.Tensor:
