@@ -247,3 +247,29 @@ def test_reader_streams_bgr_sources_written_by_opencv(tmp_path):
         frames = [f for _, f in r.frames()]
     assert len(frames) == 3
     assert frames[0][..., 0].mean() > 200 and frames[0][..., 2].mean() < 40
+
+
+@pytest.mark.parametrize("size", [(96, 64), (95, 63)])
+def test_colours_round_trip(tmp_path, size):
+    """Even sizes go down the pipe as 4:2:0 (OpenCV's conversion), odd ones as RGB: both
+    decode to the colours written (a wrong matrix or range would be off by 10-40 levels)."""
+    w, h = size
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = np.linspace(0, 255, w, dtype=np.float32)[None].round().astype(np.uint8)
+    img[..., 1] = np.linspace(255, 0, h, dtype=np.float32)[:, None].round().astype(np.uint8)
+    img[..., 2] = 128
+    img[8:24, 8:24] = (250, 40, 40)
+    img[8:24, 40:56] = (30, 200, 60)
+    img[40:56, 8:24] = (255, 255, 255)
+    img[40:56, 40:56] = (0, 0, 0)
+    path = tmp_path / "c.mp4"
+    with VideoWriter(path, (w, h), 10) as wr:
+        for _ in range(3):
+            wr.write(img)
+    with VideoReader(path) as r:
+        frames = [f for _, f in r.frames()]
+    assert len(frames) == 3
+    err = np.abs(frames[1].astype(float) - img)
+    assert err.mean() < 2.5
+    for y, x, colour in ((16, 16, (250, 40, 40)), (16, 48, (30, 200, 60)), (48, 16, (255, 255, 255)), (48, 48, (0, 0, 0))):
+        assert np.abs(frames[1][y - 3:y + 4, x - 3:x + 4].reshape(-1, 3).mean(0) - colour).max() < 6
