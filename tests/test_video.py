@@ -641,6 +641,36 @@ def test_spawned_workers_report_every_kept_frame(track, clip, tmp_path):
         assert times == sorted(times)
 
 
+def test_a_pool_started_ahead_runs_the_jobs_and_ends_its_idle_process(track, clip, tmp_path):
+    """Worker processes started before their jobs (as run_video does before the landmark
+    pass): two of the three get a job and fit it exactly as in this process; the idle one
+    ends when the pool closes, on its own (exit status 0, not terminated)."""
+    jobs = [_job(track, clip, tmp_path, worker=0, stop=3), _job(track, clip, tmp_path, worker=1, start=5, stop=7)]
+    events = []
+    with V.WorkerPool(3) as pool:
+        procs = list(pool._procs)
+        V.run_workers(jobs, on_frame=events.append, pool=pool)
+        assert sorted(p.exitcode for p in procs[:2]) == [0, 0] and procs[2].is_alive()
+    assert procs[2].exitcode == 0
+    assert [(e.worker, e.frame) for e in events if e.worker == 0] == [(0, 0), (0, 1), (0, 2)]
+    assert [(e.worker, e.frame) for e in events if e.worker == 1] == [(1, 5), (1, 6)]
+    for job in jobs:
+        pooled = dict(np.load(job.cache_path))
+        here = V.fit_clip(dataclasses.replace(job, cache_path=str(tmp_path / f"again{job.worker}.npz")))
+        for g in ("fitted",) + V.PER_FRAME_GROUPS:
+            np.testing.assert_array_equal(pooled[g], here[g])
+
+
+def test_a_pool_process_lost_before_its_job_is_a_one_line_failure(track, clip, tmp_path):
+    with V.WorkerPool(2) as pool:
+        pool._procs[1].kill()
+        pool._procs[1].join()
+        jobs = [_job(track, clip, tmp_path, worker=0, stop=2), _job(track, clip, tmp_path, worker=1, start=2, stop=4)]
+        with pytest.raises(UserError, match=r"^worker 1 failed: the process exited with code -9 \(killed"):
+            V.run_workers(jobs, pool=pool)
+        assert not pool._procs[0].is_alive()  # the other one was stopped
+
+
 def test_failing_worker_stops_the_run(track, clip, tmp_path):
     good = _job(track, clip, tmp_path, worker=0, stop=2)
     bad = _job(track, clip, tmp_path, worker=1, start=2, stop=4, video=str(tmp_path / "gone.mp4"))

@@ -25,9 +25,9 @@ from .landmarks import LandmarkTrack, landmark_pass
 from .options import VideoOptions, check_frame_range, format_frame_range, parse_frame_range
 from .run import VideoReport, run_video
 from .shape import ShapeResult, fit_shape, select_shape_frames
-from .workers import cpu_oversubscription, run_workers, threads_per_worker
+from .workers import WorkerPool, cpu_oversubscription, run_workers, threads_per_worker
 
 __all__ = ["VideoOptions", "LandmarkTrack", "ShapeResult", "ClipJob", "FrameDone", "VideoReport", "PER_FRAME_GROUPS",
-           "split_clips", "select_shape_frames", "transfer_pose", "landmark_pass", "fit_shape", "fit_clip",
+           "WorkerPool", "split_clips", "select_shape_frames", "transfer_pose", "landmark_pass", "fit_shape", "fit_clip",
            "run_workers", "run_video", "output_names", "threads_per_worker", "cpu_oversubscription",
            "parse_frame_range", "format_frame_range", "check_frame_range", "cache_lock"]

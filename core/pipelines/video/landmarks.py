@@ -102,6 +102,13 @@ def _landmark_files(cache_dir: Optional[str], frame_range) -> Tuple[Optional[str
     return final, partial_path(final)
 
 
+def landmarks_cached(cache_dir: Optional[str], frame_range: Optional[FrameRange] = None) -> bool:
+    """Whether ``cache_dir`` holds a finished landmark pass of ``frame_range`` (a file
+    check only: :func:`landmark_pass` still checks its key)."""
+    final, _ = _landmark_files(cache_dir, frame_range)
+    return bool(final) and os.path.isfile(final)
+
+
 def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, progress: bool = True,
                   checkpoint_s: float = 30.0, tracker: Optional[FaceTracker] = None,
                   frame_range: Optional[FrameRange] = None, keep: Collection[int] = ()) -> LandmarkTrack:

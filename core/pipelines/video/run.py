@@ -4,7 +4,9 @@
 ``VideoOptions.frame_range`` restricts every stage to source frames [start, stop): the
 landmark pass seeks to start, caches are keyed (and named) by the range, frame indices in
 the outputs stay source indices. One run at a time uses a cache folder
-(:func:`~core.pipelines.video.cache.cache_lock`); worker processes end with the main
+(:func:`~core.pipelines.video.cache.cache_lock`); on a first run (no finished landmark
+pass in the cache) the worker processes start before the landmark pass, so their start-up
+overlaps it (:class:`~core.pipelines.video.workers.WorkerPool`); they end with the main
 process however it ends (:mod:`core.pipelines.video.workers`).
 """
 from __future__ import annotations
@@ -30,10 +32,10 @@ from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, mo
 from .clips import ClipJob, FrameDone, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
 from .export import write_nerf
-from .landmarks import LandmarkTrack, landmark_key, landmark_pass
+from .landmarks import LandmarkTrack, landmark_key, landmark_pass, landmarks_cached
 from .options import VideoOptions, check_frame_range, check_options, resolve_options
 from .shape import ShapeResult, fit_shape, planned_shape_frames
-from .workers import cpu_count, cpu_oversubscription, run_workers, threads_per_worker, worker_devices
+from .workers import WorkerPool, cpu_count, cpu_oversubscription, run_workers, threads_per_worker, worker_devices
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +88,23 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
             log.info("cache: %s (re-runs reuse it; --cache_folder '' for none)", os.path.abspath(cache_dir))
         else:
             cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fit_video_"))
+        pool = None
+        if clip_runner is None and options.nworkers > 1 and not landmarks_cached(cache_dir, options.frame_range):
+            # A first run: start the workers now; their start-up overlaps the landmark pass.
+            pool = stack.enter_context(WorkerPool(options.nworkers))
         threads = torch.get_num_threads()
         if options.threads:
             torch.set_num_threads(options.threads)
         try:
             return _run(session, detector, video_path, video_info, res_folder, options, info_extra or {}, progress,
-                        on_frame, cache_dir, names, t_start, clip_runner)
+                        on_frame, cache_dir, names, t_start, clip_runner, pool)
         finally:
             if options.threads:  # else the count is the adaptive governor's (core.threads): leave it
                 torch.set_num_threads(threads)
 
 
 def _run(session, detector, video_path, video_info, res_folder, options, info_extra, progress, on_frame, cache_dir,
-         names, t_start, clip_runner):
+         names, t_start, clip_runner, pool=None):
     timings: Dict[str, float] = {}
     cfg = session.fitter.cfg
     tar_size = session.camera.image_size
@@ -160,7 +166,10 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
             if on_frame is not None:
                 on_frame(event)
 
-        (run_workers if clip_runner is None else clip_runner.run)(jobs, on_frame=frame_done)
+        if clip_runner is None:
+            run_workers(jobs, on_frame=frame_done, pool=pool)
+        else:
+            clip_runner.run(jobs, on_frame=frame_done)
     for job in jobs:
         loaded = load_npz(job.cache_path, job.key)
         if loaded is None:

@@ -1,5 +1,5 @@
 """Running clip jobs in worker processes (torch.multiprocessing, spawn): the worker entry,
-the parent's message loop with its checks of every worker's exit, the watchdog that ends a
+a pool of workers started ahead of their jobs, the parent's message loop with its checks of every worker's exit, the watchdog that ends a
 worker with its parent, and how many threads and which device each worker gets."""
 from __future__ import annotations
 
@@ -111,10 +111,77 @@ def _worker_entry(job: ClipJob, messages, parent_pid: Optional[int] = None) -> N
     messages.put(("done", job.worker))
 
 
+def _pool_entry(inbox, messages, parent_pid: int) -> None:
+    """Process target of a :class:`WorkerPool` process: wait for a job on ``inbox`` and
+    run it as :func:`_worker_entry` does (None: end without one)."""
+    _die_with_parent(parent_pid)
+    job = inbox.get()
+    if job is not None:
+        _worker_entry(job, messages)
+
+
+class WorkerPool:
+    """``size`` worker processes (spawn) started before their jobs exist, so that their
+    start-up (a new interpreter importing torch and this project: about 3 s of a core each
+    on a 2-core CPU) runs while this process is still busy with the stages before the
+    fitting, which leave part of the cores idle. :func:`run_workers` ``(jobs, pool=...)``
+    hands each process one job. ``close`` ends the processes that got none (and stops any
+    still running); the pool is a context manager that closes on the way out."""
+
+    def __init__(self, size: int):
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.messages = ctx.Queue()
+        self._inboxes = [ctx.SimpleQueue() for _ in range(int(size))]
+        self._procs = [ctx.Process(target=_pool_entry, args=(inbox, self.messages, os.getpid()),
+                                   name=f"fit-worker-{k}", daemon=True) for k, inbox in enumerate(self._inboxes)]
+        self._given = [False] * len(self._procs)
+        for p in self._procs:
+            p.start()
+
+    @property
+    def size(self) -> int:
+        return len(self._procs)
+
+    def give(self, jobs: Sequence[ClipJob]) -> dict:
+        """Send each job to a process that has none yet; returns {job.worker: process}."""
+        free = [k for k, given in enumerate(self._given) if not given]
+        if len(jobs) > len(free):
+            raise ValueError(f"{len(jobs)} jobs for {len(free)} free pool processes")
+        procs = {}
+        for job, k in zip(jobs, free):
+            self._inboxes[k].put(job)
+            self._given[k] = True
+            procs[job.worker] = self._procs[k]
+        return procs
+
+    def close(self) -> None:
+        for k, p in enumerate(self._procs):
+            if not self._given[k] and p.is_alive():
+                with contextlib.suppress(OSError, ValueError):
+                    self._inboxes[k].put(None)
+                self._given[k] = True
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
+        self.messages.close()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone], None]] = None,
-                in_process: Optional[bool] = None, poll_s: float = 0.2) -> None:
+                in_process: Optional[bool] = None, poll_s: float = 0.2,
+                pool: Optional[WorkerPool] = None) -> None:
     """Run :func:`fit_clip` for every job, each in its own spawned process (one job: in
-    this process unless ``in_process`` is False). ``on_frame`` is called in this process
+    this process unless ``in_process`` is False), taken from ``pool`` (already started)
+    when it has enough free processes. ``on_frame`` is called in this process
     with the :class:`FrameDone` of every kept frame of every worker, as its message
     arrives (each worker's in order). Any failing worker stops the others and raises
     ``UserError("worker k failed: ...")``; results are in the jobs' cache files."""
@@ -128,16 +195,21 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
             except UserError as e:
                 raise UserError(f"worker {job.worker} failed: {e}") from None
         return
-    import torch.multiprocessing as mp
+    pooled = pool is not None and pool.size >= len(jobs)
+    if pooled:
+        messages, procs = pool.messages, pool.give(jobs)
+    else:
+        import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    messages = ctx.Queue()
-    procs = {job.worker: ctx.Process(target=_worker_entry, args=(job, messages, os.getpid()),
-                                     name=f"fit-worker-{job.worker}", daemon=True) for job in jobs}
+        ctx = mp.get_context("spawn")
+        messages = ctx.Queue()
+        procs = {job.worker: ctx.Process(target=_worker_entry, args=(job, messages, os.getpid()),
+                                         name=f"fit-worker-{job.worker}", daemon=True) for job in jobs}
     finished = set()
     try:
-        for p in procs.values():
-            p.start()
+        if not pooled:
+            for p in procs.values():
+                p.start()
         while len(finished) < len(procs):
             try:
                 msg = messages.get(timeout=poll_s)
@@ -179,4 +251,5 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
                 p.terminate()
         for p in procs.values():
             p.join(timeout=10)
-        messages.close()
+        if not pooled:  # (the pool's queue is the pool's to close)
+            messages.close()
