@@ -153,7 +153,7 @@ def test_writer_encoder_death_is_a_user_error(tmp_path):
 def test_writer_checks_the_file_before_the_rename(tmp_path, monkeypatch):
     """ffmpeg's exit status is not trusted alone: a file that does not read back with
     every frame written is not renamed into place."""
-    import core.io.video as vio
+    import core.io.video_out as vio  # where the writer looks the check up
 
     real = vio.check_video_file
     seen = []
@@ -273,3 +273,46 @@ def test_colours_round_trip(tmp_path, size):
     assert err.mean() < 2.5
     for y, x, colour in ((16, 16, (250, 40, 40)), (16, 48, (30, 200, 60)), (48, 16, (255, 255, 255)), (48, 48, (0, 0, 0))):
         assert np.abs(frames[1][y - 3:y + 4, x - 3:x + 4].reshape(-1, 3).mean(0) - colour).max() < 6
+
+
+def test_concat_joins_segments_in_order_with_the_audio(tmp_path):
+    """Segments written by separate VideoWriters (one per clip of a video) joined without
+    re-encoding: every frame, in order, the source's audio copied in; the joined file
+    appears only at commit. A name with a quote survives the concat list's quoting."""
+    import imageio_ffmpeg
+    from core.io.video import VideoConcat
+
+    src = tmp_path / "with_audio.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "color=c=gray:s=96x64:r=25:d=1", "-f", "lavfi", "-i", "sine=frequency=440:duration=1",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(src)],
+                   check=True, capture_output=True)
+    parts = [(tmp_path / "a.mp4", range(0, 7)), (tmp_path / "it's b.mp4", range(7, 9)), (tmp_path / "c.mp4", range(9, 20))]
+    for path, ks in parts:
+        with VideoWriter(path, (96, 64), 25) as wr:
+            for k in ks:
+                wr.write(_frame(k))
+    out = tmp_path / "joined.mp4"
+    joined = VideoConcat(out, [str(p) for p, _ in parts], [len(ks) for _, ks in parts], audio_from=str(src))
+    assert joined.frames_written == 20 and not out.exists()
+    joined.commit()
+    assert probe_video(str(out)).num_frames == 20 and has_audio_stream(str(out))
+    with VideoReader(out) as r:
+        assert [_decode_index(f) for _, f in r.frames()] == list(range(20))
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.mp4", "it's b.mp4", "c.mp4", "joined.mp4", "with_audio.mp4"])
+
+
+def test_concat_failure_is_one_line_and_leaves_nothing(tmp_path):
+    from core.io.video import VideoConcat
+
+    _write(tmp_path / "a.mp4", 3)
+    (tmp_path / "b.mp4").write_bytes(b"not a video")
+    out = tmp_path / "joined.mp4"
+    with pytest.raises(UserError, match=r"^writing the video '.*joined\.mp4' failed: ") as e:
+        with VideoConcat(out, [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")], [3, 3]):
+            pass
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4", "b.mp4"]
+    with pytest.raises(UserError, match="incomplete"):  # a frame count that does not add up
+        VideoConcat(out, [str(tmp_path / "a.mp4")], [4]).commit()
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4", "b.mp4"]
