@@ -5,7 +5,9 @@ no cache: ``--cache_folder ''``), with the default schedule and ``--nworkers 2``
 time is compared with the clip's own duration (the real-time factor: clip seconds / wall
 seconds, 1 = real time), and split into the stages the command's ``<video>_info.json``
 reports (``timings_s``): start-up and the rest (wall minus the pipeline's total), the landmark
-pass, the shared identity/albedo fit, the per-frame fitting and composing the output video.
+pass, the shared identity/albedo fit, the per-frame fitting and composing the output video
+(the workers compose their frames as they fit them: then the last stage only joins their
+parts, and composes what came from a cache).
 
 The photo rows time ``fit_single_img.py`` on one photo the same way (a new process each time,
 the default schedule) against the floor a Python tool built on torch cannot go under: the
@@ -51,19 +53,27 @@ def command_rows_from(wall_s: float, info: dict, duration_s: float, desc: str) -
     rows = [Row(SECTION, "fit_video.py wall time (s)", None, wall_s, "lower", missing=NOT_RUN, note=desc),
             Row(SECTION, "real-time factor (clip s / wall s)", None, duration_s / wall_s if wall_s > 0 else None,
                 "higher", missing=NOT_RUN, note=f"clip {duration_s:.1f} s; >= 1 is real time or faster")]
+    labels = dict(STAGES)
+    inline = int(tm.get("composed_while_fitting", 0))
+    if inline:  # the workers composed (some of) the frames as they fitted them
+        labels["fit_s"] = "per-frame fitting and composing its frames"
+        labels["render_s"] = "composing the rest and joining the parts"
     other = wall_s - float(tm.get("total_s", 0.0))
     rows.append(Row(SECTION, "stage: start-up and the rest (s)", None, max(other, 0.0), "lower", missing=NOT_RUN,
                     note="wall time minus the pipeline's total: imports, model and detector loading, writing"))
-    for key, label in STAGES:
+    for key, _ in STAGES:
         if key in tm:
-            rows.append(Row(SECTION, f"stage: {label} (s)", None, float(tm[key]), "lower", missing=NOT_RUN,
-                            note="from the command's info.json timings_s"))
+            note = "from the command's info.json timings_s"
+            if key == "fit_s" and inline:
+                note += f"; {inline} frames composed by the fitting workers as they went"
+            rows.append(Row(SECTION, f"stage: {labels[key]} (s)", None, float(tm[key]), "lower", missing=NOT_RUN,
+                            note=note))
     nme = info.get("landmark_nme_interocular")
     mean = nme.get("mean") if isinstance(nme, dict) else nme
     if mean is not None:
         rows.append(Row(SECTION, "landmark NME (%, mean over frames)", None, 100.0 * float(mean), "lower",
                         missing=NOT_RUN, note="the command's own figure (info.json)"))
-    slowest = max(((float(tm[k]), label) for k, label in STAGES if k in tm), default=None)
+    slowest = max(((float(tm[k]), labels[k]) for k, _ in STAGES if k in tm), default=None)
     if slowest is not None:
         rows[0].note += f"; slowest stage: {slowest[1]}"
     return rows

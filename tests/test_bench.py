@@ -281,6 +281,13 @@ def test_whole_command_rows_split_the_wall_time_into_stages():
     assert rows["landmark NME (%, mean over frames)"].default == pytest.approx(4.0)
     assert "slowest stage: identity/albedo fit" in rows["fit_video.py wall time (s)"].note
     assert all(r.original is None and r.missing for r in rows.values())
+    # composed by the workers while fitting: the stages say so
+    info["timings_s"].update(composed_while_fitting=300, fit_s=9.0)
+    rows = {r.metric: r for r in command_rows_from(15.0, info, 20.0, "cmd")}
+    fit = rows["stage: per-frame fitting and composing its frames (s)"]
+    assert fit.default == 9.0 and "300 frames composed by the fitting workers" in fit.note
+    assert rows["stage: composing the rest and joining the parts (s)"].default == 2.0
+    assert "slowest stage: per-frame fitting and composing its frames" in rows["fit_video.py wall time (s)"].note
 
 
 def test_photo_command_rows_compare_the_run_with_its_fit_plus_import(monkeypatch):

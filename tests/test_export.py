@@ -7,6 +7,7 @@ land where the pkl's pose in the frame camera puts them, and on the tracked land
 with the run's own landmark error."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -132,6 +133,28 @@ def test_meshes_hold_every_frame_posed(export_run, model_path):
     for i, e in pkl["fitting_res"].items():
         v = _model_landmarks(model_path, pkl["id"], e["exp"]) @ _rotation(e["rot"]).T + e["trans"]
         assert np.abs(meshes[i][kp].astype(np.float64) - v).max() < 2e-3
+
+
+def test_meshes_composed_while_fitting_or_after_are_the_same(tmp_path, clip, model_path):
+    """Two workers compose their clips (and keep their meshes) while fitting; with one
+    clip's cache removed, a re-run fits that one again (composing it while fitting) and
+    this process renders the other: the same meshes, exactly."""
+    cache, out = tmp_path / "cache", {}
+    for name in ("fresh", "mixed"):
+        if name == "mixed":
+            os.remove(sorted(glob.glob(str(cache / "talk" / "clip_*.npz")))[0])
+        rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(tmp_path / name), "--cache_folder",
+                                       str(cache), "--model_path", model_path, "--save_meshes", "--nworkers", "2"]
+                      + FAST)
+        assert rc == 0
+        with open(tmp_path / name / "talk_info.json", encoding="utf-8") as f:
+            out[name] = (np.load(tmp_path / name / "talk_meshes.npy"), json.load(f))
+    (fresh, info_f), (mixed, info_m) = out["fresh"], out["mixed"]
+    assert info_f["timings_s"]["composed_while_fitting"] == N_FRAMES
+    assert 0 < info_m["timings_s"]["composed_while_fitting"] < N_FRAMES
+    np.testing.assert_array_equal(fresh, mixed)
+    assert np.isnan(fresh[list(BLANKS)].astype(np.float32)).all()
+    assert np.isfinite(np.delete(fresh, list(BLANKS), axis=0).astype(np.float32)).all()
 
 
 def test_a_given_focal_and_principal_point_are_kept(tmp_path, clip, model_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import pickle
@@ -174,8 +175,10 @@ def test_info_reports_stages_devices_and_timings(runs):
     assert info["nworkers"] == 1 and info["worker_devices"] == ["cpu"] and info["device"] == "cpu"
     assert info["detector"] == "dlib" and info["frames_without_face"] == list(BLANKS)
     assert len(info["shape_frames"]) == 3 and not set(info["shape_frames"]) & set(BLANKS)
-    for stage in ("landmarks", "fitting", "rendering", "overall"):
+    for stage in ("landmarks", "fitting", "overall"):
         assert info["fps"][stage] > 0
+    # every frame was composed while fitted (by the clip's worker): no rendering stage after it
+    assert info["timings_s"]["composed_while_fitting"] == N_FRAMES and info["fps"]["rendering"] is None
     _, (_, info2) = runs["w2"]
     assert info2["nworkers"] == 2 and info2["worker_devices"] == ["cpu", "cpu"]
     assert info2["threads_per_worker"] == 1  # --threads
@@ -296,6 +299,86 @@ def _cache_copy(runs, tmp_path) -> str:
     return str(dst)
 
 
+def _video_frames(path) -> list:
+    with VideoReader(path) as r:
+        return [f for _, f in r.frames()]
+
+
+@pytest.mark.parametrize("cached", ["all", "one"])
+def test_clips_composed_while_fitting_or_after_make_the_same_video(runs, clip, model_path, tmp_path, cached):
+    """The 2-worker run composed each clip while fitting it; the same run again from its
+    cache (all clips reused: composed after, in this process), or with one clip's cache
+    removed (one composed while fitting, one after, joined), writes the same video: every
+    frame, within x264's re-encoding noise of the first run (a frame composed from other
+    coefficients or in the wrong place would be off by far more), the same per-frame NMEs
+    (tests/test_export.py: the meshes)."""
+    res0, (_, info0) = runs["w2"]
+    cache = _cache_copy(runs, tmp_path)
+    second = os.path.join(cache, "talk", "clip_0000008_0000016.npz")  # w2's second clip
+    assert os.path.isfile(second) and os.path.isfile(os.path.join(cache, "talk", "clip_0000000_0000008.npz"))
+    if cached == "one":
+        os.remove(second)
+    res = tmp_path / "res"
+    rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(res), "--cache_folder", cache,
+                                   "--model_path", model_path, "--nworkers", "2", "--clip_overlap", "0"] + FAST)
+    assert rc == 0
+    _, info = _load(str(res), "talk")
+    assert info["timings_s"]["composed_while_fitting"] == (0 if cached == "all" else 8)
+    assert info["fps"]["rendering"] > 0
+    assert info["landmark_nme_interocular"] == info0["landmark_nme_interocular"]
+    a, b = _video_frames(os.path.join(res0, "talk_recon_video.mp4")), _video_frames(res / "talk_recon_video.mp4")
+    assert len(a) == len(b) == N_FRAMES
+    assert max(np.abs(x.astype(float) - y).mean() for x, y in zip(a, b)) < 2.0
+    assert not glob.glob(os.path.join(cache, "talk", "compose_*"))  # the run's segments are gone
+
+
+def test_composer_in_the_worker_writes_what_the_main_process_writes(track, clip, tmp_path, monkeypatch):
+    """Frame by frame, before encoding: a clip composed by fit_clip while it fits equals
+    the same frames composed afterwards by render_video from its results."""
+    from core.pipelines.video import clips as clips_mod, compose
+
+    written = {}
+
+    class Recorder:
+        def __init__(self, path, size, fps, **kw):
+            self.path, self.frames_written = str(path), 0
+            written[self.path] = []
+
+        def write(self, frame):
+            written[self.path].append(frame.copy())
+            self.frames_written += 1
+
+        def finish(self):
+            pass
+
+        def commit(self):
+            open(self.path, "wb").close()
+
+        def abort(self):
+            pass
+
+    monkeypatch.setattr(clips_mod, "VideoWriter", Recorder)
+    job = _job(track, clip, tmp_path, worker=0, start=2, stop=9)  # frames 3 and 4: no face
+    job.segment, job.frame_size, job.fps = str(tmp_path / "seg.mp4"), (track.width, track.height), track.fps
+    res = V.fit_clip(job)
+    arrays = np.load(clips_mod.segment_arrays_path(job.segment))
+    assert arrays["frames"].tolist() == [2, 5, 6, 7, 8]
+    session = job.session.build()
+    merged = {"fitted": np.zeros(track.num_frames, bool), **{g: np.zeros((track.num_frames, res[g].shape[1]), np.float32)
+                                                             for g in V.PER_FRAME_GROUPS}}
+    merged["fitted"][2:9] = res["fitted"]
+    for g in V.PER_FRAME_GROUPS:
+        merged[g][2:9] = res[g]
+    shape = V.ShapeResult(id=job.id, tex=job.tex, frames=[], losses={}, reused=False)
+    main = Recorder(str(tmp_path / "main.mp4"), None, None)
+    nme = compose.render_video(session, clip, track, track.crop_boxes(0.3), shape, merged, main, False, span=(2, 9))
+    assert len(written[job.segment]) == len(written[main.path]) == 7
+    for x, y in zip(written[job.segment], written[main.path]):
+        np.testing.assert_array_equal(x, y)
+    assert dict(zip(arrays["frames"].tolist(), arrays["nme"].tolist())) == nme["per_frame"]
+    np.testing.assert_array_equal(arrays["landmarks"], nme["landmarks"][[2, 5, 6, 7, 8]])
+
+
 # --- frame ranges ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,expected", [("100:", (100, None)), (":250", (0, 250)), ("3:7", (3, 7)),
@@ -350,7 +433,10 @@ def test_frame_range_fits_and_composes_only_the_range(range_run, clip, model_pat
             outside = np.ones(f.shape[:2], bool)
             outside[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = False
             diffs = [np.abs(f.astype(int) - src[j].astype(int)).mean(axis=2) for j in range(N_FRAMES)]
-            assert np.argmin([d[outside].mean() for d in diffs]) == i, k
+            # the source frame i, or one as close as it within the encoder's noise (the sample clip
+            # repeats some frames: 5 and 6 differ by 0.1 levels; a frame one off elsewhere is 0.6+ worse)
+            away = [d[outside].mean() for d in diffs]
+            assert away[i] <= min(away) + 0.15, (k, away)
             assert diffs[i][outside].mean() < 3 and (diffs[i][~outside] > 40).mean() > 0.005, k
     tracked = np.load(os.path.join(range_run["cache"], "talk", "landmarks_2_12.npz"))["landmarks"]
     assert tracked.shape == (10, 68, 2)
@@ -679,15 +765,21 @@ def test_failing_worker_stops_the_run(track, clip, tmp_path):
     assert not os.path.exists(bad.cache_path)
 
 
-def test_encoder_failure_is_an_error_and_leaves_nothing(runs, clip, model_path, tmp_path):
-    """The composed video cannot be written (a file-size limit: a full disk): fit_video.py
+@pytest.mark.parametrize("where", ["after", "while fitting"])
+def test_encoder_failure_is_an_error_and_leaves_nothing(runs, clip, model_path, tmp_path, where):
+    """The composed video cannot be written (a file-size limit: a full disk), composed
+    after the fitting (all clips cached) or by the workers while they fit: fit_video.py
     exits 2 with one error line, ffmpeg's own messages stay hidden, and the output folder
     is left empty (no pkl, info, video or temporary file)."""
     limit = 12 * 1024  # the pkl and info would fit; the video (checked below) does not
     assert os.path.getsize(os.path.join(runs["w1"][0], "talk_recon_video.mp4")) > 4 * limit
     res = tmp_path / "res"
+    cache = _cache_copy(runs, tmp_path)
+    if where != "after":  # the clips are fitted again (their cache files stay under the limit)
+        for c in glob.glob(os.path.join(cache, "talk", "clip_*.npz")):
+            os.remove(c)
     cmd = [sys.executable, str(REPO / "fit_video.py"), "--v_path", clip, "--res_folder", str(res), "--cache_folder",
-           _cache_copy(runs, tmp_path), "--model_path", model_path, "--nworkers", "1"] + FAST  # all cached
+           cache, "--model_path", model_path, "--nworkers", "1"] + FAST
 
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -698,8 +790,30 @@ def test_encoder_failure_is_an_error_and_leaves_nothing(runs, clip, model_path, 
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], lines
     assert all(ln.startswith(f"{len(BLANKS)} of {N_FRAMES} frames have no face") for ln in lines[:-1]), lines
-    assert re.fullmatch(r"error: writing the video '.*talk_recon_video\.mp4' failed: .*File too large.*", errors[0])
+    video = r"talk_recon_video\.mp4" if where == "after" else r"clip_0000000_0000016\.mp4"  # (the worker's part)
+    assert re.fullmatch(r"error: (worker 0 failed: )?writing the video '.*" + video + "' failed: .*File too large.*",
+                        errors[0]), errors[0]
     assert not os.path.exists(res) or os.listdir(res) == []
+    assert not glob.glob(os.path.join(cache, "talk", "compose_*"))
+
+
+def test_full_shared_memory_is_one_line(runs, clip, model_path, tmp_path):
+    """Worker processes get the face model through shared memory files: when those cannot
+    be written (a full /dev/shm; here a file-size limit), one line and exit 2."""
+    cache = _cache_copy(runs, tmp_path)
+    for c in glob.glob(os.path.join(cache, "talk", "clip_*.npz")):
+        os.remove(c)
+    cmd = [sys.executable, str(REPO / "fit_video.py"), "--v_path", clip, "--res_folder", str(tmp_path / "res"),
+           "--cache_folder", cache, "--model_path", model_path, "--nworkers", "2"] + FAST
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12 * 1024, 12 * 1024))
+
+    proc = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, preexec_fn=limited, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and re.fullmatch(r"error: cannot hand the jobs to the worker processes through "
+                                                 r"shared memory \(.+\): free space in /dev/shm, or use "
+                                                 r"--nworkers 1", lines[-1]), proc.stderr
 
 
 def _proc_stat(pid: int):

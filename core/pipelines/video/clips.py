@@ -24,12 +24,13 @@ import torch
 from core import threads as thread_control
 from core.errors import UserError
 from core.fit.fitter import PoseRef
-from core.io.video import VideoReader
+from core.io.video import VideoReader, VideoWriter
 from core.landmarks.crop import crop_face, photo_to_crop
 from core.models.coeffs import Coeffs
 from core.render.camera import Camera, FrameCamera
 
 from ..session import SessionSpec
+from .composer import Composer
 from .cache import load_npz, partial_path, save_npz
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,11 @@ class ClipJob:
     checkpoint_s: float = 30.0
     adaptive_threads: bool = True  # threads follow the free cores (core.threads), at most ``threads``
     camera: Optional[FrameCamera] = None  # the video's frame camera (None: the original's crop camera)
+    # Compose frames [start, stop) into this video as they are fitted (see fit_clip); None: not here.
+    segment: Optional[str] = None
+    frame_size: Tuple[int, int] = (0, 0)  # (width, height) of the source frames, for the segment
+    fps: float = 25.0                     # of the source, for the segment
+    meshes: bool = False                  # keep each composed frame's posed vertices in the segment's arrays
 
     @property
     def partial_path(self) -> str:
@@ -139,6 +145,15 @@ def fit_clip(job: ClipJob, on_frame: Optional[Callable[[FrameDone], None]] = Non
     (K,), ``fitted`` (K,) bool, and ``exp``, ``gamma``, ``angles``, ``trans`` (K, n),
     float32 (zeros where no face). ``on_frame`` receives a :class:`FrameDone` as each kept
     frame finishes, in order.
+
+    With ``job.segment``, a clip fitted from its first frame in this call (not resumed
+    from a checkpoint) also composes its kept frames as it goes, from the frames it has
+    decoded anyway (:class:`~core.pipelines.video.composer.Composer`, exactly what the main
+    process would write for them), into the video ``job.segment``, and then writes
+    :func:`segment_arrays_path` with each composed fitted frame's ``frames`` (source
+    index), ``nme``, model ``landmarks`` (frame pixels) and, with ``job.meshes``,
+    ``vertices`` (float16), under ``job.key``. Nothing is left under either name when it
+    fails.
     Runs with at most ``job.threads`` torch threads: fewer while other programs hold
     cores when ``job.adaptive_threads`` and a :mod:`core.threads` governor is installed
     (the scripts and the workers install one), else exactly that many; restored afterwards.
@@ -161,11 +176,8 @@ def fit_clip(job: ClipJob, on_frame: Optional[Callable[[FrameDone], None]] = Non
 
 def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, np.ndarray]:
     session = job.session.build()
-    fitter, model, cam, device = session.fitter, session.model, session.camera, session.device
-    tar_size = cam.image_size
-    dt = fitter.dtype
     total = job.stop - job.fit_start
-    sizes = model.layout.sizes()
+    sizes = session.model.layout.sizes()
     out = {g: np.zeros((total, sizes[g]), dtype=np.float32) for g in PER_FRAME_GROUPS}
     fitted = np.zeros(total, dtype=bool)
     done = 0
@@ -181,6 +193,63 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
             on_frame(FrameDone(job.worker, index, now, bool(fitted[j]), restored=True))
         log.info("worker %d: resuming clip [%d, %d) at frame %d", job.worker, job.start, job.stop, job.fit_start + done)
 
+    composer = None
+    if job.segment and done == 0 and total > 0:
+        writer = VideoWriter(job.segment, job.frame_size, job.fps)
+        composer = Composer(session, job.id, job.tex, job.camera, writer, meshes=job.meshes)
+    try:
+        if done < total:
+            done = _fit_frames(job, session, out, fitted, done, composer, on_frame)
+        if composer is not None:
+            composer.flush()
+            composer.writer.finish()
+    except BaseException:
+        if composer is not None:
+            composer.writer.abort()
+        raise
+    keep = slice(job.start - job.fit_start, total)
+    result = {"frames": np.arange(job.start, job.stop), "fitted": fitted[keep],
+              **{g: v[keep] for g, v in out.items()}}
+    save_npz(job.cache_path, job.key, **result)
+    with contextlib.suppress(OSError):
+        os.remove(job.partial_path)
+    if composer is not None:
+        _commit_segment(job, composer)
+    return result
+
+
+def segment_arrays_path(segment: str) -> str:
+    """Where :func:`fit_clip` keeps the arrays of the composed video ``segment``."""
+    return segment + ".npz"
+
+
+def _commit_segment(job: ClipJob, composer) -> None:
+    """Rename the finished segment into place, then write its arrays (their file marks
+    the segment complete)."""
+    composer.writer.commit()
+    keys = sorted(composer.nme)
+    arrays = {"frames": np.asarray(keys, dtype=np.int64),
+              "nme": np.asarray([composer.nme[k] for k in keys], dtype=np.float64),
+              "landmarks": np.stack([composer.landmarks.get(k, np.full((68, 2), np.nan, np.float32)) for k in keys])
+              if keys else np.zeros((0, 68, 2), np.float32)}
+    if job.meshes:
+        arrays["vertices"] = np.stack([composer.vertices[k] for k in keys]).astype(np.float16) if keys else \
+            np.zeros((0, 0, 3), np.float16)
+    try:
+        save_npz(segment_arrays_path(job.segment), job.key, **arrays)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(job.segment)
+        raise
+
+
+def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_frame) -> int:
+    """Fit frames fit_start + done .. stop - 1 in order (filling ``out`` and ``fitted``,
+    checkpointing, composing the kept ones with ``composer``); returns the new ``done``."""
+    fitter, model, cam, device = session.fitter, session.model, session.camera, session.device
+    tar_size = cam.image_size
+    dt = fitter.dtype
+    total = job.stop - job.fit_start
     id_t = torch.as_tensor(job.id, dtype=dt, device=device)[None]
     tex_t = torch.as_tensor(job.tex, dtype=dt, device=device)[None]
     # The last fitted frame's exp and gamma, kept on the device as the next frame's start,
@@ -194,55 +263,51 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
         return {g: torch.as_tensor(out[g][j], dtype=dt, device=device)[None] for g in ("exp", "gamma")}
 
     last_save = time.monotonic()
+    with VideoReader(job.video_path) as reader:
+        for index, frame in reader.frames(job.fit_start + done, job.stop, job.timestamps):
+            j = index - job.fit_start
+            lms = job.landmarks[j]
+            if np.all(np.isfinite(lms)):
+                box = job.crop_boxes[j]
+                crop = crop_face(frame, box, tar_size)
+                lm_crop = photo_to_crop(lms, box, tar_size)
+                frame_fitter = fitter
+                if job.camera is not None:  # one camera for the video: this frame's crop of it
+                    frame_fitter = fitter.with_camera(job.camera.crop(box, tar_size, dtype=dt, device=device))
+                if j > 0 and fitted[j - 1]:
+                    if job.camera is None:
+                        ang, tr = transfer_pose(out["angles"][j - 1], out["trans"][j - 1],
+                                                job.crop_boxes[j - 1], box, cam)
+                    else:  # the pose is in the frame camera whatever the crop
+                        ang, tr = out["angles"][j - 1], out["trans"][j - 1]
+                    ang_t = torch.as_tensor(ang, dtype=dt, device=device)[None]
+                    tr_t = torch.as_tensor(tr, dtype=dt, device=device)[None]
+                    init = Coeffs(id=id_t, tex=tex_t, angles=ang_t, trans=tr_t, **start_of(j - 1))
+                    pose_ref = PoseRef(angles=ang_t, trans=tr_t)
+                else:
+                    init = fitter.zeros(1).replace(id=id_t, tex=tex_t)
+                    pose_ref = None
+                # A following frame (warm-started, pose prior) gets Fitter.following()'s
+                # settings and rest_* iterations; the first one the first_* schedule.
+                res = frame_fitter.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
+                                       torch.as_tensor(crop[None], dtype=dt, device=device),
+                                       init=init, nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref,
+                                       following=pose_ref is not None, losses=False)
+                for g in PER_FRAME_GROUPS:
+                    out[g][j] = getattr(res.coeffs, g)[0].detach().cpu().numpy()
+                last = j, {g: getattr(res.coeffs, g).detach()[:1].to(torch.float32).to(dt)
+                           for g in ("exp", "gamma")}
+                fitted[j] = True
+            done = j + 1
+            if index >= job.start:
+                if composer is not None:
+                    composer.add(index, frame, {g: out[g][j] for g in PER_FRAME_GROUPS} if fitted[j] else None,
+                                 job.crop_boxes[j], lms)
+                on_frame(FrameDone(job.worker, index, time.time(), bool(fitted[j])))
+            if time.monotonic() - last_save > job.checkpoint_s and done < total:
+                save_npz(job.partial_path, job.key, done=np.array(done), fitted=fitted, **out)
+                last_save = time.monotonic()
     if done < total:
-        with VideoReader(job.video_path) as reader:
-            for index, frame in reader.frames(job.fit_start + done, job.stop, job.timestamps):
-                j = index - job.fit_start
-                lms = job.landmarks[j]
-                if np.all(np.isfinite(lms)):
-                    box = job.crop_boxes[j]
-                    crop = crop_face(frame, box, tar_size)
-                    lm_crop = photo_to_crop(lms, box, tar_size)
-                    frame_fitter = fitter
-                    if job.camera is not None:  # one camera for the video: this frame's crop of it
-                        frame_fitter = fitter.with_camera(job.camera.crop(box, tar_size, dtype=dt, device=device))
-                    if j > 0 and fitted[j - 1]:
-                        if job.camera is None:
-                            ang, tr = transfer_pose(out["angles"][j - 1], out["trans"][j - 1],
-                                                    job.crop_boxes[j - 1], box, cam)
-                        else:  # the pose is in the frame camera whatever the crop
-                            ang, tr = out["angles"][j - 1], out["trans"][j - 1]
-                        ang_t = torch.as_tensor(ang, dtype=dt, device=device)[None]
-                        tr_t = torch.as_tensor(tr, dtype=dt, device=device)[None]
-                        init = Coeffs(id=id_t, tex=tex_t, angles=ang_t, trans=tr_t, **start_of(j - 1))
-                        pose_ref = PoseRef(angles=ang_t, trans=tr_t)
-                    else:
-                        init = fitter.zeros(1).replace(id=id_t, tex=tex_t)
-                        pose_ref = None
-                    # A following frame (warm-started, pose prior) gets Fitter.following()'s
-                    # settings and rest_* iterations; the first one the first_* schedule.
-                    res = frame_fitter.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
-                                     torch.as_tensor(crop[None], dtype=dt, device=device),
-                                     init=init, nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref,
-                                     following=pose_ref is not None, losses=False)
-                    for g in PER_FRAME_GROUPS:
-                        out[g][j] = getattr(res.coeffs, g)[0].detach().cpu().numpy()
-                    last = j, {g: getattr(res.coeffs, g).detach()[:1].to(torch.float32).to(dt)
-                               for g in ("exp", "gamma")}
-                    fitted[j] = True
-                done = j + 1
-                if index >= job.start:
-                    on_frame(FrameDone(job.worker, index, time.time(), bool(fitted[j])))
-                if time.monotonic() - last_save > job.checkpoint_s and done < total:
-                    save_npz(job.partial_path, job.key, done=np.array(done), fitted=fitted, **out)
-                    last_save = time.monotonic()
-        if done < total:
-            raise UserError(f"video '{job.video_path}' ended at frame {job.fit_start + done}, "
-                            f"expected {job.stop} frames")
-    keep = slice(job.start - job.fit_start, total)
-    result = {"frames": np.arange(job.start, job.stop), "fitted": fitted[keep],
-              **{g: v[keep] for g, v in out.items()}}
-    save_npz(job.cache_path, job.key, **result)
-    with contextlib.suppress(OSError):
-        os.remove(job.partial_path)
-    return result
+        raise UserError(f"video '{job.video_path}' ended at frame {job.fit_start + done}, "
+                        f"expected {job.stop} frames")
+    return done

@@ -1,7 +1,8 @@
-"""Stage 4 of the video pipeline: the clips' results merged into the pkl, every fitted
-frame rendered and pasted back into its source frame, the composed video encoded, and the
-three outputs (pkl, video, info) renamed into place together at the end, the video only
-once it reads back complete."""
+"""Stage 4 of the video pipeline: the clips' results merged into the pkl, the composed
+video (the clips the workers composed while fitting them, joined, and the frames of
+clips from the cache rendered and pasted back here, :class:`~.composer.Composer`), and
+the three outputs (pkl, video, info) renamed into place together at the end, the video
+only once it reads back complete."""
 from __future__ import annotations
 
 import contextlib
@@ -10,22 +11,18 @@ import os
 import pickle
 import shutil
 import tempfile
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from core import threads as thread_control
 from core.errors import UserError
 from core.io.atomic import atomic_path
-from core.io.video import VideoReader, VideoWriter
-from core.landmarks.crop import crop_to_photo, paste_back
-from core.landmarks.metrics import landmark_nme
-from core.models.coeffs import Coeffs
+from core.io.video import VideoConcat, VideoReader, VideoWriter
 
 from ..session import Session
 from .clips import PER_FRAME_GROUPS
+from .composer import Composer, nme_summary
 from .landmarks import LandmarkTrack
 from .options import VideoOptions
 from .shape import ShapeResult
@@ -74,15 +71,20 @@ def pkl_contents(track: LandmarkTrack, boxes: np.ndarray, shape: ShapeResult, me
 
 
 @contextlib.contextmanager
-def video_writer(path: str, video_path: str, track: LandmarkTrack, options: VideoOptions) -> Iterator[VideoWriter]:
+def video_writer(path: str, video_path: str, track: LandmarkTrack, options: VideoOptions,
+                 segments: Sequence[Tuple[str, int]] = ()) -> Iterator[VideoWriter]:
     """The composed video's writer (source size and rate; the source's audio, of the frame
-    range only, unless ``options.keep_audio`` is off), aborted when the block raises."""
+    range only, unless ``options.keep_audio`` is off), aborted when the block raises; with
+    ``segments`` ([(path, frames)], in order), the :class:`VideoConcat` that joins them."""
     audio = {}
     if options.frame_range is not None and options.keep_audio:
         audio = {"audio_start": max(0.0, float(track.timestamps[0]) / 1000.0) if track.start else 0.0,
                  "audio_duration": track.num_frames / float(track.fps)}
-    writer = VideoWriter(path, (track.width, track.height), track.fps,
-                         audio_from=video_path if options.keep_audio else None, **audio)
+    audio_from = video_path if options.keep_audio else None
+    if segments:
+        writer = VideoConcat(path, [p for p, _ in segments], [n for _, n in segments], audio_from=audio_from, **audio)
+    else:
+        writer = VideoWriter(path, (track.width, track.height), track.fps, audio_from=audio_from, **audio)
     try:
         yield writer
     except BaseException:
@@ -137,67 +139,32 @@ def _replace_dir(tmp: str, final: str) -> None:
 
 def render_video(session: Session, video_path: str, track: LandmarkTrack, boxes: np.ndarray, shape: ShapeResult,
                  merged: Dict[str, np.ndarray], writer: VideoWriter, progress: bool,
-                 batch: int = 8, meshes: Optional[np.ndarray] = None) -> Dict[str, object]:
-    """Paste each fitted frame's render into it and write every frame of the track in
-    order, then finish the video. Returns the landmark NME of each fitted frame ({source
-    index: value}, :func:`core.landmarks.metrics.landmark_nme` with its default points,
-    model vs tracked, as for photos) and its mean, median, p95 and max, and ``landmarks``
+                 batch: int = 8, meshes: Optional[np.ndarray] = None,
+                 span: Optional[Tuple[int, int]] = None) -> Dict[str, object]:
+    """Paste each fitted frame's render into it and write every frame of the track (or
+    of the positions ``span`` = [a, b) of it) in order, then finish the video
+    (:class:`Composer`). Returns the landmark NME of each fitted frame ({source index:
+    value}) and its mean, median, p95 and max (:func:`nme_summary`), and ``landmarks``
     (n, 68, 2) float32 the model's landmarks in frame pixels (NaN without a fit).
     ``meshes``: optional (n, V, 3) array filled with each fitted frame's posed vertices."""
-    fitter, cam = session.fitter, session.camera
-    dev, dt = session.device, fitter.dtype
-    tar = cam.image_size
     first = track.start
-    pending: List[Tuple[int, np.ndarray]] = []  # (position in the track, frame)
-    per_frame: Dict[int, float] = {}
-    model_landmarks = np.full((track.num_frames, 68, 2), np.nan, dtype=np.float32)
-    id_t = torch.as_tensor(shape.id, dtype=dt, device=dev)[None]
-    tex_t = torch.as_tensor(shape.tex, dtype=dt, device=dev)[None]
-
-    def flush():
-        thread_control.tick()
-        todo = [i for i, _ in pending if merged["fitted"][i]]
-        composed = {}
-        if todo:
-            d = {g: torch.as_tensor(merged[g][todo], dtype=dt, device=dev) for g in PER_FRAME_GROUPS}
-            b = len(todo)
-            c = Coeffs(id=id_t.expand(b, -1), tex=tex_t.expand(b, -1), **d)
-            f = fitter
-            if shape.camera is not None:  # the frames' crops of the video's camera
-                f = fitter.with_camera(shape.camera.crop(boxes[todo], tar, dtype=dt, device=dev))
-            with torch.no_grad():
-                rgba, out = f.render(c)
-                model_lms = f.camera.project_points(out.landmarks).cpu().numpy()
-            if meshes is not None:
-                meshes[todo] = out.vertices.cpu().numpy()
-            rgba = rgba.cpu().numpy()
-            frames = dict(pending)
-            for k, i in enumerate(todo):
-                composed[i] = paste_back(frames[i], np.clip(rgba[k, ..., :3], 0, 255).astype(np.uint8),
-                                         rgba[k, ..., 3], boxes[i])
-                p = crop_to_photo(model_lms[k], boxes[i], tar)
-                per_frame[first + i] = landmark_nme(p, track.landmarks[i])
-                if p.shape == (68, 2):
-                    model_landmarks[i] = p
-        for i, frame in pending:
-            writer.write(composed.get(i, frame))
-        pending.clear()
-
-    with VideoReader(video_path) as reader, tqdm(total=track.num_frames, desc="rendering", unit="frame",
+    a, b = span or (0, track.num_frames)
+    composer = Composer(session, shape.id, shape.tex, shape.camera, writer, batch=batch, meshes=meshes is not None)
+    with VideoReader(video_path) as reader, tqdm(total=b - a, desc="rendering", unit="frame",
                                                  disable=not progress) as bar:
-        n_fit = 0
-        for index, frame in reader.frames(first, track.stop, track.source_timestamps()):
+        for index, frame in reader.frames(first + a, first + b, track.source_timestamps()):
             i = index - first
-            pending.append((i, frame))
-            n_fit += bool(merged["fitted"][i])
-            if n_fit >= batch or len(pending) >= 4 * batch:
-                flush()
-                n_fit = 0
+            coeffs = {g: merged[g][i] for g in PER_FRAME_GROUPS} if merged["fitted"][i] else None
+            composer.add(index, frame, coeffs, boxes[i], track.landmarks[i])
             bar.update(1)
-        flush()
+        composer.flush()
     writer.finish()
-    if writer.frames_written != track.num_frames:
-        raise UserError(f"the composed video has {writer.frames_written} frames, expected {track.num_frames}")
-    e = np.asarray(list(per_frame.values())) if per_frame else np.zeros(1)
-    return {"mean": float(e.mean()), "median": float(np.median(e)), "p95": float(np.percentile(e, 95)),
-            "max": float(e.max()), "per_frame": per_frame, "landmarks": model_landmarks}
+    if writer.frames_written != b - a:
+        raise UserError(f"the composed video has {writer.frames_written} frames, expected {b - a}")
+    model_landmarks = np.full((track.num_frames, 68, 2), np.nan, dtype=np.float32)
+    for key, p in composer.landmarks.items():
+        model_landmarks[key - first] = p
+    if meshes is not None:
+        for key, v in composer.vertices.items():
+            meshes[key - first] = v
+    return {**nme_summary(composer.nme), "landmarks": model_landmarks}

@@ -12,7 +12,9 @@ process however it ends (:mod:`core.pipelines.video.workers`).
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
+import shutil
 import os
 import tempfile
 import time
@@ -25,12 +27,12 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from core.io.outputs import check_writable_folder
-from core.io.video import VideoReader
+from core.io.video import VideoReader, VideoWriter
 
 from ..session import Session, SessionSpec
 from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir
-from .clips import ClipJob, FrameDone, split_clips
-from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
+from .clips import ClipJob, FrameDone, segment_arrays_path, split_clips
+from .compose import commit_outputs, merge_clips, nme_summary, output_names, pkl_contents, render_video, video_writer
 from .export import write_nerf
 from .landmarks import LandmarkTrack, landmark_key, landmark_pass, landmarks_cached
 from .options import VideoOptions, check_frame_range, check_options, resolve_options
@@ -38,6 +40,10 @@ from .shape import ShapeResult, fit_shape, planned_shape_frames
 from .workers import WorkerPool, cpu_count, cpu_oversubscription, run_workers, threads_per_worker, worker_devices
 
 log = logging.getLogger(__name__)
+
+# Name prefix of the folder (in the cache folder) of a run's composed clips.
+COMPOSE_PREFIX = "compose_"
+HERE_PREFIX = "here_"  # its segments rendered by this process (clips not composed while fitted)
 
 # At most this much memory for the frames the landmark pass keeps for the identity fit.
 KEEP_FRAMES_BYTES = 1 << 30
@@ -88,6 +94,11 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
             log.info("cache: %s (re-runs reuse it; --cache_folder '' for none)", os.path.abspath(cache_dir))
         else:
             cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fit_video_"))
+        # The clips' composed videos (fit_clip composes as it fits), joined at the end. A
+        # folder a killed run left behind goes now: the lock says no other run uses it.
+        for stale in glob.glob(os.path.join(cache_dir, COMPOSE_PREFIX + "*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        seg_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=COMPOSE_PREFIX, dir=cache_dir))
         pool = None
         if clip_runner is None and options.nworkers > 1 and not landmarks_cached(cache_dir, options.frame_range):
             # A first run: start the workers now; their start-up overlaps the landmark pass.
@@ -97,14 +108,15 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
             torch.set_num_threads(options.threads)
         try:
             return _run(session, detector, video_path, video_info, res_folder, options, info_extra or {}, progress,
-                        on_frame, cache_dir, names, t_start, clip_runner, pool)
+                        on_frame, cache_dir, names, t_start, clip_runner, pool,
+                        seg_dir if clip_runner is None else None)
         finally:
             if options.threads:  # else the count is the adaptive governor's (core.threads): leave it
                 torch.set_num_threads(threads)
 
 
 def _run(session, detector, video_path, video_info, res_folder, options, info_extra, progress, on_frame, cache_dir,
-         names, t_start, clip_runner, pool=None):
+         names, t_start, clip_runner, pool=None, seg_dir=None):
     timings: Dict[str, float] = {}
     cfg = session.fitter.cfg
     tar_size = session.camera.image_size
@@ -145,7 +157,7 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     shape_key = digest({"base": base_key, "id": array_digest(shape.id, shape.tex),
                         **({"camera": shape.camera.as_dict()} if shape.camera else {})})
     jobs, results = _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options,
-                               cache_dir, shape_key)
+                               cache_dir, shape_key, seg_dir)
     reused = len(clips) - len(jobs)
     todo = sum(j.stop - j.start for j in jobs)
     if not jobs:
@@ -195,9 +207,12 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     meshes = None
     if options.save_meshes:
         meshes = np.full((n, session.model.num_vertices, 3), np.nan, dtype=np.float16)
-    with video_writer(final["video"], video_path, track, options) as writer:
-        nme = render_video(session, video_path, track, boxes, shape, merged, writer, progress, meshes=meshes)
+    segments, nme = _compose_rest(session, video_path, track, boxes, shape, merged, clips, jobs, progress, meshes)
+    with video_writer(final["video"], video_path, track, options, segments=segments) as writer:
+        if not segments:  # nothing composed while fitting (every clip from the cache): all of it here
+            nme = render_video(session, video_path, track, boxes, shape, merged, writer, progress, meshes=meshes)
         timings["render_s"] = time.perf_counter() - t0
+        timings["composed_while_fitting"] = sum(n for p, n in segments if not _composed_here(p))
         export = None
         if "nerf" in options.export:
             idx = np.flatnonzero(fitted)
@@ -215,7 +230,10 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     log.info("%d frames (%d with a fit, %d without a face) -> %s", n, int(fitted.sum()), len(no_face),
              ", ".join(final.values()))
     speeds = ", ".join(f"{stage} " + ("reused" if info["fps"][stage] is None else f"{info['fps'][stage]:.{d}f} fps")
-                       for stage, d in (("landmarks", 1), ("fitting", 2), ("rendering", 1)))
+                       for stage, d in (("landmarks", 1), ("fitting", 2)))
+    inline = timings["composed_while_fitting"]
+    speeds += ", rendering " + ("while fitting" if inline == n else f"{info['fps']['rendering']:.1f} fps"
+                                + (f" ({inline} frames while fitting)" if inline else ""))
     log.info("speed: %s; landmark NME %.1f%% of the inter-ocular distance (mean over frames)", speeds,
              100.0 * nme["mean"])
     return VideoReport(files=final, num_frames=n, frames_without_face=no_face, timings=timings, info=info)
@@ -233,9 +251,53 @@ def _planned_shape_frames(info, options: VideoOptions) -> List[int]:
     return planned_shape_frames(max(0, stop - int(start)), int(start), options.nframes_shape)
 
 
-def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options, cache_dir, shape_key):
+def _compose_rest(session, video_path, track, boxes, shape, merged, clips, jobs, progress, meshes):
+    """The composed video's parts when the workers composed some clips while fitting them:
+    ([(segment path, frames)] in order, the NMEs and model landmarks as
+    :func:`render_video` returns them), the clips they did not compose (from the cache, or
+    resumed) rendered here into segments of their own; ([], None) when they composed
+    none. ``meshes`` is filled from both."""
+    first = track.start
+    done = {}
+    for job in jobs:
+        arrays = load_npz(segment_arrays_path(job.segment), job.key) if job.segment else None
+        if arrays is not None and os.path.isfile(job.segment):
+            done[(job.start, job.stop)] = (job.segment, arrays)
+    if not done:
+        return [], None
+    per_frame: Dict[int, float] = {}
+    model_landmarks = np.full((track.num_frames, 68, 2), np.nan, dtype=np.float32)
+    segments = []
+    for a, b in clips:
+        if (a, b) in done:
+            path, arrays = done[(a, b)]
+            pos = arrays["frames"] - first
+            per_frame.update(zip(arrays["frames"].tolist(), arrays["nme"].tolist()))
+            model_landmarks[pos] = arrays["landmarks"]
+            if meshes is not None:
+                meshes[pos] = arrays["vertices"]
+        else:
+            path = os.path.join(os.path.dirname(jobs[0].segment), f"{HERE_PREFIX}{a:07d}_{b:07d}.mp4")
+            with VideoWriter(path, (track.width, track.height), track.fps) as writer:
+                part = render_video(session, video_path, track, boxes, shape, merged, writer, progress,
+                                    meshes=meshes, span=(a - first, b - first))
+            per_frame.update(part["per_frame"])
+            model_landmarks[a - first:b - first] = part["landmarks"][a - first:b - first]
+        segments.append((path, b - a))
+    return segments, {**nme_summary(per_frame), "landmarks": model_landmarks}
+
+
+def _composed_here(segment: str) -> bool:
+    """Whether a segment of the composed video was rendered by this process (after the
+    fitting) rather than by a worker while it fitted."""
+    return os.path.basename(segment).startswith(HERE_PREFIX)
+
+
+def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options, cache_dir, shape_key,
+               seg_dir=None):
     """The jobs of the clips that are not cached yet, and the cached clips' results
-    ({clip index: arrays})."""
+    ({clip index: arrays}). With ``seg_dir``, each job also composes its clip into a
+    video there (:func:`fit_clip`)."""
     cfg, first = session.fitter.cfg, track.start
     source_ts = track.source_timestamps()
     spec = None  # built for the first job (a model on a GPU is copied to the CPU)
@@ -255,7 +317,9 @@ def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads
             fit_start=fit_start, start=start, stop=stop, landmarks=track.landmarks[fit_start - first:stop - first],
             crop_boxes=boxes[fit_start - first:stop - first], id=shape.id, tex=shape.tex, threads=threads,
             cache_path=cache_path, key=key, checkpoint_s=options.checkpoint_s,
-            adaptive_threads=options.threads is None, camera=shape.camera))
+            adaptive_threads=options.threads is None, camera=shape.camera,
+            segment=os.path.join(seg_dir, f"clip_{start:07d}_{stop:07d}.mp4") if seg_dir else None,
+            frame_size=(track.width, track.height), fps=track.fps, meshes=options.save_meshes))
     return jobs, results
 
 
@@ -308,7 +372,10 @@ def _info(session: Session, detector, video_path: str, track: LandmarkTrack, sha
         # frames per second of each stage; null for a stage reused from the cache
         "fps": {"landmarks": None if track.reused else rate(n, "landmarks_s"),
                 "fitting": rate(timings.get("fit_frames", 0), "fit_s") if n_jobs else None,
-                "rendering": rate(n, "render_s"), "overall": rate(n, "total_s")},
+                # rendering: of the frames composed after the fitting (the rest were composed while fitted)
+                "rendering": rate(n - timings.get("composed_while_fitting", 0), "render_s")
+                if n > timings.get("composed_while_fitting", 0) else None,
+                "overall": rate(n, "total_s")},
     }
     info.update(extra)
     return info

@@ -9,6 +9,7 @@ import ctypes.util
 import logging
 import os
 import queue as queue_mod
+import re
 import signal
 import sys
 import threading
@@ -111,6 +112,20 @@ def _worker_entry(job: ClipJob, messages, parent_pid: Optional[int] = None) -> N
     messages.put(("done", job.worker))
 
 
+@contextlib.contextmanager
+def _shared_memory_errors():
+    """torch hands a job's tensors (the face model) to a worker through shared memory
+    files; when /dev/shm is full or a file-size limit stops them, a one-line UserError."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "</torch_" not in str(e):
+            raise
+        detail = re.sub(r"\s*</torch_[^>]*>\s*", " ", str(e)).strip()
+        raise UserError(f"cannot hand the jobs to the worker processes through shared memory ({detail}): "
+                        f"free space in /dev/shm, or use --nworkers 1") from None
+
+
 def _pool_entry(inbox, messages, parent_pid: int) -> None:
     """Process target of a :class:`WorkerPool` process: wait for a job on ``inbox`` and
     run it as :func:`_worker_entry` does (None: end without one)."""
@@ -197,7 +212,9 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
         return
     pooled = pool is not None and pool.size >= len(jobs)
     if pooled:
-        messages, procs = pool.messages, pool.give(jobs)
+        with _shared_memory_errors():
+            procs = pool.give(jobs)
+        messages = pool.messages
     else:
         import torch.multiprocessing as mp
 
@@ -208,8 +225,9 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
     finished = set()
     try:
         if not pooled:
-            for p in procs.values():
-                p.start()
+            with _shared_memory_errors():
+                for p in procs.values():
+                    p.start()
         while len(finished) < len(procs):
             try:
                 msg = messages.get(timeout=poll_s)
@@ -246,10 +264,11 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
             if p.exitcode not in (0, None):
                 raise UserError(f"worker {worker} failed: the process exited with code {p.exitcode}")
     finally:
-        for p in procs.values():
+        started = [p for p in procs.values() if p.pid is not None]  # (a failed start leaves some unstarted)
+        for p in started:
             if p.is_alive():
                 p.terminate()
-        for p in procs.values():
+        for p in started:
             p.join(timeout=10)
         if not pooled:  # (the pool's queue is the pool's to close)
             messages.close()
