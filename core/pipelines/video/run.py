@@ -211,6 +211,8 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     with video_writer(final["video"], video_path, track, options, segments=segments) as writer:
         if not segments:  # nothing composed while fitting (every clip from the cache): all of it here
             nme = render_video(session, video_path, track, boxes, shape, merged, writer, progress, meshes=meshes)
+        else:
+            writer.finish()  # the join (checked), timed with this stage
         timings["render_s"] = time.perf_counter() - t0
         timings["composed_while_fitting"] = sum(n for p, n in segments if not _composed_here(p))
         export = None
