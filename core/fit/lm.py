@@ -53,9 +53,10 @@ def landmark_lm(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, g
     with torch.no_grad():
         kp = objective.keypoints(unpack(x), landmarks)
         cost, r, w = residual_cost(x, kp)
+        moved = False  # x changed since kp was picked
         for _ in tqdm(range(iters), desc=desc, disable=not progress, leave=False):
             threads.tick()
-            if model.has_contour:  # the silhouette correspondence moves with the pose
+            if model.has_contour and moved:  # the silhouette correspondence moves with the pose
                 kp = objective.keypoints(unpack(x), landmarks)
                 cost, r, w = residual_cost(x, kp)
             jac = model.landmarks_3d_jacobian(unpack(x), groups, kp)
@@ -68,6 +69,7 @@ def landmark_lm(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, g
             x_new = x + solve_each(jtj + damp, -grad)
             cost_new, r_new, w_new = residual_cost(x_new, kp)
             better = cost_new < cost
+            moved = bool(better.any())
             x = torch.where(better[:, None], x_new, x)
             r = torch.where(better[:, None], r_new, r)
             w = torch.where(better[:, None, None], w_new, w)
