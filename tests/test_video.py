@@ -309,8 +309,8 @@ def test_clips_composed_while_fitting_or_after_make_the_same_video(runs, clip, m
     """The 2-worker run composed each clip while fitting it; the same run again from its
     cache (all clips reused: composed after, in this process), or with one clip's cache
     removed (one composed while fitting, one after, joined), writes the same video: every
-    frame, within x264's re-encoding noise of the first run (a frame composed from other
-    coefficients or in the wrong place would be off by far more), the same per-frame NMEs
+    frame, within x264's re-encoding noise of the first run and closer to its own frame there
+    than to any other (tests below: identical before encoding), the same per-frame NMEs
     (tests/test_export.py: the meshes)."""
     res0, (_, info0) = runs["w2"]
     cache = _cache_copy(runs, tmp_path)
@@ -328,7 +328,9 @@ def test_clips_composed_while_fitting_or_after_make_the_same_video(runs, clip, m
     assert info["landmark_nme_interocular"] == info0["landmark_nme_interocular"]
     a, b = _video_frames(os.path.join(res0, "talk_recon_video.mp4")), _video_frames(res / "talk_recon_video.mp4")
     assert len(a) == len(b) == N_FRAMES
-    assert max(np.abs(x.astype(float) - y).mean() for x, y in zip(a, b)) < 2.0
+    for k, y in enumerate(b):  # each frame is the first run's frame k, within the two encodings' noise
+        d = [np.abs(x.astype(float) - y).mean() for x in a]  # (measured: 0-2.1 to frame k, >= 11.6 to the
+        assert d[k] < 2.5 and d[k] <= min(d) + 1e-9, (k, d)  # others on the photo clip; 1.26-1.40 vs 1.40+)
     assert not glob.glob(os.path.join(cache, "talk", "compose_*"))  # the run's segments are gone
 
 
