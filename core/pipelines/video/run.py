@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
-import shutil
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -182,6 +182,8 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
             run_workers(jobs, on_frame=frame_done, pool=pool)
         else:
             clip_runner.run(jobs, on_frame=frame_done)
+    if pool is not None:  # its processes without a job (clips from the cache) end now
+        pool.close()
     for job in jobs:
         loaded = load_npz(job.cache_path, job.key)
         if loaded is None:

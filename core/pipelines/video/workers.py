@@ -152,6 +152,7 @@ class WorkerPool:
         self._procs = [ctx.Process(target=_pool_entry, args=(inbox, self.messages, os.getpid()),
                                    name=f"fit-worker-{k}", daemon=True) for k, inbox in enumerate(self._inboxes)]
         self._given = [False] * len(self._procs)
+        self._closed = False
         for p in self._procs:
             p.start()
 
@@ -172,6 +173,11 @@ class WorkerPool:
         return procs
 
     def close(self) -> None:
+        """End the processes: those without a job at once, the others when done (at most
+        5 s, then stopped). Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         for k, p in enumerate(self._procs):
             if not self._given[k] and p.is_alive():
                 with contextlib.suppress(OSError, ValueError):
