@@ -373,12 +373,41 @@ def test_composer_in_the_worker_writes_what_the_main_process_writes(track, clip,
         merged[g][2:9] = res[g]
     shape = V.ShapeResult(id=job.id, tex=job.tex, frames=[], losses={}, reused=False)
     main = Recorder(str(tmp_path / "main.mp4"), None, None)
-    nme = compose.render_video(session, clip, track, track.crop_boxes(0.3), shape, merged, main, False, span=(2, 9))
+    here = compose.render_video(session, clip, track, track.crop_boxes(0.3), shape, merged, main, False, span=(2, 9))
     assert len(written[job.segment]) == len(written[main.path]) == 7
     for x, y in zip(written[job.segment], written[main.path]):
         np.testing.assert_array_equal(x, y)
-    assert dict(zip(arrays["frames"].tolist(), arrays["nme"].tolist())) == nme["per_frame"]
-    np.testing.assert_array_equal(arrays["landmarks"], nme["landmarks"][[2, 5, 6, 7, 8]])
+    assert sorted(here) == sorted(k for k in arrays if k != "cache_key") == ["frames", "landmarks", "nme"]
+    for k in here:
+        np.testing.assert_array_equal(arrays[k], here[k])
+
+
+def test_a_part_without_any_fitted_frame_gathers_with_meshes(tmp_path):
+    """A clip whose frames all lack a face, composed with meshes: no rows, but rows of the
+    model's vertex count, so its (empty) part gathers with the others."""
+    from core.pipelines.session import Session
+    from core.pipelines.video.composer import Composer, gather_parts
+
+    session = Session.create(make_face_model(600), get_preset("default"), tar_size=48, device="cpu",
+                             renderer="builtin", progress=False)
+    written = []
+
+    class Recorder:
+        def write(self, frame):
+            written.append(frame)
+
+    composer = Composer(session, np.zeros(80, np.float32), np.zeros(80, np.float32), None, Recorder(), meshes=True)
+    frame = np.zeros((40, 60, 3), np.uint8)
+    for k in range(3):
+        composer.add(5 + k, frame, None)
+    composer.flush()
+    part = composer.arrays()
+    v = session.model.num_vertices
+    assert len(written) == 3 and part["vertices"].shape == (0, v, 3) and part["landmarks"].shape == (0, 68, 2)
+    meshes = np.full((3, v, 3), np.nan, np.float16)
+    figures = gather_parts([part], 5, 3, meshes)
+    assert figures["per_frame"] == {} and np.isnan(figures["landmarks"]).all()
+    assert np.isnan(meshes.astype(np.float32)).all()
 
 
 # --- frame ranges ---------------------------------------------------------------------------

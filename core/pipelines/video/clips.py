@@ -223,20 +223,12 @@ def segment_arrays_path(segment: str) -> str:
     return segment + ".npz"
 
 
-def _commit_segment(job: ClipJob, composer) -> None:
+def _commit_segment(job: ClipJob, composer: Composer) -> None:
     """Rename the finished segment into place, then write its arrays (their file marks
     the segment complete)."""
     composer.writer.commit()
-    keys = sorted(composer.nme)
-    arrays = {"frames": np.asarray(keys, dtype=np.int64),
-              "nme": np.asarray([composer.nme[k] for k in keys], dtype=np.float64),
-              "landmarks": np.stack([composer.landmarks.get(k, np.full((68, 2), np.nan, np.float32)) for k in keys])
-              if keys else np.zeros((0, 68, 2), np.float32)}
-    if job.meshes:
-        arrays["vertices"] = np.stack([composer.vertices[k] for k in keys]).astype(np.float16) if keys else \
-            np.zeros((0, 0, 3), np.float16)
     try:
-        save_npz(segment_arrays_path(job.segment), job.key, **arrays)
+        save_npz(segment_arrays_path(job.segment), job.key, **composer.arrays())
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(job.segment)

@@ -22,7 +22,7 @@ from core.io.video import VideoConcat, VideoReader, VideoWriter
 
 from ..session import Session
 from .clips import PER_FRAME_GROUPS
-from .composer import Composer, nme_summary
+from .composer import Composer
 from .landmarks import LandmarkTrack
 from .options import VideoOptions
 from .shape import ShapeResult
@@ -139,17 +139,15 @@ def _replace_dir(tmp: str, final: str) -> None:
 
 def render_video(session: Session, video_path: str, track: LandmarkTrack, boxes: np.ndarray, shape: ShapeResult,
                  merged: Dict[str, np.ndarray], writer: VideoWriter, progress: bool,
-                 batch: int = 8, meshes: Optional[np.ndarray] = None,
-                 span: Optional[Tuple[int, int]] = None) -> Dict[str, object]:
+                 batch: int = 8, meshes: bool = False, span: Optional[Tuple[int, int]] = None) -> Dict[str, np.ndarray]:
     """Paste each fitted frame's render into it and write every frame of the track (or
     of the positions ``span`` = [a, b) of it) in order, then finish the video
-    (:class:`Composer`). Returns the landmark NME of each fitted frame ({source index:
-    value}) and its mean, median, p95 and max (:func:`nme_summary`), and ``landmarks``
-    (n, 68, 2) float32 the model's landmarks in frame pixels (NaN without a fit).
-    ``meshes``: optional (n, V, 3) array filled with each fitted frame's posed vertices."""
+    (:class:`Composer`). Returns the Composer's arrays (:meth:`Composer.arrays`: each
+    fitted frame's landmark NME, model landmarks and, with ``meshes``, posed vertices);
+    :func:`gather_parts` turns them into the video's figures."""
     first = track.start
     a, b = span or (0, track.num_frames)
-    composer = Composer(session, shape.id, shape.tex, shape.camera, writer, batch=batch, meshes=meshes is not None)
+    composer = Composer(session, shape.id, shape.tex, shape.camera, writer, batch=batch, meshes=meshes)
     with VideoReader(video_path) as reader, tqdm(total=b - a, desc="rendering", unit="frame",
                                                  disable=not progress) as bar:
         for index, frame in reader.frames(first + a, first + b, track.source_timestamps()):
@@ -161,10 +159,4 @@ def render_video(session: Session, video_path: str, track: LandmarkTrack, boxes:
     writer.finish()
     if writer.frames_written != b - a:
         raise UserError(f"the composed video has {writer.frames_written} frames, expected {b - a}")
-    model_landmarks = np.full((track.num_frames, 68, 2), np.nan, dtype=np.float32)
-    for key, p in composer.landmarks.items():
-        model_landmarks[key - first] = p
-    if meshes is not None:
-        for key, v in composer.vertices.items():
-            meshes[key - first] = v
-    return {**nme_summary(composer.nme), "landmarks": model_landmarks}
+    return composer.arrays()

@@ -37,13 +37,13 @@ class Composer:
         self.fitter, self.camera, self.writer = session.fitter, camera, writer
         self.dev, self.dt = session.device, session.fitter.dtype
         self.tar = session.camera.image_size
+        self.num_vertices = session.model.num_vertices
         self.batch, self.meshes = int(batch), bool(meshes)
         self.id = torch.as_tensor(np.asarray(id), dtype=self.dt, device=self.dev)[None]
         self.tex = torch.as_tensor(np.asarray(tex), dtype=self.dt, device=self.dev)[None]
         self.nme: Dict[int, float] = {}
         self.landmarks: Dict[int, np.ndarray] = {}
         self.vertices: Dict[int, np.ndarray] = {}
-        self.frames_added = 0
         self._pending: List[tuple] = []  # (key, frame, coeffs or None, box, target landmarks)
 
     def add(self, key: int, frame: np.ndarray, coeffs: Optional[Dict[str, np.ndarray]], box=None,
@@ -53,7 +53,6 @@ class Composer:
         its crop box and ``target`` its (68, 2) landmarks in frame pixels; None: written
         as it is."""
         self._pending.append((int(key), frame, coeffs, box, target))
-        self.frames_added += 1
         fitted = sum(p[2] is not None for p in self._pending)
         if fitted >= self.batch or len(self._pending) >= 4 * self.batch:
             self.flush()
@@ -89,6 +88,40 @@ class Composer:
         for key, frame, *_ in self._pending:
             self.writer.write(composed.get(key, frame))
         self._pending.clear()
+
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """What it kept, over the fitted frames composed so far (K, by source index):
+        ``frames`` (K,) int64, ``nme`` (K,) float64, model ``landmarks`` (K, 68, 2) float32
+        in frame pixels (NaN where the model has no 68 landmarks) and, with ``meshes``,
+        ``vertices`` (K, V, 3) float16."""
+        keys = sorted(self.nme)
+        out = {"frames": np.asarray(keys, dtype=np.int64), "nme": np.asarray([self.nme[k] for k in keys]),
+               "landmarks": np.full((len(keys), 68, 2), np.nan, dtype=np.float32)}
+        for j, k in enumerate(keys):
+            if k in self.landmarks:
+                out["landmarks"][j] = self.landmarks[k]
+        if self.meshes:
+            out["vertices"] = np.zeros((len(keys), self.num_vertices, 3), dtype=np.float16)
+            for j, k in enumerate(keys):
+                out["vertices"][j] = self.vertices[k]
+        return out
+
+
+def gather_parts(parts, first: int, num_frames: int, meshes: Optional[np.ndarray] = None) -> Dict[str, object]:
+    """The per-frame results of a video's composed parts (:meth:`Composer.arrays` of each)
+    over its ``num_frames`` frames from source frame ``first``: :func:`nme_summary` of the
+    NMEs and ``landmarks`` (num_frames, 68, 2) float32, NaN without a fit; ``meshes``
+    (num_frames, V, 3) is filled with the parts' vertices."""
+    per_frame: Dict[int, float] = {}
+    landmarks = np.full((num_frames, 68, 2), np.nan, dtype=np.float32)
+    for part in parts:
+        pos = part["frames"] - first
+        per_frame.update(zip(part["frames"].tolist(), part["nme"].tolist()))
+        landmarks[pos] = part["landmarks"]
+        if meshes is not None:
+            meshes[pos] = part["vertices"]
+    return {**nme_summary(per_frame), "landmarks": landmarks}
 
 
 def nme_summary(per_frame: Dict[int, float]) -> Dict[str, object]:

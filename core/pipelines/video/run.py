@@ -32,7 +32,8 @@ from core.io.video import VideoReader, VideoWriter
 from ..session import Session, SessionSpec
 from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir
 from .clips import ClipJob, FrameDone, segment_arrays_path, split_clips
-from .compose import commit_outputs, merge_clips, nme_summary, output_names, pkl_contents, render_video, video_writer
+from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
+from .composer import gather_parts
 from .export import write_nerf
 from .landmarks import LandmarkTrack, landmark_key, landmark_pass, landmarks_cached
 from .options import VideoOptions, check_frame_range, check_options, resolve_options
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 # Name prefix of the folder (in the cache folder) of a run's composed clips.
 COMPOSE_PREFIX = "compose_"
-HERE_PREFIX = "here_"  # its segments rendered by this process (clips not composed while fitted)
 
 # At most this much memory for the frames the landmark pass keeps for the identity fit.
 KEEP_FRAMES_BYTES = 1 << 30
@@ -209,14 +209,17 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     meshes = None
     if options.save_meshes:
         meshes = np.full((n, session.model.num_vertices, 3), np.nan, dtype=np.float16)
-    segments, nme = _compose_rest(session, video_path, track, boxes, shape, merged, clips, jobs, progress, meshes)
+    segments, nme, inline = _compose_rest(session, video_path, track, boxes, shape, merged, clips, jobs, progress,
+                                          meshes)
     with video_writer(final["video"], video_path, track, options, segments=segments) as writer:
         if not segments:  # nothing composed while fitting (every clip from the cache): all of it here
-            nme = render_video(session, video_path, track, boxes, shape, merged, writer, progress, meshes=meshes)
+            part = render_video(session, video_path, track, boxes, shape, merged, writer, progress,
+                                meshes=meshes is not None)
+            nme = gather_parts([part], first, n, meshes)
         else:
             writer.finish()  # the join (checked), timed with this stage
         timings["render_s"] = time.perf_counter() - t0
-        timings["composed_while_fitting"] = sum(n for p, n in segments if not _composed_here(p))
+        timings["composed_while_fitting"] = inline
         export = None
         if "nerf" in options.export:
             idx = np.flatnonzero(fitted)
@@ -235,7 +238,6 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
              ", ".join(final.values()))
     speeds = ", ".join(f"{stage} " + ("reused" if info["fps"][stage] is None else f"{info['fps'][stage]:.{d}f} fps")
                        for stage, d in (("landmarks", 1), ("fitting", 2)))
-    inline = timings["composed_while_fitting"]
     speeds += ", rendering " + ("while fitting" if inline == n else f"{info['fps']['rendering']:.1f} fps"
                                 + (f" ({inline} frames while fitting)" if inline else ""))
     log.info("speed: %s; landmark NME %.1f%% of the inter-ocular distance (mean over frames)", speeds,
@@ -257,44 +259,31 @@ def _planned_shape_frames(info, options: VideoOptions) -> List[int]:
 
 def _compose_rest(session, video_path, track, boxes, shape, merged, clips, jobs, progress, meshes):
     """The composed video's parts when the workers composed some clips while fitting them:
-    ([(segment path, frames)] in order, the NMEs and model landmarks as
-    :func:`render_video` returns them), the clips they did not compose (from the cache, or
-    resumed) rendered here into segments of their own; ([], None) when they composed
-    none. ``meshes`` is filled from both."""
-    first = track.start
+    [(segment path, frames)] in order, the video's figures (:func:`gather_parts`) and how
+    many frames the workers composed; the clips they did not compose (from the cache, or
+    resumed) are rendered here into segments of their own. ([], None, 0) when they composed
+    none. ``meshes`` is filled from all of them."""
     done = {}
     for job in jobs:
         arrays = load_npz(segment_arrays_path(job.segment), job.key) if job.segment else None
         if arrays is not None and os.path.isfile(job.segment):
             done[(job.start, job.stop)] = (job.segment, arrays)
     if not done:
-        return [], None
-    per_frame: Dict[int, float] = {}
-    model_landmarks = np.full((track.num_frames, 68, 2), np.nan, dtype=np.float32)
-    segments = []
+        return [], None, 0
+    first = track.start
+    segments, parts = [], []
     for a, b in clips:
         if (a, b) in done:
             path, arrays = done[(a, b)]
-            pos = arrays["frames"] - first
-            per_frame.update(zip(arrays["frames"].tolist(), arrays["nme"].tolist()))
-            model_landmarks[pos] = arrays["landmarks"]
-            if meshes is not None:
-                meshes[pos] = arrays["vertices"]
         else:
-            path = os.path.join(os.path.dirname(jobs[0].segment), f"{HERE_PREFIX}{a:07d}_{b:07d}.mp4")
+            path = os.path.join(os.path.dirname(jobs[0].segment), f"here_{a:07d}_{b:07d}.mp4")
             with VideoWriter(path, (track.width, track.height), track.fps) as writer:
-                part = render_video(session, video_path, track, boxes, shape, merged, writer, progress,
-                                    meshes=meshes, span=(a - first, b - first))
-            per_frame.update(part["per_frame"])
-            model_landmarks[a - first:b - first] = part["landmarks"][a - first:b - first]
+                arrays = render_video(session, video_path, track, boxes, shape, merged, writer, progress,
+                                      meshes=meshes is not None, span=(a - first, b - first))
         segments.append((path, b - a))
-    return segments, {**nme_summary(per_frame), "landmarks": model_landmarks}
-
-
-def _composed_here(segment: str) -> bool:
-    """Whether a segment of the composed video was rendered by this process (after the
-    fitting) rather than by a worker while it fitted."""
-    return os.path.basename(segment).startswith(HERE_PREFIX)
+        parts.append(arrays)
+    inline = sum(b - a for a, b in done)
+    return segments, gather_parts(parts, first, track.num_frames, meshes), inline
 
 
 def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options, cache_dir, shape_key,
