@@ -1,5 +1,6 @@
-"""Running clip jobs in worker processes (torch.multiprocessing, spawn): the worker entry,
-a pool of workers started ahead of their jobs, the parent's message loop with its checks of every worker's exit, the watchdog that ends a
+"""Running clip jobs in worker processes (torch.multiprocessing, spawn): the pool of
+workers (started ahead of their jobs, or when they are run), the worker entry, the
+parent's message loop with its checks of every worker's exit, the watchdog that ends a
 worker with its parent, and how many threads and which device each worker gets."""
 from __future__ import annotations
 
@@ -93,13 +94,10 @@ def _die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-def _worker_entry(job: ClipJob, messages, parent_pid: Optional[int] = None) -> None:
-    """Process target: run :func:`fit_clip` and put its messages on the queue
+def _worker_entry(job: ClipJob, messages) -> None:
+    """Run :func:`fit_clip` in a worker process and put its messages on the queue
     ``messages``: ``("frame", worker, FrameDone)`` for each kept frame, then ``("done",
-    worker)`` or ``("error", worker, one-line message, traceback)``. The worker ends with
-    the main process ``parent_pid`` (see :func:`_die_with_parent`)."""
-    if parent_pid is not None:
-        _die_with_parent(parent_pid)
+    worker)`` or ``("error", worker, one-line message, traceback)``."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
     thread_control.install(None if job.adaptive_threads else job.threads, max_threads=job.threads)
     try:
@@ -127,8 +125,9 @@ def _shared_memory_errors():
 
 
 def _pool_entry(inbox, messages, parent_pid: int) -> None:
-    """Process target of a :class:`WorkerPool` process: wait for a job on ``inbox`` and
-    run it as :func:`_worker_entry` does (None: end without one)."""
+    """Process target of a :class:`WorkerPool` process: end with the main process
+    ``parent_pid`` (see :func:`_die_with_parent`), wait for a job on ``inbox`` and run it
+    (:func:`_worker_entry`; None: end without one)."""
     _die_with_parent(parent_pid)
     job = inbox.get()
     if job is not None:
@@ -140,8 +139,9 @@ class WorkerPool:
     start-up (a new interpreter importing torch and this project: about 3 s of a core each
     on a 2-core CPU) runs while this process is still busy with the stages before the
     fitting, which leave part of the cores idle. :func:`run_workers` ``(jobs, pool=...)``
-    hands each process one job. ``close`` ends the processes that got none (and stops any
-    still running); the pool is a context manager that closes on the way out."""
+    hands each process one job (and starts a pool of its own when given none). ``close``
+    ends the processes that got none (and stops any still running); the pool is a context
+    manager that closes on the way out."""
 
     def __init__(self, size: int):
         import torch.multiprocessing as mp
@@ -153,8 +153,13 @@ class WorkerPool:
                                    name=f"fit-worker-{k}", daemon=True) for k, inbox in enumerate(self._inboxes)]
         self._given = [False] * len(self._procs)
         self._closed = False
-        for p in self._procs:
-            p.start()
+        try:
+            for p in self._procs:
+                p.start()
+        except BaseException:
+            self._procs = [p for p in self._procs if p.pid is not None]  # (those started)
+            self.close()
+            raise
 
     @property
     def size(self) -> int:
@@ -201,10 +206,10 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
                 in_process: Optional[bool] = None, poll_s: float = 0.2,
                 pool: Optional[WorkerPool] = None) -> None:
     """Run :func:`fit_clip` for every job, each in its own spawned process (one job: in
-    this process unless ``in_process`` is False), taken from ``pool`` (already started)
-    when it has enough free processes. ``on_frame`` is called in this process
-    with the :class:`FrameDone` of every kept frame of every worker, as its message
-    arrives (each worker's in order). Any failing worker stops the others and raises
+    this process unless ``in_process`` is False): a process of ``pool`` (already started)
+    when it has enough free ones, else of a :class:`WorkerPool` started now. ``on_frame``
+    is called in this process with the :class:`FrameDone` of every kept frame of every
+    worker, as its message arrives (each worker's in order). Any failing worker stops the others and raises
     ``UserError("worker k failed: ...")``; results are in the jobs' cache files."""
     on_frame = on_frame or (lambda event: None)
     if in_process is None:
@@ -216,24 +221,21 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
             except UserError as e:
                 raise UserError(f"worker {job.worker} failed: {e}") from None
         return
-    pooled = pool is not None and pool.size >= len(jobs)
-    if pooled:
+    with contextlib.ExitStack() as stack:
+        if pool is None or pool.size < len(jobs):
+            pool = stack.enter_context(WorkerPool(len(jobs)))
+        _run_in(pool, jobs, on_frame, poll_s)
+
+
+def _run_in(pool: WorkerPool, jobs: Sequence[ClipJob], on_frame: Callable[[FrameDone], None],
+            poll_s: float) -> None:
+    """:func:`run_workers`' message loop over the jobs given to ``pool``'s processes."""
+    messages = pool.messages
+    finished = set()
+    procs = {}
+    try:
         with _shared_memory_errors():
             procs = pool.give(jobs)
-        messages = pool.messages
-    else:
-        import torch.multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        messages = ctx.Queue()
-        procs = {job.worker: ctx.Process(target=_worker_entry, args=(job, messages, os.getpid()),
-                                         name=f"fit-worker-{job.worker}", daemon=True) for job in jobs}
-    finished = set()
-    try:
-        if not pooled:
-            with _shared_memory_errors():
-                for p in procs.values():
-                    p.start()
         while len(finished) < len(procs):
             try:
                 msg = messages.get(timeout=poll_s)
@@ -270,11 +272,8 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
             if p.exitcode not in (0, None):
                 raise UserError(f"worker {worker} failed: the process exited with code {p.exitcode}")
     finally:
-        started = [p for p in procs.values() if p.pid is not None]  # (a failed start leaves some unstarted)
-        for p in started:
+        for p in procs.values():
             if p.is_alive():
                 p.terminate()
-        for p in started:
+        for p in procs.values():
             p.join(timeout=10)
-        if not pooled:  # (the pool's queue is the pool's to close)
-            messages.close()
