@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun with several ranks: fit each video in clips of at most N frames, which "
                         "ranks with no video of their own left help with (default: 1000; 0: each video by its "
                         "own rank alone, with --nworkers processes)")
+    v.add_argument("--lm_smooth", type=cli.non_negative_int, default=None, metavar="N",
+                   help="smooth each landmark's track over N frames (odd) before fitting: a Savitzky-Golay "
+                        "filter (quadratic), which does not lag behind motion, within runs of tracked frames; "
+                        "the NME and the outputs keep the detector's landmarks; 0: off (default: from --preset: "
+                        "original 0, default 5)")
     c = p.add_argument_group("camera and exports (README: 'Use with talking-head pipelines')")
     c.add_argument("--focal", type=cli.focal_length, default=None, metavar="auto|PIXELS",
                    help="fit the video with one pinhole camera for the whole frame (principal point at the frame "
@@ -105,7 +110,7 @@ def video_options(args: argparse.Namespace):
                         clip_overlap=args.clip_overlap, cache_folder=args.cache_folder or None,
                         padding_ratio=args.padding_ratio, keep_audio=not args.no_audio, threads=args.threads,
                         frame_range=frame_range, focal=args.focal, export=tuple(dict.fromkeys(args.export or ())),
-                        save_meshes=args.save_meshes, principal=args.principal)
+                        save_meshes=args.save_meshes, principal=args.principal, lm_smooth=args.lm_smooth)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -1018,6 +1018,10 @@ def test_identity_frames_and_settings_come_from_the_preset():
     assert resolve_options(V.VideoOptions(), PRESETS["original"]).nframes_shape == 16
     assert resolve_options(V.VideoOptions(), PRESETS["default"]).nframes_shape == 8
     assert resolve_options(V.VideoOptions(nframes_shape=5), PRESETS["default"]).nframes_shape == 5
+    # The landmark track's smoothing: off in the original, 5 frames by default, as given.
+    assert resolve_options(V.VideoOptions(), PRESETS["original"]).lm_smooth == 0
+    assert resolve_options(V.VideoOptions(), PRESETS["default"]).lm_smooth == 5
+    assert resolve_options(V.VideoOptions(lm_smooth=0), PRESETS["default"]).lm_smooth == 0
     shape = PRESETS["default"].shape_stage()
     assert (shape.coarse_size, shape.fine_iters) == (64, 0)
     assert PRESETS["original"].shape_stage() == PRESETS["original"]
@@ -1027,6 +1031,13 @@ def test_identity_frames_and_settings_come_from_the_preset():
 def test_bad_counts(flag, clip, capsys):
     rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", "x", flag, "0"])
     assert rc == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["4", "1"])
+def test_bad_smoothing_window(value, clip, tmp_path, capsys):
+    rc = run_main(fit_video.main, ["--v_path", clip, "--res_folder", str(tmp_path / "r"), "--lm_smooth", value])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--lm_smooth must be 0 (off) or an odd number" in err and "Traceback" not in err
 
 
 # --- pure helpers ---------------------------------------------------------------------------

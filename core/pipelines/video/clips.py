@@ -91,6 +91,9 @@ class ClipJob:
     frame_size: Tuple[int, int] = (0, 0)  # (width, height) of the source frames, for the segment
     fps: float = 25.0                     # of the source, for the segment
     meshes: bool = False                  # keep each composed frame's posed vertices in the segment's arrays
+    # The detector's landmarks (like ``landmarks``) when the fits aim at smoothed ones: the
+    # composed frames' NMEs are measured against these (None: ``landmarks``).
+    target_landmarks: Optional[np.ndarray] = None
 
     @property
     def partial_path(self) -> str:
@@ -294,7 +297,7 @@ def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_fram
             if index >= job.start:
                 if composer is not None:
                     composer.add(index, frame, {g: out[g][j] for g in PER_FRAME_GROUPS} if fitted[j] else None,
-                                 job.crop_boxes[j], lms)
+                                 job.crop_boxes[j], lms if job.target_landmarks is None else job.target_landmarks[j])
                 on_frame(FrameDone(job.worker, index, time.time(), bool(fitted[j])))
             if time.monotonic() - last_save > job.checkpoint_s and done < total:
                 save_npz(job.partial_path, job.key, done=np.array(done), fitted=fitted, **out)

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Collection, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -73,6 +73,15 @@ class LandmarkTrack:
         """Timestamps indexed by source frame (NaN before ``start``), for
         :meth:`core.io.video.VideoReader.frames` seeks."""
         return np.concatenate([np.full(self.start, np.nan), self.timestamps])
+
+    def smoothed(self, window: int) -> "LandmarkTrack":
+        """This track with each landmark smoothed over ``window`` frames
+        (:func:`core.landmarks.smoothing.smooth_landmarks`; 0: itself). Everything else,
+        the face boxes (so the crops) included, is the same."""
+        if not window:
+            return self
+        from core.landmarks.smoothing import smooth_landmarks
+        return replace(self, landmarks=smooth_landmarks(self.landmarks, self.source, window))
 
     def crop_boxes(self, padding_ratio: float) -> np.ndarray:
         """(N, 4) int64 square crop boxes (SPEC §5), zeros where no face."""

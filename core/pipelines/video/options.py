@@ -42,6 +42,9 @@ class VideoOptions:
     frame centre (w/2, h/2)).
     cores: the CPU cores this run may use (None: every core of this process; a torchrun
     rank gets its share of the machine's).
+    lm_smooth: smooth each landmark's track over this many frames (odd) before fitting
+    (:mod:`core.landmarks.smoothing`; 0: off; None: the fit preset's ``lm_smooth``). The
+    landmark NME, the pkl and the exports keep the detector's landmarks.
     Any of focal, export, save_meshes and principal fits the video with one frame camera
     (:attr:`frame_camera`).
     """
@@ -61,6 +64,7 @@ class VideoOptions:
     save_meshes: bool = False
     principal: Optional[Tuple[float, float]] = None
     cores: Optional[int] = None
+    lm_smooth: Optional[int] = None
 
     @property
     def frame_camera(self) -> bool:
@@ -74,9 +78,11 @@ class VideoOptions:
 
 def resolve_options(options: VideoOptions, cfg) -> VideoOptions:
     """``options`` with what it leaves to the fit preset ``cfg`` (a FitConfig) filled in:
-    ``nframes_shape`` None -> ``cfg.shape_frames``."""
+    ``nframes_shape`` None -> ``cfg.shape_frames``, ``lm_smooth`` None -> ``cfg.lm_smooth``."""
     if options.nframes_shape is None:
         options = replace(options, nframes_shape=cfg.shape_frames)
+    if options.lm_smooth is None:
+        options = replace(options, lm_smooth=cfg.lm_smooth)
     return options
 
 
@@ -85,6 +91,8 @@ def check_options(options: VideoOptions) -> None:
     if options.nworkers < 1 or options.ngpus < 1 or (options.nframes_shape is not None and options.nframes_shape < 1) or options.clip_overlap < 0 \
             or (options.threads is not None and options.threads < 1):
         raise UserError("--nworkers, --ngpus, --nframes_shape and --threads must be >= 1 and --clip_overlap >= 0")
+    if options.lm_smooth is not None and options.lm_smooth != 0 and (options.lm_smooth < 3 or options.lm_smooth % 2 == 0):
+        raise UserError(f"--lm_smooth must be 0 (off) or an odd number of frames >= 3; got {options.lm_smooth}")
     if options.focal is not None and options.focal != "auto" and not (
             isinstance(options.focal, (int, float)) and 0 < float(options.focal) < float("inf")):
         raise UserError(f"--focal must be 'auto' or a focal length in pixels > 0; got {options.focal!r}")

@@ -137,14 +137,18 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
         log.warning("%d of %d frames have no face (they get no fit and show the original frame): %s",
                     len(no_face), n, _ranges(no_face))
     boxes = track.crop_boxes(options.padding_ratio)
+    # What the fits aim at: the track smoothed over time (--lm_smooth). The landmark NME,
+    # the pkl and the exports keep the detector's landmarks (``track``).
+    fit_track = track.smoothed(options.lm_smooth)
 
     # 2. identity and albedo
     t0 = time.perf_counter()
     base_key = digest({"v": CACHE_VERSION, "landmarks": landmark_key(video_path, detector, options.frame_range),
                        "config": cfg.as_dict(), "tar_size": tar_size, "padding": options.padding_ratio,
                        "model": model_fingerprint(session.model), "renderer": session.renderer.backend,
-                       **({"focal": options.focal, "principal": options.principal} if options.frame_camera else {})})
-    shape = fit_shape(session, track, video_path, options, cache_dir, base_key)
+                       **({"focal": options.focal, "principal": options.principal} if options.frame_camera else {}),
+                       **({"lm_smooth": options.lm_smooth} if options.lm_smooth else {})})
+    shape = fit_shape(session, fit_track, video_path, options, cache_dir, base_key)
     timings["shape_s"] = time.perf_counter() - t0
 
     # 3. per-frame fits (clip bounds in source frame indices)
@@ -156,7 +160,7 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     threads = options.threads or threads_per_worker(cores, len(clips) if clip_runner is None else 1)
     shape_key = digest({"base": base_key, "id": array_digest(shape.id, shape.tex),
                         **({"camera": shape.camera.as_dict()} if shape.camera else {})})
-    jobs, results = _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options,
+    jobs, results = _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devices, threads, options,
                                cache_dir, shape_key, seg_dir)
     reused = len(clips) - len(jobs)
     todo = sum(j.stop - j.start for j in jobs)
@@ -286,11 +290,12 @@ def _compose_rest(session, video_path, track, boxes, shape, merged, clips, jobs,
     return segments, gather_parts(parts, first, track.num_frames, meshes), inline
 
 
-def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads, options, cache_dir, shape_key,
-               seg_dir=None):
+def _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devices, threads, options, cache_dir,
+               shape_key, seg_dir=None):
     """The jobs of the clips that are not cached yet, and the cached clips' results
-    ({clip index: arrays}). With ``seg_dir``, each job also composes its clip into a
-    video there (:func:`fit_clip`)."""
+    ({clip index: arrays}). The frames are fitted to ``fit_track``'s landmarks and their
+    NMEs measured against ``track``'s. With ``seg_dir``, each job also composes its clip
+    into a video there (:func:`fit_clip`)."""
     cfg, first = session.fitter.cfg, track.start
     source_ts = track.source_timestamps()
     spec = None  # built for the first job (a model on a GPU is copied to the CPU)
@@ -307,7 +312,8 @@ def _clip_jobs(session, video_path, track, boxes, shape, clips, devices, threads
         spec = spec or SessionSpec.of(session)
         jobs.append(ClipJob(
             worker=k, session=replace(spec, device=devices[k]), video_path=video_path, timestamps=source_ts,
-            fit_start=fit_start, start=start, stop=stop, landmarks=track.landmarks[fit_start - first:stop - first],
+            fit_start=fit_start, start=start, stop=stop, landmarks=fit_track.landmarks[fit_start - first:stop - first],
+            target_landmarks=None if fit_track is track else track.landmarks[fit_start - first:stop - first],
             crop_boxes=boxes[fit_start - first:stop - first], id=shape.id, tex=shape.tex, threads=threads,
             cache_path=cache_path, key=key, checkpoint_s=options.checkpoint_s,
             adaptive_threads=options.threads is None, camera=shape.camera,
