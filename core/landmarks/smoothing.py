@@ -21,7 +21,7 @@ import numpy as np
 
 from .tracking import SOURCE_DETECT, SOURCE_NONE
 
-__all__ = ["track_segments", "smooth_landmarks"]
+__all__ = ["track_segments", "savgol", "smooth_landmarks"]
 
 
 def track_segments(source: np.ndarray) -> List[Tuple[int, int]]:
@@ -42,11 +42,33 @@ def track_segments(source: np.ndarray) -> List[Tuple[int, int]]:
     return runs
 
 
+def savgol(y: np.ndarray, window: int, order: int = 2) -> np.ndarray:
+    """Savitzky-Golay smoothing of ``y`` (T, ...) along axis 0 (T >= window, window odd >
+    order): inside, the least-squares polynomial of degree ``order`` through the centred
+    ``window`` samples, evaluated at the middle; within half a window of either end, the one
+    through the first / last ``window`` samples, evaluated there (scipy's
+    ``savgol_filter(..., mode="interp")``, without importing scipy.signal: 1.3 s here)."""
+    y = np.asarray(y, dtype=np.float64)
+    h = window // 2
+    k = np.arange(-h, h + 1, dtype=np.float64)
+    vander = k[:, None] ** np.arange(order + 1)            # (window, order + 1)
+    fit = np.linalg.pinv(vander)                            # (order + 1, window): samples -> coefficients
+    out = np.empty_like(y)
+    windows = np.lib.stride_tricks.sliding_window_view(y, window, axis=0)  # (T - window + 1, ..., window)
+    out[h:len(y) - h] = windows @ fit[0]
+    for part, at in ((y[:window], k[:h]), (y[-window:], k[h + 1:])):
+        coef = np.tensordot(fit, part, axes=(1, 0))          # (order + 1, ...)
+        vals = np.tensordot(at[:, None] ** np.arange(order + 1), coef, axes=(1, 0))
+        if at[0] < 0:
+            out[:h] = vals
+        else:
+            out[len(y) - h:] = vals
+    return out
+
+
 def smooth_landmarks(landmarks: np.ndarray, source: np.ndarray, window: int, order: int = 2) -> np.ndarray:
     """(N, L, 2) landmarks smoothed over time (see the module docstring); frames without a
     face (NaN) stay NaN. window: odd number of frames (0 or 1: unchanged)."""
-    from scipy.signal import savgol_filter
-
     window = int(window)
     if window not in (0, 1) and (window < 3 or window % 2 == 0):
         raise ValueError(f"window must be 0 (off) or an odd number of frames >= 3; got {window}")
@@ -58,5 +80,5 @@ def smooth_landmarks(landmarks: np.ndarray, source: np.ndarray, window: int, ord
         w = min(window, n if n % 2 else n - 1)
         if w < order + 2:
             continue
-        out[a:b] = savgol_filter(out[a:b], w, order, axis=0, mode="interp")
+        out[a:b] = savgol(out[a:b], w, order)
     return out.astype(np.asarray(landmarks).dtype)
