@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ranks with no video of their own left help with (default: 1000; 0: each video by its "
                         "own rank alone, with --nworkers processes)")
     v.add_argument("--lm_smooth", type=cli.non_negative_int, default=None, metavar="N",
-                   help="smooth each landmark's track over N frames (odd) before fitting: a Savitzky-Golay "
-                        "filter (quadratic), which does not lag behind motion, within runs of tracked frames; "
+                   help="smooth the inner landmarks' tracks (not the jaw contour) over N frames (odd) before "
+                        "fitting: a Savitzky-Golay filter (quadratic), which does not lag behind motion, within runs "
+                        "of tracked frames; "
                         "the NME and the outputs keep the detector's landmarks; 0: off (default: from --preset: "
                         "original 0, default 5)")
     c = p.add_argument_group("camera and exports (README: 'Use with talking-head pipelines')")

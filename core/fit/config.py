@@ -137,9 +137,9 @@ PRESETS: Dict[str, FitConfig] = {
         # 2.8 s instead of 10 s on the 20 s sample, the same per-frame NME and, on the
         # rendered video with known poses, the same rotation, landmark error and jitter.
         shape_frames=8, shape_coarse_size=64, shape_fine_iters=0,
-        # Each landmark's track smoothed over 5 frames (no lag): on 3 rendered videos the
-        # jitter against the truth 1.54 -> 1.13 px, on the real sample video the fitted
-        # landmarks' frame-to-frame acceleration 2.9 -> 1.8 px (docs/performance.md).
+        # The inner landmarks' tracks smoothed over 5 frames (no lag): on 3 rendered videos
+        # the jitter against the truth about a quarter lower, head rotation no worse; on the
+        # real sample video the fitted landmarks' acceleration 40 % lower (docs/performance.md).
         lm_smooth=5,
     ),
 }

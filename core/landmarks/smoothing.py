@@ -8,6 +8,11 @@ middle frame. It does not lag (a track that is a quadratic in time over the wind
 unchanged, however fast it moves), unlike a moving average or a causal filter, and at the
 ends of a segment the polynomial fitted to its first / last ``window`` frames is used.
 
+Which points: by default the 51 inner points (17-67: brows, nose, eyes, mouth), not the 17
+jaw-contour points, which a detector puts on the silhouette and the fit matches to the
+model's silhouette vertices frame by frame; smoothing them too measured worse head rotation
+on rendered videos with known poses (docs/performance.md).
+
 Segments: a track is smoothed only within runs of consecutive frames with a face, and a
 full detection (after the tracker lost the face, e.g. at a cut) starts a new run, so no
 smoothing crosses a cut. A run shorter than the window gets the longest odd window it holds
@@ -21,7 +26,7 @@ import numpy as np
 
 from .tracking import SOURCE_DETECT, SOURCE_NONE
 
-__all__ = ["track_segments", "savgol", "smooth_landmarks"]
+__all__ = ["INNER", "track_segments", "savgol", "smooth_landmarks"]
 
 
 def track_segments(source: np.ndarray) -> List[Tuple[int, int]]:
@@ -66,9 +71,14 @@ def savgol(y: np.ndarray, window: int, order: int = 2) -> np.ndarray:
     return out
 
 
-def smooth_landmarks(landmarks: np.ndarray, source: np.ndarray, window: int, order: int = 2) -> np.ndarray:
-    """(N, L, 2) landmarks smoothed over time (see the module docstring); frames without a
-    face (NaN) stay NaN. window: odd number of frames (0 or 1: unchanged)."""
+INNER = slice(17, 68)  # the 68-point layout's inner points (the jaw contour is 0-16)
+
+
+def smooth_landmarks(landmarks: np.ndarray, source: np.ndarray, window: int, order: int = 2,
+                     points=INNER) -> np.ndarray:
+    """(N, L, 2) landmarks with ``points`` (an index or slice of L; default the inner
+    points of the 68-point layout) smoothed over time (see the module docstring); frames
+    without a face (NaN) stay NaN. window: odd number of frames (0 or 1: unchanged)."""
     window = int(window)
     if window not in (0, 1) and (window < 3 or window % 2 == 0):
         raise ValueError(f"window must be 0 (off) or an odd number of frames >= 3; got {window}")
@@ -80,5 +90,5 @@ def smooth_landmarks(landmarks: np.ndarray, source: np.ndarray, window: int, ord
         w = min(window, n if n % 2 else n - 1)
         if w < order + 2:
             continue
-        out[a:b] = savgol(out[a:b], w, order)
+        out[a:b, points] = savgol(out[a:b, points], w, order)
     return out.astype(np.asarray(landmarks).dtype)

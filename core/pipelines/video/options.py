@@ -42,7 +42,7 @@ class VideoOptions:
     frame centre (w/2, h/2)).
     cores: the CPU cores this run may use (None: every core of this process; a torchrun
     rank gets its share of the machine's).
-    lm_smooth: smooth each landmark's track over this many frames (odd) before fitting
+    lm_smooth: smooth the inner landmarks' tracks over this many frames (odd) before fitting
     (:mod:`core.landmarks.smoothing`; 0: off; None: the fit preset's ``lm_smooth``). The
     landmark NME, the pkl and the exports keep the detector's landmarks.
     Any of focal, export, save_meshes and principal fits the video with one frame camera
