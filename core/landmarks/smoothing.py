@@ -26,21 +26,19 @@ import numpy as np
 
 from .tracking import SOURCE_DETECT, SOURCE_NONE
 
-__all__ = ["INNER", "track_segments", "savgol", "smooth_landmarks"]
+__all__ = ["INNER", "track_segments", "savgol", "window_error", "smooth_landmarks"]
 
 
 def track_segments(source: np.ndarray) -> List[Tuple[int, int]]:
     """[start, stop) runs of frames with a face, each starting at a frame after no face or
     at a full detection. source: (N,) core.landmarks.tracking.SOURCE_* codes."""
-    source = np.asarray(source)
     runs: List[Tuple[int, int]] = []
     start = None
-    for i, s in enumerate(source.tolist()):
-        if s == SOURCE_NONE or (s == SOURCE_DETECT and start is not None):
-            if start is not None:
-                runs.append((start, i))
-            start = None if s == SOURCE_NONE else i
-        elif start is None:
+    for i, s in enumerate(np.asarray(source).tolist()):
+        if start is not None and s in (SOURCE_NONE, SOURCE_DETECT):
+            runs.append((start, i))
+            start = None
+        if start is None and s != SOURCE_NONE:
             start = i
     if start is not None:
         runs.append((start, len(source)))
@@ -58,17 +56,25 @@ def savgol(y: np.ndarray, window: int, order: int = 2) -> np.ndarray:
     k = np.arange(-h, h + 1, dtype=np.float64)
     vander = k[:, None] ** np.arange(order + 1)            # (window, order + 1)
     fit = np.linalg.pinv(vander)                            # (order + 1, window): samples -> coefficients
+
+    def end(part: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The polynomial through ``part`` (window samples) at the offsets ``at``."""
+        coef = np.tensordot(fit, part, axes=(1, 0))          # (order + 1, ...)
+        return np.tensordot(at[:, None] ** np.arange(order + 1), coef, axes=(1, 0))
+
     out = np.empty_like(y)
     windows = np.lib.stride_tricks.sliding_window_view(y, window, axis=0)  # (T - window + 1, ..., window)
     out[h:len(y) - h] = windows @ fit[0]
-    for part, at in ((y[:window], k[:h]), (y[-window:], k[h + 1:])):
-        coef = np.tensordot(fit, part, axes=(1, 0))          # (order + 1, ...)
-        vals = np.tensordot(at[:, None] ** np.arange(order + 1), coef, axes=(1, 0))
-        if at[0] < 0:
-            out[:h] = vals
-        else:
-            out[len(y) - h:] = vals
+    out[:h] = end(y[:window], k[:h])
+    out[len(y) - h:] = end(y[-window:], k[h + 1:])
     return out
+
+
+def window_error(window: int) -> str:
+    """What is wrong with a smoothing window ("" when it is 0, off, or an odd number >= 3)."""
+    if window == 0 or (window >= 3 and window % 2 == 1):
+        return ""
+    return f"must be 0 (off) or an odd number of frames >= 3; got {window}"
 
 
 INNER = slice(17, 68)  # the 68-point layout's inner points (the jaw contour is 0-16)
@@ -78,13 +84,15 @@ def smooth_landmarks(landmarks: np.ndarray, source: np.ndarray, window: int, ord
                      points=INNER) -> np.ndarray:
     """(N, L, 2) landmarks with ``points`` (an index or slice of L; default the inner
     points of the 68-point layout) smoothed over time (see the module docstring); frames
-    without a face (NaN) stay NaN. window: odd number of frames (0 or 1: unchanged)."""
+    without a face (NaN) stay NaN. window: 0 (unchanged) or an odd number of frames >= 3
+    (ValueError otherwise, see :func:`window_error`)."""
     window = int(window)
-    if window not in (0, 1) and (window < 3 or window % 2 == 0):
-        raise ValueError(f"window must be 0 (off) or an odd number of frames >= 3; got {window}")
+    problem = window_error(window)
+    if problem:
+        raise ValueError(f"window {problem}")
+    if window == 0:
+        return np.array(landmarks, copy=True)
     out = np.array(landmarks, dtype=np.float64, copy=True)
-    if window <= 1:
-        return out.astype(np.asarray(landmarks).dtype)
     for a, b in track_segments(source):
         n = b - a
         w = min(window, n if n % 2 else n - 1)

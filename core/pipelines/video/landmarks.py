@@ -75,7 +75,7 @@ class LandmarkTrack:
         return np.concatenate([np.full(self.start, np.nan), self.timestamps])
 
     def smoothed(self, window: int) -> "LandmarkTrack":
-        """This track with each landmark smoothed over ``window`` frames
+        """This track with its inner landmarks smoothed over ``window`` frames
         (:func:`core.landmarks.smoothing.smooth_landmarks`; 0: itself). Everything else,
         the face boxes (so the crops) included, is the same."""
         if not window:

@@ -9,6 +9,7 @@ from typing import Optional, Tuple, Union
 from core import defaults
 from core.errors import UserError
 from core.io.video import VideoReader
+from core.landmarks.smoothing import window_error
 
 FrameRange = Tuple[int, Optional[int]]
 # --export formats
@@ -91,8 +92,8 @@ def check_options(options: VideoOptions) -> None:
     if options.nworkers < 1 or options.ngpus < 1 or (options.nframes_shape is not None and options.nframes_shape < 1) or options.clip_overlap < 0 \
             or (options.threads is not None and options.threads < 1):
         raise UserError("--nworkers, --ngpus, --nframes_shape and --threads must be >= 1 and --clip_overlap >= 0")
-    if options.lm_smooth is not None and options.lm_smooth != 0 and (options.lm_smooth < 3 or options.lm_smooth % 2 == 0):
-        raise UserError(f"--lm_smooth must be 0 (off) or an odd number of frames >= 3; got {options.lm_smooth}")
+    if options.lm_smooth is not None and window_error(options.lm_smooth):
+        raise UserError(f"--lm_smooth {window_error(options.lm_smooth)}")
     if options.focal is not None and options.focal != "auto" and not (
             isinstance(options.focal, (int, float)) and 0 < float(options.focal) < float("inf")):
         raise UserError(f"--focal must be 'auto' or a focal length in pixels > 0; got {options.focal!r}")
