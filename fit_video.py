@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "of tracked frames; "
                         "the NME and the outputs keep the detector's landmarks; 0: off (default: from --preset: "
                         "original 0, default 5)")
+    v.add_argument("--shape_seeds", choices=["on", "off"], default=None,
+                   help="'on': the identity frames, already fitted with the identity, also start chains of "
+                        "warm-started frames, and each worker fits its clip's chains in lockstep batches (faster, "
+                        "above all on a GPU); 'off': each clip one chain, every frame warm-started from the one "
+                        "before, as the original (default: from --preset: original off, default on)")
     c = p.add_argument_group("camera and exports (README: 'Use with talking-head pipelines')")
     c.add_argument("--focal", type=cli.focal_length, default=None, metavar="auto|PIXELS",
                    help="fit the video with one pinhole camera for the whole frame (principal point at the frame "
@@ -111,7 +116,8 @@ def video_options(args: argparse.Namespace):
                         clip_overlap=args.clip_overlap, cache_folder=args.cache_folder or None,
                         padding_ratio=args.padding_ratio, keep_audio=not args.no_audio, threads=args.threads,
                         frame_range=frame_range, focal=args.focal, export=tuple(dict.fromkeys(args.export or ())),
-                        save_meshes=args.save_meshes, principal=args.principal, lm_smooth=args.lm_smooth)
+                        save_meshes=args.save_meshes, principal=args.principal, lm_smooth=args.lm_smooth,
+                        shape_seeds=None if args.shape_seeds is None else args.shape_seeds == "on")
 
 
 def main(argv: Sequence[str]) -> int:

@@ -136,8 +136,11 @@ def test_gn_batch_frames_are_independent(model):
     img_b, lms_b = scene(f, b)
     both = f.fit(torch.cat([lms_a, lms_b]), torch.cat([img_a, img_b]))
     alone = f.fit(lms_b, img_b)
-    assert torch.allclose(both.coeffs.exp[1], alone.coeffs.exp[0], atol=1e-4)
-    assert torch.allclose(both.coeffs.angles[1], alone.coeffs.angles[0], atol=1e-5)
+    # float32 sums over a batch round differently from one frame's (by CPU: up to 3e-4 in exp
+    # on an AMD EPYC); frames coupled through the batch would differ by far more
+    assert torch.allclose(both.coeffs.exp[1], alone.coeffs.exp[0], atol=1e-3)
+    assert torch.allclose(both.coeffs.angles[1], alone.coeffs.angles[0], atol=1e-4)
+    assert not torch.allclose(both.coeffs.exp[0], alone.coeffs.exp[0], atol=1e-2)  # a different frame
 
 
 def test_gn_leaves_zero_basis_columns_at_zero():

@@ -19,7 +19,8 @@ Stages, one module each (each with a tqdm bar, each cached under
 in this process, whichever process fitted it.
 """
 from .cache import cache_lock
-from .clips import PER_FRAME_GROUPS, ClipJob, FrameDone, fit_clip, split_clips, transfer_pose
+from .chains import PER_FRAME_GROUPS, transfer_pose
+from .clips import ClipJob, FrameDone, fit_clip, split_clips
 from .compose import output_names
 from .landmarks import LandmarkTrack, landmark_pass
 from .options import VideoOptions, check_frame_range, format_frame_range, parse_frame_range

@@ -8,6 +8,15 @@ counts, the others ``rest_*``. A clip after the first starts ``clip_overlap`` fr
 and drops those frames, so the clip-start effect has faded by its first kept frame and the
 result hardly depends on the worker count. A clip is checkpointed while it runs; an
 interrupted clip resumes where it stopped, exactly.
+
+With seeds (:attr:`ClipJob.seeds`: the identity frames, whose identity fit already gave
+them expression, light and pose) a clip is several chains, each from its start (the clip's
+first frame, or a seed, warm-started from its identity-fit coefficients): a seed's chain
+keeps its frames from ``seed_warmup`` frames after the seed (its start effect faded, as a
+clip's) up to where the next chain's kept frames begin, and the chain before it keeps going
+up to there. The chains are independent, so they are fitted in lockstep, one batch of
+frames per step (batched Gauss-Newton: on a CPU a frame costs about two thirds of a frame
+fitted alone at 4 chains; on a GPU the batch is nearly free), and composed afterwards.
 """
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -30,13 +39,11 @@ from core.models.coeffs import Coeffs
 from core.render.camera import Camera, FrameCamera
 
 from ..session import SessionSpec
+from .chains import PER_FRAME_GROUPS, fit_chains, frame_fitter, transfer_pose
 from .composer import Composer
 from .cache import load_npz, partial_path, save_npz
 
 log = logging.getLogger(__name__)
-
-PER_FRAME_GROUPS = ("exp", "gamma", "angles", "trans")
-
 
 @dataclass(frozen=True)
 class FrameDone:
@@ -94,6 +101,12 @@ class ClipJob:
     # The detector's landmarks (like ``landmarks``) when the fits aim at smoothed ones: the
     # composed frames' NMEs are measured against these (None: ``landmarks``).
     target_landmarks: Optional[np.ndarray] = None
+    # Identity frames in (fit_start, stop) with their identity-fit coefficients, {source
+    # frame: {group: (n,) float32}}: each starts a chain of its own (see fit_clip), whose
+    # first ``seed_warmup`` frames are fitted and dropped (the chain before keeps going
+    # over them); empty: one chain from fit_start, frames fitted in order.
+    seeds: Dict[int, Dict[str, np.ndarray]] = field(default_factory=dict)
+    seed_warmup: int = 8
 
     @property
     def partial_path(self) -> str:
@@ -110,35 +123,6 @@ def split_clips(n_frames: int, n_workers: int) -> List[Tuple[int, int]]:
     k = min(int(n_workers), int(n_frames))
     bounds = [(i * int(n_frames)) // k for i in range(k + 1)] if k else [0]
     return [(bounds[i], bounds[i + 1]) for i in range(k)]
-
-
-def transfer_pose(angles: np.ndarray, trans: np.ndarray, box_from, box_to, camera: Camera) -> Tuple[np.ndarray, np.ndarray]:
-    """Carry a pose fitted in the crop of ``box_from`` into the crop of ``box_to`` so the
-    face stays where it was in the photo.
-
-    Both crops are tar_size squares of photo boxes; crop point q0 in the first is
-    q1 = k·q0 + (o0 − o1)·s1 in the second (k = s1 / s0, s = tar_size / side, o the box
-    corner). Scaling the image by k about the principal point c is (for the face centre,
-    exactly; for the rest to first order in depth) dividing the camera depth by k, and the
-    shift d = (k − 1)·c + (o0 − o1)·s1 moves x by d_u·z_c / (k·f) and y by −d_row·z_c /
-    (k·f) (rows grow downwards). The angles are kept.
-
-    angles, trans: (3,) or (B, 3) arrays. Returns new (angles, trans) of the same shape.
-    """
-    x0a, y0a, x1a, _ = (float(v) for v in box_from)
-    x0b, y0b, x1b, _ = (float(v) for v in box_to)
-    size = float(camera.image_size)
-    s0, s1 = size / (x1a - x0a), size / (x1b - x0b)
-    k = s1 / s0
-    c = camera.center
-    du = (k - 1.0) * c + (x0a - x0b) * s1
-    drow = (k - 1.0) * c + (y0a - y0b) * s1
-    t = np.array(trans, dtype=np.float64, copy=True)
-    zc = camera.distance - t[..., 2]
-    t[..., 0] += du * zc / (k * camera.focal)
-    t[..., 1] -= drow * zc / (k * camera.focal)
-    t[..., 2] = camera.distance - zc / k
-    return np.array(angles, copy=True), t.astype(np.asarray(trans).dtype)
 
 
 def fit_clip(job: ClipJob, on_frame: Optional[Callable[[FrameDone], None]] = None) -> Dict[str, np.ndarray]:
@@ -183,26 +167,43 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
     sizes = session.model.layout.sizes()
     out = {g: np.zeros((total, sizes[g]), dtype=np.float32) for g in PER_FRAME_GROUPS}
     fitted = np.zeros(total, dtype=bool)
-    done = 0
+    done_mask = np.zeros(total, dtype=bool)  # frames fitted, or found without a face
     saved = load_npz(job.partial_path, job.key)
     if saved is not None:
-        done = int(saved["done"])
-        fitted[:done] = saved["fitted"][:done]
+        done_mask = saved["done_mask"].astype(bool) if "done_mask" in saved else np.arange(total) < int(saved["done"])
+        fitted[done_mask] = saved["fitted"][done_mask]
         for g in PER_FRAME_GROUPS:
-            out[g][:done] = saved[g][:done]
+            out[g][done_mask] = saved[g][done_mask]
         now = time.time()
-        for index in range(job.start, job.fit_start + done):
+        for index in range(job.start, job.stop):
             j = index - job.fit_start
-            on_frame(FrameDone(job.worker, index, now, bool(fitted[j]), restored=True))
-        log.info("worker %d: resuming clip [%d, %d) at frame %d", job.worker, job.start, job.stop, job.fit_start + done)
+            if done_mask[j]:
+                on_frame(FrameDone(job.worker, index, now, bool(fitted[j]), restored=True))
+        log.info("worker %d: resuming clip [%d, %d) with %d of its %d frames done", job.worker, job.start, job.stop,
+                 int(done_mask.sum()), total)
 
     composer = None
-    if job.segment and done == 0 and total > 0:
+    if job.segment and total > 0 and not done_mask.any():  # fitted from its first frame in this call
         writer = VideoWriter(job.segment, job.frame_size, job.fps)
         composer = Composer(session, job.id, job.tex, job.camera, writer, meshes=job.meshes)
     try:
-        if done < total:
-            done = _fit_frames(job, session, out, fitted, done, composer, on_frame)
+        if job.seeds:
+            last_save = [time.monotonic()]
+
+            def finished(positions) -> None:
+                for j in positions:
+                    done_mask[j] = True
+                    if j >= job.start - job.fit_start:
+                        on_frame(FrameDone(job.worker, job.fit_start + j, time.time(), bool(fitted[j])))
+                if time.monotonic() - last_save[0] > job.checkpoint_s and not done_mask.all():
+                    save_npz(job.partial_path, job.key, done_mask=done_mask, fitted=fitted, **out)
+                    last_save[0] = time.monotonic()
+
+            fit_chains(job, session, out, fitted, done_mask, finished)
+            if composer is not None:
+                _compose_clip(job, out, fitted, composer)
+        elif not done_mask.all():
+            _fit_frames(job, session, out, fitted, int(done_mask.sum()), composer, on_frame)
         if composer is not None:
             composer.flush()
             composer.writer.finish()
@@ -241,8 +242,8 @@ def _commit_segment(job: ClipJob, composer: Composer) -> None:
 def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_frame) -> int:
     """Fit frames fit_start + done .. stop - 1 in order (filling ``out`` and ``fitted``,
     checkpointing, composing the kept ones with ``composer``); returns the new ``done``."""
-    fitter, model, cam, device = session.fitter, session.model, session.camera, session.device
-    tar_size = cam.image_size
+    fitter, device = session.fitter, session.device
+    tar_size = session.camera.image_size
     dt = fitter.dtype
     total = job.stop - job.fit_start
     id_t = torch.as_tensor(job.id, dtype=dt, device=device)[None]
@@ -266,15 +267,8 @@ def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_fram
                 box = job.crop_boxes[j]
                 crop = crop_face(frame, box, tar_size)
                 lm_crop = photo_to_crop(lms, box, tar_size)
-                frame_fitter = fitter
-                if job.camera is not None:  # one camera for the video: this frame's crop of it
-                    frame_fitter = fitter.with_camera(job.camera.crop(box, tar_size, dtype=dt, device=device))
                 if j > 0 and fitted[j - 1]:
-                    if job.camera is None:
-                        ang, tr = transfer_pose(out["angles"][j - 1], out["trans"][j - 1],
-                                                job.crop_boxes[j - 1], box, cam)
-                    else:  # the pose is in the frame camera whatever the crop
-                        ang, tr = out["angles"][j - 1], out["trans"][j - 1]
+                    ang, tr = _previous_pose(job, session.camera, j, out)
                     ang_t = torch.as_tensor(ang, dtype=dt, device=device)[None]
                     tr_t = torch.as_tensor(tr, dtype=dt, device=device)[None]
                     init = Coeffs(id=id_t, tex=tex_t, angles=ang_t, trans=tr_t, **start_of(j - 1))
@@ -284,10 +278,10 @@ def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_fram
                     pose_ref = None
                 # A following frame (warm-started, pose prior) gets Fitter.following()'s
                 # settings and rest_* iterations; the first one the first_* schedule.
-                res = frame_fitter.fit(torch.as_tensor(lm_crop[None], dtype=dt, device=device),
-                                       torch.as_tensor(crop[None], dtype=dt, device=device),
-                                       init=init, nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref,
-                                       following=pose_ref is not None, losses=False)
+                res = frame_fitter(job, session, box[None]).fit(
+                    torch.as_tensor(lm_crop[None], dtype=dt, device=device),
+                    torch.as_tensor(crop[None], dtype=dt, device=device), init=init,
+                    nonrigid_groups=PER_FRAME_GROUPS, pose_ref=pose_ref, following=pose_ref is not None, losses=False)
                 for g in PER_FRAME_GROUPS:
                     out[g][j] = getattr(res.coeffs, g)[0].detach().cpu().numpy()
                 last = j, {g: getattr(res.coeffs, g).detach()[:1].to(torch.float32).to(dt)
@@ -296,8 +290,7 @@ def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_fram
             done = j + 1
             if index >= job.start:
                 if composer is not None:
-                    composer.add(index, frame, {g: out[g][j] for g in PER_FRAME_GROUPS} if fitted[j] else None,
-                                 job.crop_boxes[j], lms if job.target_landmarks is None else job.target_landmarks[j])
+                    _compose_frame(job, composer, index, frame, out, fitted)
                 on_frame(FrameDone(job.worker, index, time.time(), bool(fitted[j])))
             if time.monotonic() - last_save > job.checkpoint_s and done < total:
                 save_npz(job.partial_path, job.key, done=np.array(done), fitted=fitted, **out)
@@ -306,3 +299,31 @@ def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_fram
         raise UserError(f"video '{job.video_path}' ended at frame {job.fit_start + done}, "
                         f"expected {job.stop} frames")
     return done
+
+
+def _previous_pose(job: ClipJob, cam: Camera, j: int, out) -> Tuple[np.ndarray, np.ndarray]:
+    """Frame j - 1's fitted pose as frame j's start: carried into frame j's crop for the
+    crop camera (:func:`transfer_pose`); in the frame camera, as it is."""
+    if job.camera is None:
+        return transfer_pose(out["angles"][j - 1], out["trans"][j - 1], job.crop_boxes[j - 1], job.crop_boxes[j], cam)
+    return out["angles"][j - 1], out["trans"][j - 1]
+
+
+def _compose_frame(job: ClipJob, composer: Composer, index: int, frame: np.ndarray, out, fitted) -> None:
+    """Hand source frame ``index`` and its fit (if any) to ``composer``; its NME is
+    measured against the detector's landmarks."""
+    j = index - job.fit_start
+    target = job.landmarks[j] if job.target_landmarks is None else job.target_landmarks[j]
+    composer.add(index, frame, {g: out[g][j] for g in PER_FRAME_GROUPS} if fitted[j] else None,
+                 job.crop_boxes[j], target)
+
+
+def _compose_clip(job: ClipJob, out, fitted, composer: Composer) -> None:
+    """Compose the kept frames [start, stop) in order from their fits (read again)."""
+    n = 0
+    with VideoReader(job.video_path) as reader:
+        for index, frame in reader.frames(job.start, job.stop, job.timestamps):
+            _compose_frame(job, composer, index, frame, out, fitted)
+            n += 1
+    if n < job.stop - job.start:
+        raise UserError(f"video '{job.video_path}' ended at frame {job.start + n}, expected {job.stop} frames")

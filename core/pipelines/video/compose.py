@@ -21,7 +21,7 @@ from core.io.atomic import atomic_path
 from core.io.video import VideoConcat, VideoReader, VideoWriter
 
 from ..session import Session
-from .clips import PER_FRAME_GROUPS
+from .chains import PER_FRAME_GROUPS
 from .composer import Composer
 from .landmarks import LandmarkTrack
 from .options import VideoOptions

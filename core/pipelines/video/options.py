@@ -46,6 +46,9 @@ class VideoOptions:
     lm_smooth: smooth the inner landmarks' tracks over this many frames (odd) before fitting
     (:mod:`core.landmarks.smoothing`; 0: off; None: the fit preset's ``lm_smooth``). The
     landmark NME, the pkl and the exports keep the detector's landmarks.
+    shape_seeds: start a chain of warm-started frames at each identity frame too, from its
+    identity-fit coefficients, and fit a clip's chains in lockstep batches
+    (:mod:`core.pipelines.video.clips`; None: the fit preset's ``shape_seeds``).
     Any of focal, export, save_meshes and principal fits the video with one frame camera
     (:attr:`frame_camera`).
     """
@@ -66,6 +69,7 @@ class VideoOptions:
     principal: Optional[Tuple[float, float]] = None
     cores: Optional[int] = None
     lm_smooth: Optional[int] = None
+    shape_seeds: Optional[bool] = None
 
     @property
     def frame_camera(self) -> bool:
@@ -79,11 +83,14 @@ class VideoOptions:
 
 def resolve_options(options: VideoOptions, cfg) -> VideoOptions:
     """``options`` with what it leaves to the fit preset ``cfg`` (a FitConfig) filled in:
-    ``nframes_shape`` None -> ``cfg.shape_frames``, ``lm_smooth`` None -> ``cfg.lm_smooth``."""
+    ``nframes_shape`` None -> ``cfg.shape_frames``, ``lm_smooth`` None -> ``cfg.lm_smooth``,
+    ``shape_seeds`` None -> ``cfg.shape_seeds``."""
     if options.nframes_shape is None:
         options = replace(options, nframes_shape=cfg.shape_frames)
     if options.lm_smooth is None:
         options = replace(options, lm_smooth=cfg.lm_smooth)
+    if options.shape_seeds is None:
+        options = replace(options, shape_seeds=cfg.shape_seeds)
     return options
 
 

@@ -31,6 +31,7 @@ from core.io.video import VideoReader, VideoWriter
 
 from ..session import Session, SessionSpec
 from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir
+from .chains import chain_seeds
 from .clips import ClipJob, FrameDone, segment_arrays_path, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
 from .composer import gather_parts
@@ -300,10 +301,14 @@ def _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devic
     source_ts = track.source_timestamps()
     spec = None  # built for the first job (a model on a GPU is copied to the CPU)
     jobs, results = [], {}
+    seed_frames = chain_seeds(shape.frames, first, track.stop, options.clip_overlap) \
+        if options.shape_seeds and shape.coeffs else []
     for k, (start, stop) in enumerate(clips):
         fit_start = max(first, start - options.clip_overlap)
+        seeds = {f: v for f, v in shape.seeds(fit_start + 1, stop).items() if f in seed_frames}
         key = digest({"shape": shape_key, "fit_start": fit_start, "start": start, "stop": stop,
-                      "rest_nrf_lr": cfg.rest_nrf_lr})
+                      "rest_nrf_lr": cfg.rest_nrf_lr, "overlap": options.clip_overlap,
+                      **({"seeds": {str(f): array_digest(*v.values()) for f, v in sorted(seeds.items())}} if seeds else {})})
         cache_path = os.path.join(cache_dir, f"clip_{start:07d}_{stop:07d}.npz")
         cached = load_npz(cache_path, key)
         if cached is not None:
@@ -318,7 +323,8 @@ def _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devic
             cache_path=cache_path, key=key, checkpoint_s=options.checkpoint_s,
             adaptive_threads=options.threads is None, camera=shape.camera,
             segment=os.path.join(seg_dir, f"clip_{start:07d}_{stop:07d}.mp4") if seg_dir else None,
-            frame_size=(track.width, track.height), fps=track.fps, meshes=options.save_meshes))
+            frame_size=(track.width, track.height), fps=track.fps, meshes=options.save_meshes, seeds=seeds,
+            seed_warmup=options.clip_overlap))
     return jobs, results
 
 

@@ -1,7 +1,8 @@
 """Stage 2 of the video pipeline: identity and albedo shared by the whole video, from
 ``nframes_shape`` face frames spread over it, in one batched fit with id/tex shared by all
 frames (stored with batch 1, see :func:`core.fit.fitter.expand`) and exp/gamma/pose per
-frame. Cached in ``shape.npz``."""
+frame. Cached in ``shape.npz``, with those frames' own coefficients (the seeds of the
+per-frame fits' chains, :attr:`ShapeResult.seeds`)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ from core.render.camera import FrameCamera, default_focal
 
 from ..session import Session
 from .cache import digest, load_npz, save_npz
+from .chains import PER_FRAME_GROUPS
 from .landmarks import LandmarkTrack
 from .options import VideoOptions, range_suffix
 
@@ -38,6 +40,17 @@ class ShapeResult:
     reused: bool = False    # loaded from the cache
     camera: Optional[FrameCamera] = None  # the video's frame camera (None: the original's crop camera)
     focal_source: str = ""                # "given", "estimated" (from the landmarks) or "assumed" (see fit_shape)
+    # Each of ``frames``' own fitted per-frame groups (exp, gamma, angles, trans),
+    # {group: (F, n) float32}, in the camera the frames are fitted in; empty when unknown.
+    coeffs: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    def seeds(self, start: int, stop: int) -> Dict[int, Dict[str, np.ndarray]]:
+        """The identity frames in source frames [start, stop) with their coefficients:
+        {source frame: {group: (n,) float32}} (empty without :attr:`coeffs`)."""
+        if not self.coeffs:
+            return {}
+        return {int(f): {g: v[k] for g, v in self.coeffs.items()}
+                for k, f in enumerate(np.asarray(self.frames)) if start <= int(f) < stop}
 
     def camera_info(self) -> Dict[str, object]:
         """The frame camera as the pkl and info.json give it (with its focal source)."""
@@ -95,14 +108,15 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
     path = os.path.join(cache_dir, f"shape{range_suffix(options.frame_range)}.npz") if cache_dir else None
     if path:
         cached = load_npz(path, key)
-        if cached is not None:
+        if cached is not None and all(f"coeffs_{g}" in cached for g in PER_FRAME_GROUPS):
             log.info("identity/albedo: reusing %s", path)
             camera = None
             if options.frame_camera:
                 camera = start_camera(track, options).with_focal(float(cached["focal"]))
             return ShapeResult(id=cached["id"], tex=cached["tex"], frames=cached["frames"],
                                losses=json.loads(str(cached["losses"])), reused=True, camera=camera,
-                               focal_source=str(cached["focal_source"]))
+                               focal_source=str(cached["focal_source"]),
+                               coeffs={g: cached[f"coeffs_{g}"] for g in PER_FRAME_GROUPS})
     log.info("identity/albedo from %d frames: %s", len(indices), (indices + track.start).tolist())
     boxes = track.crop_boxes(options.padding_ratio)
     wanted = [int(i) + track.start for i in indices]
@@ -141,11 +155,14 @@ def fit_shape(session: Session, track: LandmarkTrack, video_path: str, options: 
     res = fitter.fit(lms_t, torch.as_tensor(crops, dtype=dt, device=dev), init=init)
     result = ShapeResult(id=res.coeffs.id[0].cpu().numpy().astype(np.float32),
                          tex=res.coeffs.tex[0].cpu().numpy().astype(np.float32),
-                         frames=indices + track.start, losses=res.losses, camera=camera, focal_source=source)
+                         frames=indices + track.start, losses=res.losses, camera=camera, focal_source=source,
+                         coeffs={g: getattr(res.coeffs, g).detach().cpu().numpy().astype(np.float32)
+                                 for g in PER_FRAME_GROUPS})
     if path:
         save_npz(path, key, id=result.id, tex=result.tex, frames=result.frames,
                  losses=np.array(json.dumps(res.losses)), focal=np.array(camera.focal if camera else np.nan),
-                 focal_source=np.array(result.focal_source))
+                 focal_source=np.array(result.focal_source),
+                 **{f"coeffs_{g}": v for g, v in result.coeffs.items()})
     return result
 
 

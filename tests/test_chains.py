@@ -1,0 +1,130 @@
+"""Chains of warm-started frames (core.pipelines.video.chains): which identity frames start
+chains, how a clip is cut into them, and that fitting them in lockstep is the same fit as
+one chain at a time, seeded from the identity frames, and resumable."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from core.pipelines import video as V
+from core.pipelines.video import chains as C
+from tests.test_video import BLANKS, N_FRAMES, _job, clip, model_path, track  # noqa: F401 (fixtures)
+
+GROUPS = ("exp", "gamma", "angles", "trans")
+
+
+def _seed(res, frame, shift=0.0):
+    """The coefficients of ``frame`` in a fit_clip result (angles shifted by ``shift`` rad)."""
+    s = {g: res[g][frame].copy() for g in GROUPS}
+    s["angles"] = s["angles"] + np.float32(shift)
+    return s
+
+
+def test_chain_seeds_keep_every_chain_long_enough():
+    # warm-up 4: a seed at least 12 frames after the start and the seed before, and 5 before the end
+    assert C.chain_seeds([5, 14, 20, 30, 45, 58], first=0, stop=60, warmup=4) == [14, 30, 45]
+    assert C.chain_seeds([14, 30], first=10, stop=60, warmup=4) == [30]
+    assert C.chain_seeds([40], first=0, stop=44, warmup=4) == []  # no room for its warm-up
+    assert C.chain_seeds([3, 6], first=0, stop=20, warmup=0) == [3, 6]  # no warm-up: 3 frames apart
+
+
+def test_chain_bounds_tile_the_clip_and_warm_up_each_seed(track, clip, tmp_path):
+    job = replace(_job(track, clip, tmp_path, stop=16), seeds={6: {}, 11: {}}, seed_warmup=2)
+    # chain 0 from the clip's first frame keeps [0, 8); the seed at 6 fits [6, 13), keeps [8, 13); ...
+    assert C.chain_bounds(job) == [(0, 0, 8), (6, 8, 13), (11, 13, 16)]
+    assert C.chain_bounds(replace(job, seeds={14: {}})) == [(0, 0, 16)]  # 14 + 2 warm-up reaches the end
+    later = replace(_job(track, clip, tmp_path, start=4, stop=16), fit_start=2, seeds={9: {}}, seed_warmup=1)
+    later.landmarks, later.crop_boxes = track.landmarks[2:16], track.crop_boxes(0.3)[2:16]
+    assert C.chain_bounds(later) == [(0, 0, 8), (7, 8, 14)]  # positions from fit_start = 2
+
+
+@pytest.fixture(scope="module")
+def whole(track, clip, tmp_path_factory):
+    """The clip fitted as one chain, frame after frame."""
+    return V.fit_clip(_job(track, clip, tmp_path_factory.mktemp("whole"), stop=N_FRAMES))
+
+
+def test_chains_in_lockstep_fit_as_one_chain_at_a_time(track, clip, tmp_path, whole, monkeypatch):
+    seeds = {8: _seed(whole, 8), 12: _seed(whole, 12)}
+    job = replace(_job(track, clip, tmp_path, stop=N_FRAMES), seeds=seeds, seed_warmup=2)
+    together = V.fit_clip(job)
+    monkeypatch.setattr(C, "CHAIN_CROP_BYTES", 1)  # every chain a group of its own, fitted as it is read
+    alone = V.fit_clip(replace(job, cache_path=str(tmp_path / "alone.npz")))
+    assert together["fitted"].tolist() == alone["fitted"].tolist() == [i not in BLANKS for i in range(N_FRAMES)]
+    for g in GROUPS:  # a batch of frames solves each frame's own system
+        np.testing.assert_allclose(together[g], alone[g], atol=2e-4, rtol=1e-3)
+        # chain 0 (frames 0-9) alone is exactly the frame-after-frame fit
+        np.testing.assert_array_equal(alone[g][:10], whole[g][:10])
+
+
+def test_a_seed_starts_its_chain_from_its_coefficients(track, clip, tmp_path, whole):
+    base = _job(track, clip, tmp_path, stop=N_FRAMES)
+    seeded = V.fit_clip(replace(base, seeds={9: _seed(whole, 9)}, seed_warmup=0, cache_path=str(tmp_path / "a.npz")))
+    wrong = V.fit_clip(replace(base, seeds={9: _seed(whole, 9, shift=0.3)}, seed_warmup=0,
+                               cache_path=str(tmp_path / "b.npz")))
+    near = np.abs(seeded["angles"][9] - whole["angles"][9]).max()
+    assert near < 0.02, near  # one following-frame step from the frame-after-frame fit's own result
+    assert np.abs(wrong["angles"][9] - whole["angles"][9]).max() > 5 * near  # the seed is where it starts
+    for g in GROUPS:  # before the seed: chain 0, the frame-after-frame fit
+        np.testing.assert_allclose(seeded[g][:9], whole[g][:9], atol=2e-4, rtol=1e-3)
+
+
+def test_interrupted_chains_resume(track, clip, tmp_path, whole):
+    job = replace(_job(track, clip, tmp_path, stop=N_FRAMES), seeds={8: _seed(whole, 8), 12: _seed(whole, 12)},
+                  seed_warmup=2)
+    full = V.fit_clip(job)
+    import os
+    os.remove(job.cache_path)
+    calls = []
+
+    def stop_after_seven(event):
+        calls.append(event)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        V.fit_clip(job, on_frame=stop_after_seven)
+    assert os.path.exists(job.partial_path) and not os.path.exists(job.cache_path)
+    seen = []
+    resumed = V.fit_clip(job, on_frame=seen.append)
+    restored = sorted(e.frame for e in seen if e.restored)
+    assert 0 < len(restored) < N_FRAMES and sorted(e.frame for e in seen) == list(range(N_FRAMES))
+    assert not os.path.exists(job.partial_path)
+    for g in GROUPS:
+        np.testing.assert_allclose(resumed[g], full[g], atol=2e-4, rtol=1e-3)
+
+
+def test_fit_video_starts_chains_at_the_identity_frames(clip, model_path, tmp_path):
+    """The whole command with --shape_seeds on / off (one cache: the same landmarks and
+    identity fit): the frames before the first seed's chain takes over are the same fit
+    (up to batching), the later ones follow another path as close to the landmarks, and
+    info.json's NME is what the pkl gives."""
+    import fit_video
+    from core.pipelines.cli import run_main
+    from tests.test_video import FAST, _check_landmark_nme, _load, spec_landmarks
+
+    out = {}
+    for mode in ("off", "on"):
+        res = str(tmp_path / mode)
+        args = ["--v_path", clip, "--res_folder", res, "--cache_folder", str(tmp_path / "cache"),
+                "--model_path", model_path, "--clip_overlap", "1", "--shape_seeds", mode]
+        assert run_main(fit_video.main, args + FAST) == 0
+        out[mode] = _load(res, "talk")
+    (p_off, i_off), (p_on, i_on) = out["off"], out["on"]
+    shape = i_on["shape_frames"]
+    assert shape == i_off["shape_frames"] and len(shape) == 3
+    seeds = C.chain_seeds(shape, 0, N_FRAMES, 1)
+    assert seeds and set(seeds) <= set(shape)
+    took_over = seeds[0] + 1  # the first seed's chain keeps frames from its warm-up on
+    moved = []
+    for i in sorted(p_on["fitting_res"]):
+        d = np.linalg.norm(spec_landmarks(model_path, p_on, i) - spec_landmarks(model_path, p_off, i), axis=1).max()
+        if i < took_over:
+            assert d < 0.02, (i, d)
+        else:
+            moved.append(d)
+    assert max(moved) > 0.05  # the seeds' chains are other fits
+    tracked = np.load(str(tmp_path / "cache" / "talk" / "landmarks.npz"))["landmarks"]
+    on = _check_landmark_nme(p_on, i_on, model_path, tracked)
+    off = _check_landmark_nme(p_off, i_off, model_path, tracked)
+    assert on.mean() < 1.2 * off.mean() + 0.005, (on.mean(), off.mean())
