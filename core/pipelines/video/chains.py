@@ -38,7 +38,6 @@ CHAIN_CROP_BYTES = 256 << 20
 CHAIN_MIN_WARMUPS = 3
 
 
-
 def transfer_pose(angles: np.ndarray, trans: np.ndarray, box_from, box_to, camera: Camera) -> Tuple[np.ndarray, np.ndarray]:
     """Carry a pose fitted in the crop of ``box_from`` into the crop of ``box_to`` so the
     face stays where it was in the photo.

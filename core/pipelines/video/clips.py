@@ -9,14 +9,9 @@ and drops those frames, so the clip-start effect has faded by its first kept fra
 result hardly depends on the worker count. A clip is checkpointed while it runs; an
 interrupted clip resumes where it stopped, exactly.
 
-With seeds (:attr:`ClipJob.seeds`: the identity frames, whose identity fit already gave
-them expression, light and pose) a clip is several chains, each from its start (the clip's
-first frame, or a seed, warm-started from its identity-fit coefficients): a seed's chain
-keeps its frames from ``seed_warmup`` frames after the seed (its start effect faded, as a
-clip's) up to where the next chain's kept frames begin, and the chain before it keeps going
-up to there. The chains are independent, so they are fitted in lockstep, one batch of
-frames per step (batched Gauss-Newton: on a CPU a frame costs about two thirds of a frame
-fitted alone at 4 chains; on a GPU the batch is nearly free), and composed afterwards.
+With seeds (:attr:`ClipJob.seeds`: identity frames) a clip is several chains of
+warm-started frames fitted in lockstep (:mod:`~core.pipelines.video.chains`) and composed
+afterwards.
 """
 from __future__ import annotations
 
