@@ -128,3 +128,11 @@ def test_fit_video_starts_chains_at_the_identity_frames(clip, model_path, tmp_pa
     on = _check_landmark_nme(p_on, i_on, model_path, tracked)
     off = _check_landmark_nme(p_off, i_off, model_path, tracked)
     assert on.mean() < 1.2 * off.mean() + 0.005, (on.mean(), off.mean())
+
+
+def test_chains_too_long_to_keep_side_by_side_are_not_used(monkeypatch):
+    assert C.lockstep_pays(0, 600, {200: {}, 400: {}}, 8, 256)  # 600 crops: well within 256 MB
+    monkeypatch.setattr(C, "CHAIN_CROP_BYTES", 150 * 256 * 256 * 3)  # room for 150 crops of 256 px
+    assert not C.lockstep_pays(0, 600, {200: {}, 400: {}}, 8, 256)  # chains of 208, 208 and 200 frames
+    assert C.lockstep_pays(0, 600, {50: {}, 100: {}}, 8, 256)  # the first two (58 and 58) fit together
+    assert not C.lockstep_pays(0, 600, {}, 8, 256)  # one chain

@@ -97,23 +97,42 @@ def chain_bounds(job) -> List[Tuple[int, int, int]]:
     """The clip's chains as (a, k, b) positions in [0, stop - fit_start): each fits [a, b)
     and keeps [k, b); one from the first frame (k = a = 0) and one from each seed after it
     (k = a + seed_warmup); the kept ranges tile the clip."""
-    total = job.stop - job.fit_start
-    w = max(0, int(job.seed_warmup))
-    starts = sorted({int(f) - job.fit_start for f in job.seeds if job.fit_start < int(f) < job.stop})
+    return _bounds(job.fit_start, job.stop, job.seeds, job.seed_warmup)
+
+
+def _bounds(fit_start: int, stop: int, seeds, warmup: int) -> List[Tuple[int, int, int]]:
+    """:func:`chain_bounds` of a clip fitting source frames [fit_start, stop) with ``seeds``."""
+    total = stop - fit_start
+    w = max(0, int(warmup))
+    starts = sorted({int(f) - fit_start for f in seeds if fit_start < int(f) < stop})
     starts = [a for a in starts if a + w < total]
     keeps = [0] + [a + w for a in starts] + [total]
     return [(a, keeps[i], keeps[i + 1]) for i, a in enumerate([0] + starts)]
 
 
-def _chunks(chains: List["_Chain"], budget: int) -> List[List["_Chain"]]:
-    """Consecutive chains grouped so that a group covers at most ``budget`` frames (a
-    chain longer than that is a group of its own)."""
-    groups: List[List[_Chain]] = []
-    for c in chains:
-        if groups and max([c.stop] + [x.stop for x in groups[-1]]) - groups[-1][0].start <= budget:
-            groups[-1].append(c)
+def lockstep_pays(fit_start: int, stop: int, seeds, warmup: int, tar_size: int) -> bool:
+    """Whether a clip of source frames [fit_start, stop) with ``seeds`` has chains to fit
+    side by side: some group of them within CHAIN_CROP_BYTES holds two or more. Else
+    (a long video's chains are each longer than that) it is better fitted as one chain,
+    composed as it is read."""
+    spans = [(a, b) for a, _, b in _bounds(fit_start, stop, seeds, warmup)]
+    return any(len(g) > 1 for g in _groups(spans, _budget(tar_size)))
+
+
+def _budget(tar_size: int) -> int:
+    """Frames whose crops fit in CHAIN_CROP_BYTES."""
+    return max(1, CHAIN_CROP_BYTES // (tar_size * tar_size * 3))
+
+
+def _groups(spans: List[Tuple[int, int]], budget: int) -> List[List[int]]:
+    """Indices of consecutive spans [(start, stop)] grouped so that a group covers at most
+    ``budget`` frames (a span longer than that is a group of its own)."""
+    groups: List[List[int]] = []
+    for i, (a, b) in enumerate(spans):
+        if groups and max([b] + [spans[j][1] for j in groups[-1]]) - spans[groups[-1][0]][0] <= budget:
+            groups[-1].append(i)
         else:
-            groups.append([c])
+            groups.append([i])
     return groups
 
 
@@ -141,7 +160,8 @@ def fit_chains(job, session, out, fitted, done_mask, finished: Callable[[List[in
         todo.append(_Chain(a, k, b, seed, last))
 
     with VideoReader(job.video_path) as reader:
-        for group in _chunks(todo, max(1, CHAIN_CROP_BYTES // (tar * tar * 3))):
+        for idx in _groups([(c.start, c.stop) for c in todo], _budget(tar)):
+            group = [todo[i] for i in idx]
             frames = _read_crops(reader, job, group[0].start, max(c.stop for c in group), tar)
             if len(group) == 1:  # one chain: fitted as it is read
                 for j, crop in frames:

@@ -31,7 +31,7 @@ from core.io.video import VideoReader, VideoWriter
 
 from ..session import Session, SessionSpec
 from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir
-from .chains import chain_seeds
+from .chains import chain_seeds, lockstep_pays
 from .clips import ClipJob, FrameDone, segment_arrays_path, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
 from .composer import gather_parts
@@ -306,6 +306,8 @@ def _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devic
     for k, (start, stop) in enumerate(clips):
         fit_start = max(first, start - options.clip_overlap)
         seeds = {f: v for f, v in shape.seeds(fit_start + 1, stop).items() if f in seed_frames}
+        if seeds and not lockstep_pays(fit_start, stop, seeds, options.clip_overlap, session.camera.image_size):
+            seeds = {}  # chains too long to keep side by side: one chain, composed as it is read
         key = digest({"shape": shape_key, "fit_start": fit_start, "start": start, "stop": stop,
                       "rest_nrf_lr": cfg.rest_nrf_lr, "overlap": options.clip_overlap,
                       **({"seeds": {str(f): array_digest(*v.values()) for f, v in sorted(seeds.items())}} if seeds else {})})
