@@ -126,7 +126,8 @@ def fit_clip(job: ClipJob, on_frame: Optional[Callable[[FrameDone], None]] = Non
     Returns (and writes to ``job.cache_path``) arrays over the kept frames: ``frames``
     (K,), ``fitted`` (K,) bool, and ``exp``, ``gamma``, ``angles``, ``trans`` (K, n),
     float32 (zeros where no face). ``on_frame`` receives a :class:`FrameDone` as each kept
-    frame finishes, in order.
+    frame finishes: in frame order for one chain; with seeds, a step's frames together
+    (one per chain), so not in frame order.
 
     With ``job.segment``, a clip fitted from its first frame in this call (not resumed
     from a checkpoint) also composes its kept frames as it goes, from the frames it has

@@ -73,7 +73,8 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
     ``on_frame``: called in this process, in the thread that runs ``run_video``, with the
     :class:`FrameDone` (worker, source frame, finish time in the worker, ...) of each kept
     frame of each clip fitted in this run, whichever worker process fits it (clips reused
-    from the cache report nothing). Each worker's frames arrive in order.
+    from the cache report nothing). Each worker's frames arrive as it finishes them (in frame
+    order unless its clip is fitted as several chains, see :mod:`.chains`).
     ``clip_runner``: fits the clips instead of ``options.nworkers`` worker processes: an
     object with ``clips_for(n_frames)`` (how many clips) and ``run(jobs, on_frame)``
     (:class:`core.pipelines.dataset.clipshare.ClipSharing`: clips shared with other ranks).

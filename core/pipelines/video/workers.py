@@ -209,7 +209,7 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
     this process unless ``in_process`` is False): a process of ``pool`` (already started)
     when it has enough free ones, else of a :class:`WorkerPool` started now. ``on_frame``
     is called in this process with the :class:`FrameDone` of every kept frame of every
-    worker, as its message arrives (each worker's in order). Any failing worker stops the others and raises
+    worker, as its message arrives (each worker's as it finishes them). Any failing worker stops the others and raises
     ``UserError("worker k failed: ...")``; results are in the jobs' cache files."""
     on_frame = on_frame or (lambda event: None)
     if in_process is None:
