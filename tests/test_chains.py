@@ -8,7 +8,7 @@ import pytest
 
 from core.pipelines import video as V
 from core.pipelines.video import chains as C
-from tests.test_video import BLANKS, N_FRAMES, _job, clip, model_path, track  # noqa: F401 (fixtures)
+from tests.test_video import BLANKS, N_FRAMES, _interrupt_then_resume, _job, clip, model_path, track  # noqa: F401 (fixtures)
 
 GROUPS = ("exp", "gamma", "angles", "trans")
 
@@ -75,18 +75,7 @@ def test_interrupted_chains_resume(track, clip, tmp_path, whole):
     full = V.fit_clip(job)
     import os
     os.remove(job.cache_path)
-    calls = []
-
-    def stop_after_seven(event):
-        calls.append(event)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        V.fit_clip(job, on_frame=stop_after_seven)
-    assert os.path.exists(job.partial_path) and not os.path.exists(job.cache_path)
-    seen = []
-    resumed = V.fit_clip(job, on_frame=seen.append)
+    resumed, seen = _interrupt_then_resume(job, after=7)
     restored = sorted(e.frame for e in seen if e.restored)
     assert 0 < len(restored) < N_FRAMES and sorted(e.frame for e in seen) == list(range(N_FRAMES))
     assert not os.path.exists(job.partial_path)

@@ -683,24 +683,31 @@ def test_interrupted_frame_range_pass_resumes_exactly(clip, track, tmp_path):
     assert not V.landmark_pass(clip, det, str(tmp_path), progress=False, frame_range=(5, 11)).reused
 
 
+def _interrupt_then_resume(job, after: int):
+    """fit_clip stopped (KeyboardInterrupt) at its ``after``-th reported frame, which leaves
+    its checkpoint and no result, then run again: (its result, the second run's FrameDone
+    events)."""
+    calls = []
+
+    def stop(event):
+        calls.append(event)
+        if len(calls) == after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        V.fit_clip(job, on_frame=stop)
+    assert os.path.exists(job.partial_path) and not os.path.exists(job.cache_path)
+    seen = []
+    return V.fit_clip(job, on_frame=seen.append), seen
+
+
 def test_interrupted_clip_resumes_exactly(track, clip, tmp_path):
     job = _job(track, clip, tmp_path, stop=8)
     whole = V.fit_clip(job)
     assert whole["fitted"].tolist() == [i not in BLANKS for i in range(8)]
     os.remove(job.cache_path)
 
-    calls = []
-
-    def stop_after_six(event):
-        calls.append(event)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        V.fit_clip(job, on_frame=stop_after_six)
-    assert os.path.exists(job.partial_path) and not os.path.exists(job.cache_path)
-    seen = []
-    resumed = V.fit_clip(job, on_frame=seen.append)
+    resumed, seen = _interrupt_then_resume(job, after=6)
     # The 5 frames already done are reported at once (restored), then 3 more.
     assert [(e.worker, e.frame, e.restored) for e in seen] == [(0, i, i < 5) for i in range(8)]
     assert [e.fitted for e in seen] == whole["fitted"].tolist()

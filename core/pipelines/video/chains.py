@@ -67,6 +67,20 @@ def transfer_pose(angles: np.ndarray, trans: np.ndarray, box_from, box_to, camer
     return np.array(angles, copy=True), t.astype(np.asarray(trans).dtype)
 
 
+def start_pose(job, camera: Camera, j: int, angles: np.ndarray, trans: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Frame j - 1's fitted pose (``angles``, ``trans``) as frame j's start: carried into
+    frame j's crop for the crop camera (:func:`transfer_pose`); in the video's frame
+    camera, as it is."""
+    if job.camera is None:
+        return transfer_pose(angles, trans, job.crop_boxes[j - 1], job.crop_boxes[j], camera)
+    return angles, trans
+
+
+def video_ended(job, frame: int) -> UserError:
+    """The error for a video that ended at source frame ``frame``, before ``job.stop``."""
+    return UserError(f"video '{job.video_path}' ended at frame {frame}, expected {job.stop} frames")
+
+
 def frame_fitter(job, session, boxes: np.ndarray):
     """The fitter of frames with crop ``boxes`` (B, 4): the session's (the crop camera), or
     with the video's frame camera seen through those crops."""
@@ -196,7 +210,7 @@ def _read_crops(reader: VideoReader, job, a: int, b: int, tar: int):
         yield j, crop_face(frame, job.crop_boxes[j], tar) if has_face else None
         j += 1
     if j < b:
-        raise UserError(f"video '{job.video_path}' ended at frame {job.fit_start + j}, expected {job.stop} frames")
+        raise video_ended(job, job.fit_start + j)
 
 
 def _fit_step(job, session, step, out, fitted) -> List[int]:
@@ -217,9 +231,7 @@ def _fit_step(job, session, step, out, fitted) -> List[int]:
             warm.append((st, j, crop, st.seed))
         elif st.last is not None and st.last[0] == j - 1:
             prev = st.last[1]
-            ang, tr = prev["angles"], prev["trans"]
-            if job.camera is None:  # the pose carried into this frame's crop
-                ang, tr = transfer_pose(ang, tr, job.crop_boxes[j - 1], job.crop_boxes[j], session.camera)
+            ang, tr = start_pose(job, session.camera, j, prev["angles"], prev["trans"])
             warm.append((st, j, crop, {**prev, "angles": ang, "trans": tr}))
         else:
             cold.append((st, j, crop, None))

@@ -2,7 +2,7 @@
 (:func:`fit_clip`), with identity and albedo fixed.
 
 Every frame is warm-started from the previous frame's fit (its pose carried into the new
-crop by :func:`transfer_pose`) and its pose pulled towards it (SPEC §4 note); the first
+crop by :func:`~.chains.transfer_pose`) and its pose pulled towards it (SPEC §4 note); the first
 frame of a clip and the first after a frame without a face get the ``first_*`` iteration
 counts, the others ``rest_*``. A clip after the first starts ``clip_overlap`` frames early
 and drops those frames, so the clip-start effect has faded by its first kept frame and the
@@ -26,15 +26,14 @@ import numpy as np
 import torch
 
 from core import threads as thread_control
-from core.errors import UserError
 from core.fit.fitter import PoseRef
 from core.io.video import VideoReader, VideoWriter
 from core.landmarks.crop import crop_face, photo_to_crop
 from core.models.coeffs import Coeffs
-from core.render.camera import Camera, FrameCamera
+from core.render.camera import FrameCamera
 
 from ..session import SessionSpec
-from .chains import PER_FRAME_GROUPS, fit_chains, frame_fitter, transfer_pose
+from .chains import PER_FRAME_GROUPS, fit_chains, frame_fitter, start_pose, video_ended
 from .composer import Composer
 from .cache import load_npz, partial_path, save_npz
 
@@ -166,7 +165,7 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
     done_mask = np.zeros(total, dtype=bool)  # frames fitted, or found without a face
     saved = load_npz(job.partial_path, job.key)
     if saved is not None:
-        done_mask = saved["done_mask"].astype(bool) if "done_mask" in saved else np.arange(total) < int(saved["done"])
+        done_mask = saved["done_mask"].astype(bool)
         fitted[done_mask] = saved["fitted"][done_mask]
         for g in PER_FRAME_GROUPS:
             out[g][done_mask] = saved[g][done_mask]
@@ -183,23 +182,20 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
         writer = VideoWriter(job.segment, job.frame_size, job.fps)
         composer = Composer(session, job.id, job.tex, job.camera, writer, meshes=job.meshes)
     try:
+        checkpoints = _Checkpoints(job, out, fitted, done_mask)
         if job.seeds:
-            last_save = [time.monotonic()]
-
             def finished(positions) -> None:
                 for j in positions:
                     done_mask[j] = True
                     if j >= job.start - job.fit_start:
                         on_frame(FrameDone(job.worker, job.fit_start + j, time.time(), bool(fitted[j])))
-                if time.monotonic() - last_save[0] > job.checkpoint_s and not done_mask.all():
-                    save_npz(job.partial_path, job.key, done_mask=done_mask, fitted=fitted, **out)
-                    last_save[0] = time.monotonic()
+                checkpoints.tick()
 
             fit_chains(job, session, out, fitted, done_mask, finished)
             if composer is not None:
                 _compose_clip(job, out, fitted, composer)
         elif not done_mask.all():
-            _fit_frames(job, session, out, fitted, int(done_mask.sum()), composer, on_frame)
+            _fit_frames(job, session, out, fitted, done_mask, composer, on_frame, checkpoints)
         if composer is not None:
             composer.flush()
             composer.writer.finish()
@@ -235,9 +231,10 @@ def _commit_segment(job: ClipJob, composer: Composer) -> None:
         raise
 
 
-def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_frame) -> int:
-    """Fit frames fit_start + done .. stop - 1 in order (filling ``out`` and ``fitted``,
-    checkpointing, composing the kept ones with ``composer``); returns the new ``done``."""
+def _fit_frames(job: ClipJob, session, out, fitted, done_mask, composer, on_frame, checkpoints) -> None:
+    """Fit the frames after the done ones (``done_mask``, a prefix) in order, filling
+    ``out``, ``fitted`` and ``done_mask``, checkpointing, composing the kept ones with
+    ``composer``."""
     fitter, device = session.fitter, session.device
     tar_size = session.camera.image_size
     dt = fitter.dtype
@@ -254,7 +251,7 @@ def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_fram
             return last[1]
         return {g: torch.as_tensor(out[g][j], dtype=dt, device=device)[None] for g in ("exp", "gamma")}
 
-    last_save = time.monotonic()
+    done = int(done_mask.sum())
     with VideoReader(job.video_path) as reader:
         for index, frame in reader.frames(job.fit_start + done, job.stop, job.timestamps):
             j = index - job.fit_start
@@ -264,7 +261,7 @@ def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_fram
                 crop = crop_face(frame, box, tar_size)
                 lm_crop = photo_to_crop(lms, box, tar_size)
                 if j > 0 and fitted[j - 1]:
-                    ang, tr = _previous_pose(job, session.camera, j, out)
+                    ang, tr = start_pose(job, session.camera, j, out["angles"][j - 1], out["trans"][j - 1])
                     ang_t = torch.as_tensor(ang, dtype=dt, device=device)[None]
                     tr_t = torch.as_tensor(tr, dtype=dt, device=device)[None]
                     init = Coeffs(id=id_t, tex=tex_t, angles=ang_t, trans=tr_t, **start_of(j - 1))
@@ -284,25 +281,28 @@ def _fit_frames(job: ClipJob, session, out, fitted, done: int, composer, on_fram
                            for g in ("exp", "gamma")}
                 fitted[j] = True
             done = j + 1
+            done_mask[j] = True
             if index >= job.start:
                 if composer is not None:
                     _compose_frame(job, composer, index, frame, out, fitted)
                 on_frame(FrameDone(job.worker, index, time.time(), bool(fitted[j])))
-            if time.monotonic() - last_save > job.checkpoint_s and done < total:
-                save_npz(job.partial_path, job.key, done=np.array(done), fitted=fitted, **out)
-                last_save = time.monotonic()
+            checkpoints.tick()
     if done < total:
-        raise UserError(f"video '{job.video_path}' ended at frame {job.fit_start + done}, "
-                        f"expected {job.stop} frames")
-    return done
+        raise video_ended(job, job.fit_start + done)
 
 
-def _previous_pose(job: ClipJob, cam: Camera, j: int, out) -> Tuple[np.ndarray, np.ndarray]:
-    """Frame j - 1's fitted pose as frame j's start: carried into frame j's crop for the
-    crop camera (:func:`transfer_pose`); in the frame camera, as it is."""
-    if job.camera is None:
-        return transfer_pose(out["angles"][j - 1], out["trans"][j - 1], job.crop_boxes[j - 1], job.crop_boxes[j], cam)
-    return out["angles"][j - 1], out["trans"][j - 1]
+class _Checkpoints:
+    """A clip's progress (``done_mask``, ``fitted``, ``out``) saved to its partial file
+    every ``job.checkpoint_s`` seconds while frames remain."""
+
+    def __init__(self, job: ClipJob, out, fitted, done_mask):
+        self.job, self.out, self.fitted, self.done_mask = job, out, fitted, done_mask
+        self.last = time.monotonic()
+
+    def tick(self) -> None:
+        if time.monotonic() - self.last > self.job.checkpoint_s and not self.done_mask.all():
+            save_npz(self.job.partial_path, self.job.key, done_mask=self.done_mask, fitted=self.fitted, **self.out)
+            self.last = time.monotonic()
 
 
 def _compose_frame(job: ClipJob, composer: Composer, index: int, frame: np.ndarray, out, fitted) -> None:
@@ -322,4 +322,4 @@ def _compose_clip(job: ClipJob, out, fitted, composer: Composer) -> None:
             _compose_frame(job, composer, index, frame, out, fitted)
             n += 1
     if n < job.stop - job.start:
-        raise UserError(f"video '{job.video_path}' ended at frame {job.start + n}, expected {job.stop} frames")
+        raise video_ended(job, job.start + n)
