@@ -29,6 +29,7 @@ from core.models.coeffs import Coeffs
 from core.models.geometry import AMBIENT_OFFSET, euler_rotation_jacobian, sh_basis, sh_basis_derivative
 from core.render import interpolation_jacobian
 from core.render.camera import Camera
+from .gn_state import State
 from .objective import Objective
 
 # Smallest colour distance (0..255 units) a pixel's IRLS weight 1/‖r‖ is computed with.
@@ -42,6 +43,9 @@ RHO_MIN = 2.0
 # BFM09 layout's 257 parameters, 512 pixels are too few (an 8-step test fit reached 10x the
 # loss), 768 enough, and a fit converges in fewer steps with 2048 (docs/performance.md).
 HESSIAN_PIXELS_PER_PARAM, HESSIAN_MIN_PIXELS = 8, 512
+# Frames linearised together in one call (their pixels and vertices stacked): bounds the
+# Hessian's padded pixel Jacobians ((frames, pixels, 3, P) floats) on large batches.
+PHOTO_FRAMES_PER_CALL = 16
 
 GEOMETRY = ("id", "exp", "angles", "trans")
 
@@ -52,23 +56,11 @@ def hessian_pixels(params: int) -> int:
 
 
 @dataclass
-class State:
-    """The loss at one point: per-frame totals (B,) and what the linearisation reuses."""
-
-    cost: torch.Tensor    # (B,) each frame's own total (Objective.frame_costs)
-    terms: Dict[str, torch.Tensor]  # (B,) each unweighted term (Objective.evaluate)
-    coeffs: Coeffs
-    out: object          # FaceOutput
-    screen: torch.Tensor  # (B, N, 3)
-    pix_to_face: torch.Tensor  # (B, S, S)
-    keypoints: Optional[torch.Tensor]
-
-
-@dataclass
-class _Frame:
-    """One frame at the linearisation point: rotation (3, 3) and its angle derivatives
-    drot (3, 3, 3), world vertices / model-space shape / world normals / albedo (N, 3),
-    SH light gamma (3, 9) with the ambient offset added."""
+class _Frames:
+    """B' frames of the batch at the linearisation point: rotations rot (B', 3, 3) and their
+    angle derivatives drot (B', 3, 3, 3) ([:, k] = ∂M/∂angle_k); world vertices, model-space
+    shape and world normals (B', N, 3); albedo (B' or 1 when shared, N, 3); SH light gamma
+    (B', 3, 9) with the ambient offset added; the frames' photometric camera."""
 
     rot: torch.Tensor
     drot: torch.Tensor
@@ -77,7 +69,14 @@ class _Frame:
     normals: torch.Tensor
     albedo: torch.Tensor
     gamma: torch.Tensor
-    camera: Camera        # the frame's photometric camera (crops of one frame camera differ)
+    camera: Camera        # per-frame when the photometric camera is (crops of one frame camera differ)
+
+    def albedo_at(self, vids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """(U, 3) albedo at the vertices ``vids`` (U,) of the flattened B' x N vertices
+        (``local``: the same vertices' ids within their frame)."""
+        if self.albedo.shape[0] == 1:
+            return self.albedo[0].index_select(0, local)
+        return self.albedo.reshape(-1, 3).index_select(0, vids)
 
 
 class PhotometricProblem:
@@ -174,12 +173,9 @@ class PhotometricProblem:
         batch, p = c.angles.shape[0], sum(sizes)
         hess = c.angles.new_zeros(batch, p, p)
         grad = c.angles.new_zeros(batch, p)
-        for b in range(batch):
-            if frames is not None and not bool(frames[b]):
-                continue
-            hb, gb = self._photo_frame(st, b, offs, p)
-            hess[b] += hb
-            grad[b] += gb
+        todo = torch.arange(batch, device=hess.device) if frames is None else frames.nonzero().squeeze(1)
+        for sel in todo.split(PHOTO_FRAMES_PER_CALL):
+            hess[sel], grad[sel] = self._photo_frames(st, sel, offs, p)
         self._landmarks(st, offs, hess, grad)
         # Quadratic terms: regularisers and the temporal pose prior, the albedo smoothness.
         for g, (w, ref) in (self.priors() if with_priors else {}).items():
@@ -199,158 +195,179 @@ class PhotometricProblem:
             grad[:, sl] += 2 * w_refl * (c.tex @ qtq[:, cols] + qtq0[cols])
         return hess, grad
 
-    def _frame(self, st: State, b: int) -> "_Frame":
-        """The pieces of frame ``b`` every Jacobian below needs."""
-        c = st.coeffs
-        rot, verts = st.out.rotation[b], st.out.vertices[b]
-        gam = c.gamma[b].reshape(3, 9).clone()
-        gam[:, 0] += AMBIENT_OFFSET
-        return _Frame(rot=rot, verts=verts, shape=(verts - c.trans[b]) @ rot, normals=st.out.normals[b],
-                      albedo=st.out.albedo[min(b, st.out.albedo.shape[0] - 1)], gamma=gam,
-                      drot=euler_rotation_jacobian(c.angles[b:b + 1])[0], camera=self.camera.frame(b))
+    def _frames(self, st: State, sel: torch.Tensor) -> "_Frames":
+        """The pieces of the frames ``sel`` (B',) every Jacobian below needs."""
+        c, out = st.coeffs, st.out
+        rot, verts = out.rotation.index_select(0, sel), out.vertices.index_select(0, sel)
+        gam = c.gamma.index_select(0, sel).reshape(-1, 3, 9).clone()
+        gam[:, :, 0] += AMBIENT_OFFSET
+        albedo = out.albedo if out.albedo.shape[0] == 1 else out.albedo.index_select(0, sel)
+        shape = torch.bmm(verts - c.trans.index_select(0, sel)[:, None], rot)
+        return _Frames(rot=rot, verts=verts, shape=shape, normals=out.normals.index_select(0, sel), albedo=albedo,
+                       gamma=gam, drot=euler_rotation_jacobian(c.angles.index_select(0, sel)),
+                       camera=self.camera.take(sel))
 
-    def _photo_frame(self, st: State, b: int, offs: Dict[str, slice], p: int):
-        """IRLS Gauss-Newton model of frame ``b``'s photometric term: (P, P), (P,).
+    def _photo_frames(self, st: State, sel: torch.Tensor, offs: Dict[str, slice], p: int):
+        """IRLS Gauss-Newton model of the photometric term of each of the frames ``sel``
+        (B',): (B', P, P), (B', P). The frames' covered pixels and vertices are stacked, so
+        the batch is one set of tensor operations, not one per frame.
 
         The gradient is exact: the per-pixel residuals are splatted onto per-vertex
         adjoints of the colours and screen positions, then taken back to the parameters
-        (:meth:`_gradient`). The Hessian JᵀQJ is assembled from at most
-        ``hessian_pixels`` evenly spaced covered pixels (each standing for ``stride``
-        pixels): it only shapes the step, which the LM loop accepts on the exact loss."""
+        (:meth:`_gradient`). Each frame's Hessian JᵀQJ is assembled from at most
+        ``hessian_pixels`` of its covered pixels, evenly spaced (each standing for
+        ``stride`` pixels): it only shapes the step, which the LM loop accepts on the exact
+        loss."""
         model = self.model
-        n = model.num_vertices
-        pj = interpolation_jacobian(st.out.colors[b:b + 1], st.screen[b:b + 1], model.tri,
-                                    st.pix_to_face[b:b + 1])
+        n, nb = model.num_vertices, sel.numel()
+        p2f = st.pix_to_face.index_select(0, sel)
+        pj = interpolation_jacobian(st.out.colors.index_select(0, sel), st.screen.index_select(0, sel), model.tri,
+                                    p2f)
         dtype, device = st.screen.dtype, st.screen.device
-        hess = torch.zeros(p, p, dtype=dtype, device=device)
         m = pj.idx.shape[0]
         if m == 0:
-            return hess, torch.zeros(p, dtype=dtype, device=device)
-        target = self.images[b].reshape(-1, 3).index_select(0, pj.idx).T  # (3, M)
+            return torch.zeros(nb, p, p, dtype=dtype, device=device), torch.zeros(nb, p, dtype=dtype, device=device)
+        fid = torch.div(pj.idx, p2f.shape[1] * p2f.shape[2], rounding_mode="floor")  # (M,) each pixel's frame
+        count = torch.bincount(fid, minlength=nb)                                    # (B',) covered pixels
+        target = self.images.index_select(0, sel).reshape(-1, 3).index_select(0, pj.idx).T  # (3, M)
         r = pj.values.clamp(0.0, 255.0) - target
         live = ((pj.values > 0) & (pj.values < 255)).to(r.dtype)  # clamped channels: no slope
         rho = torch.linalg.vector_norm(r, dim=0).clamp_min(RHO_MIN)
-        q = self.objective.data_weights()["photo"] / (255.0 * m) / rho  # (M,) IRLS weights
+        # (M,) IRLS weights, each frame's term a mean over its own covered pixels
+        q = self.objective.data_weights()["photo"] / (255.0 * count.index_select(0, fid).to(dtype)) / rho
         # Gradient: adjoint of each pixel value, splatted to its corners' colours / screen.
         adj = r * live * q  # (3, M)
         u_color = torch.einsum("km,cm->kmc", pj.weights, adj)
         u_screen = torch.einsum("ckdm,cm->kmd", pj.d_verts, adj)
-        u = torch.zeros(n, 6, dtype=dtype, device=device)
+        u = torch.zeros(nb * n, 6, dtype=dtype, device=device)
         u.index_add_(0, pj.vidx.reshape(-1), torch.cat([u_color, u_screen], dim=-1).reshape(-1, 6))
-        fr = self._frame(st, b)
-        grad = self._gradient(st, fr, offs, p, u)
-        # Hessian from a subset of the pixels.
-        stride = -(-m // (self.hessian_pixels or hessian_pixels(p)))
-        sel = torch.arange(0, m, stride, device=device)
-        k = sel.numel()
-        vids, corners = torch.unique(pj.vidx[:, sel].T.reshape(-1), return_inverse=True)
+        fr = self._frames(st, sel)
+        grad = self._gradient(st, fr, offs, p, u.view(nb, n, 6))
+        # Hessian from every stride-th pixel of each frame (stride from its own count).
+        stride = (-(-count // (self.hessian_pixels or hessian_pixels(p)))).clamp_min(1)  # (B',)
+        first = torch.cumsum(count, 0) - count
+        pos = torch.arange(m, device=device) - first.index_select(0, fid)               # rank within its frame
+        pick = ((pos % stride.index_select(0, fid)) == 0).nonzero().squeeze(1)           # (K,)
+        k, fk = pick.numel(), fid.index_select(0, pick)
+        vids, corners = torch.unique(pj.vidx[:, pick].T.reshape(-1), return_inverse=True)
         table = self._vertex_jacobians(st, fr, offs, p, vids)             # (U, 6, P)
         rows = table.index_select(0, corners).view(k, 18, p)             # corner-major, 6 rows each
         coef = torch.zeros(k, 3, 3, 6, dtype=dtype, device=device)       # pixel, channel, corner, row
-        w = pj.weights[:, sel].T                                         # (K, 3)
+        w = pj.weights[:, pick].T                                        # (K, 3)
         for ch in range(3):
             coef[:, ch, :, ch] = w
-        coef[:, :, :, 3:] = pj.d_verts[..., sel].permute(3, 0, 1, 2)
+        coef[:, :, :, 3:] = pj.d_verts[..., pick].permute(3, 0, 1, 2)
         jac = torch.bmm(coef.view(k, 3, 18), rows)                       # (K, 3, P)
-        jac *= (live[:, sel].T * (q[sel] * stride).sqrt()[:, None])[..., None]
-        jac2 = jac.view(-1, p)
-        hess += jac2.T @ jac2
-        return hess, grad
+        scale = q.index_select(0, pick) * stride.index_select(0, fk).to(dtype)
+        jac *= (live[:, pick].T * scale.sqrt()[:, None])[..., None]
+        # Each frame's JᵀJ: its rows side by side, zero-padded to the longest frame.
+        kc = torch.bincount(fk, minlength=nb)
+        slot = torch.arange(k, device=device) - (torch.cumsum(kc, 0) - kc).index_select(0, fk)
+        padded = jac.new_zeros(nb, int(kc.max()), 3, p)
+        padded[fk, slot] = jac
+        padded = padded.view(nb, -1, p)
+        return padded.transpose(1, 2) @ padded, grad
 
-    def _gradient(self, st: State, fr: "_Frame", offs: Dict[str, slice], p: int, u: torch.Tensor) -> torch.Tensor:
-        """(P,) Σ_v u_vᵀ J_v for per-vertex adjoints u (N, 6) of the colours (0-2) and
-        screen positions (3-5) of the frame ``fr``, J_v the rows of :meth:`_vertex_jacobians`:
+    def _gradient(self, st: State, fr: "_Frames", offs: Dict[str, slice], p: int, u: torch.Tensor) -> torch.Tensor:
+        """(B', P) Σ_v u_vᵀ J_v for per-vertex adjoints u (B', N, 6) of the colours (0-2) and
+        screen positions (3-5) of the frames ``fr``, J_v the rows of :meth:`_vertex_jacobians`:
         the same chain rule, run backwards, so no per-vertex Jacobian is formed."""
         model, c, cfg = self.model, st.coeffs, self.cfg
-        n = model.num_vertices
-        grad = fr.verts.new_zeros(p)
-        u_color, u_screen = u[:, :3], u[:, 3:]
+        nb = u.shape[0]
+        grad = fr.verts.new_zeros(nb, p)
+        u_color, u_screen = u[..., :3], u[..., 3:]
         # Screen -> world vertices -> the model-space shape (V = S Mᵀ + t).
-        u_verts = (fr.camera.project_jacobian(fr.verts) * u_screen[..., None]).sum(1)
-        u_shape = u_verts @ fr.rot
-        y = sh_basis(fr.normals)
+        u_verts = (fr.camera.project_jacobian(fr.verts) * u_screen[..., None]).sum(-2)  # (B', N, 3)
+        u_shape = torch.bmm(u_verts, fr.rot)
+        y = sh_basis(fr.normals)                                                        # (B', N, 9)
         # Adjoint of the world normals: C_c = A_c Σ_k g_ck Y_k(n).
-        w = (u_color * fr.albedo) @ fr.gamma  # (N, 9)
+        lit = u_color * fr.albedo
+        w = torch.bmm(lit, fr.gamma)  # (B', N, 9)
         eye = torch.eye(3, dtype=u.dtype, device=u.device)
-        u_normals = torch.stack([(sh_basis_derivative(fr.normals, eye[i].expand(n, 3)) * w).sum(1)
+        u_normals = torch.stack([(sh_basis_derivative(fr.normals, eye[i].expand_as(fr.normals)) * w).sum(-1)
                                  for i in range(3)], -1)
         if "trans" in offs:
-            grad[offs["trans"]] = u_verts.sum(0)
+            grad[:, offs["trans"]] = u_verts.sum(1)
         if "angles" in offs:
-            model_normals = fr.normals @ fr.rot
-            grad[offs["angles"]] = torch.stack([(u_verts * (fr.shape @ fr.drot[k].T)).sum()
-                                                + (u_normals * (model_normals @ fr.drot[k].T)).sum()
-                                                for k in range(3)])
+            model_normals = torch.bmm(fr.normals, fr.rot)
+            grad[:, offs["angles"]] = torch.stack(
+                [(u_verts * torch.bmm(fr.shape, fr.drot[:, k].transpose(1, 2))).sum((1, 2))
+                 + (u_normals * torch.bmm(model_normals, fr.drot[:, k].transpose(1, 2))).sum((1, 2))
+                 for k in range(3)], 1)
         if "gamma" in offs:
-            grad[offs["gamma"]] = ((u_color * fr.albedo).T @ y).reshape(-1)
+            grad[:, offs["gamma"]] = torch.bmm(lit.transpose(1, 2), y).reshape(nb, -1)
         if "tex" in offs:
-            light = y @ fr.gamma.T
-            grad[offs["tex"]] = (u_color * light).reshape(-1) @ model.tex_base[:, self.cols(c, "tex")]
+            light = torch.bmm(y, fr.gamma.transpose(1, 2))
+            grad[:, offs["tex"]] = (u_color * light).reshape(nb, -1) @ model.tex_base[:, self.cols(c, "tex")]
         shape_groups = [g for g in ("id", "exp") if g in offs]
         if shape_groups:
             u_s = u_shape
             if cfg.normals_grad:
-                u_s = u_s + self._normal_adjoint(fr, u_normals @ fr.rot)
-            flat = u_s.reshape(-1)
+                u_s = u_s + self._normal_adjoint(fr, torch.bmm(u_normals, fr.rot))
+            flat = u_s.reshape(nb, -1)
             for g in shape_groups:
-                grad[offs[g]] = flat @ (model.id_base if g == "id" else model.exp_base)[:, self.cols(c, g)]
+                grad[:, offs[g]] = flat @ (model.id_base if g == "id" else model.exp_base)[:, self.cols(c, g)]
         return grad
 
-    def _normal_adjoint(self, fr: "_Frame", u_model_normals: torch.Tensor) -> torch.Tensor:
-        """(N, 3) adjoint of the model-space shape for the adjoint (N, 3) of the unit
-        model-space normals (the transpose of :meth:`_normal_derivative`)."""
+    def _normal_adjoint(self, fr: "_Frames", u_model_normals: torch.Tensor) -> torch.Tensor:
+        """(B', N, 3) adjoint of the model-space shape for the adjoint (B', N, 3) of the
+        unit model-space normals (the transpose of :meth:`_normal_derivative`)."""
         model, shape = self.model, fr.shape
-        n, nf = model.num_vertices, model.tri.shape[0]
-        p = shape[model.tri]                                   # (F, 3, 3)
-        e1, e2 = p[:, 0] - p[:, 1], p[:, 1] - p[:, 2]
+        nb, n, nf = shape.shape[0], model.num_vertices, model.tri.shape[0]
+        p = shape[:, model.tri]                                # (B', F, 3, 3)
+        e1, e2 = p[:, :, 0] - p[:, :, 1], p[:, :, 1] - p[:, :, 2]
         fn = torch.cross(e1, e2, dim=-1)
-        fn = torch.cat([fn, fn.new_zeros(1, 3)])               # point_buf's "no triangle"
-        m = fn[model.point_buf].sum(1)                        # (N, 3) unnormalised normals
+        fn = torch.cat([fn, fn.new_zeros(nb, 1, 3)], 1)        # point_buf's "no triangle"
+        m = fn[:, model.point_buf].sum(2)                      # (B', N, 3) unnormalised normals
         norm = m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         unit = m / norm
         u_m = (u_model_normals - unit * (unit * u_model_normals).sum(-1, keepdim=True)) / norm
-        u_fn = torch.zeros(nf + 1, 3, dtype=shape.dtype, device=shape.device)
-        u_fn.index_add_(0, model.point_buf.reshape(-1), u_m.repeat_interleave(model.point_buf.shape[1], 0))
-        u_fn = u_fn[:nf]
+        u_fn = torch.zeros(nb, nf + 1, 3, dtype=shape.dtype, device=shape.device)
+        u_fn.index_add_(1, model.point_buf.reshape(-1), u_m.repeat_interleave(model.point_buf.shape[1], 1))
+        u_fn = u_fn[:, :nf]
         u_a = torch.cross(e2, u_fn, dim=-1)                    # fn = a × b: ∂/∂a = b × u, ∂/∂b = u × a
         u_b = torch.cross(u_fn, e1, dim=-1)
-        out = torch.zeros(n, 3, dtype=shape.dtype, device=shape.device)
-        out.index_add_(0, model.tri[:, 0], u_a)
-        out.index_add_(0, model.tri[:, 1], u_b - u_a)
-        out.index_add_(0, model.tri[:, 2], -u_b)
+        out = torch.zeros(nb, n, 3, dtype=shape.dtype, device=shape.device)
+        out.index_add_(1, model.tri[:, 0], u_a)
+        out.index_add_(1, model.tri[:, 1], u_b - u_a)
+        out.index_add_(1, model.tri[:, 2], -u_b)
         return out
 
-    def _vertex_jacobians(self, st: State, fr: "_Frame", offs: Dict[str, slice], p: int,
+    def _vertex_jacobians(self, st: State, fr: "_Frames", offs: Dict[str, slice], p: int,
                           vids: torch.Tensor) -> torch.Tensor:
-        """Derivatives of the frame ``fr``'s colours (rows 0-2) and screen (col, row, depth)
-        (rows 3-5) at the vertices ``vids`` (U,) w.r.t. the parameters: (U, 6, P).
+        """Derivatives of the colours (rows 0-2) and screen (col, row, depth) (rows 3-5) at
+        the vertices ``vids`` (U,) of the flattened B' x N vertices of the frames ``fr``
+        (vertex v of frame b is b·N + v) w.r.t. each one's frame's parameters: (U, 6, P).
         With ``normals_grad`` off, the normals are held fixed in model space."""
         model, c = self.model, st.coeffs
         n = model.num_vertices
-        verts = fr.verts.index_select(0, vids)
+        fidx = torch.div(vids, n, rounding_mode="floor")
+        local = vids - fidx * n
+        verts = fr.verts.reshape(-1, 3).index_select(0, vids)
         u = vids.numel()
         dverts = verts.new_zeros(u, 3, p)
         dcolor = verts.new_zeros(u, 3, p)
-        normals = fr.normals.index_select(0, vids)
-        albedo = fr.albedo.index_select(0, vids)
+        normals = fr.normals.reshape(-1, 3).index_select(0, vids)
+        albedo = fr.albedo_at(vids, local)
+        rot, gamma = fr.rot.index_select(0, fidx), fr.gamma.index_select(0, fidx)  # (U, 3, 3), (U, 3, 9)
         y = sh_basis(normals)  # (U, 9)
         for g, sl in offs.items():
             if g in ("id", "exp"):
-                base = (model.id_base if g == "id" else model.exp_base).view(n, 3, -1).index_select(0, vids)
-                base = base[..., self.cols(c, g)]
-                dverts[:, :, sl] = torch.einsum("ij,njk->nik", fr.rot, base)
+                base = (model.id_base if g == "id" else model.exp_base).view(n, 3, -1).index_select(0, local)
+                dverts[:, :, sl] = torch.bmm(rot, base[..., self.cols(c, g)])
             elif g == "trans":
                 dverts[:, :, sl] = torch.eye(3, dtype=verts.dtype, device=verts.device)
             elif g == "angles":
-                dverts[:, :, sl] = torch.einsum("kij,nj->nik", fr.drot, fr.shape.index_select(0, vids))
-                model_normals = normals @ fr.rot
+                drot = fr.drot.index_select(0, fidx)  # (U, 3, 3, 3)
+                dverts[:, :, sl] = torch.einsum("ukij,uj->uik", drot, fr.shape.reshape(-1, 3).index_select(0, vids))
+                model_normals = torch.einsum("ui,uij->uj", normals, rot)
                 for k in range(3):
-                    dn = model_normals @ fr.drot[k].T
+                    dn = torch.einsum("uij,uj->ui", drot[:, k], model_normals)
                     dy = sh_basis_derivative(normals, dn)  # (U, 9)
-                    dcolor[:, :, sl.start + k] = albedo * (dy @ fr.gamma.T)
+                    dcolor[:, :, sl.start + k] = albedo * torch.einsum("uj,ucj->uc", dy, gamma)
             elif g == "tex":
-                light = y @ fr.gamma.T  # (U, 3)
-                tex = model.tex_base.view(n, 3, -1).index_select(0, vids)[..., self.cols(c, "tex")]
+                light = torch.einsum("uj,ucj->uc", y, gamma)  # (U, 3)
+                tex = model.tex_base.view(n, 3, -1).index_select(0, local)[..., self.cols(c, "tex")]
                 dcolor[:, :, sl] = tex * light[:, :, None]
             elif g == "gamma":
                 for ch in range(3):
@@ -359,7 +376,7 @@ class PhotometricProblem:
         if self.cfg.normals_grad and shape_groups:  # the shading through the normals
             dn = self._normal_derivative(fr, vids, shape_groups)  # (U, 3, K_id + K_exp), world
             dy = sh_basis_derivative(normals[:, None, :].expand(-1, dn.shape[2], -1), dn.transpose(1, 2))
-            dshade = albedo[:, :, None] * torch.einsum("ukj,cj->uck", dy, fr.gamma)
+            dshade = albedo[:, :, None] * torch.einsum("ukj,ucj->uck", dy, gamma)
             start = 0
             for g in shape_groups:
                 sl = offs[g]
@@ -367,23 +384,26 @@ class PhotometricProblem:
                 start += sl.stop - sl.start
         out = torch.empty(u, 6, p, dtype=verts.dtype, device=verts.device)
         out[:, :3] = dcolor
-        out[:, 3:] = torch.bmm(fr.camera.project_jacobian(verts), dverts)  # world -> screen
+        out[:, 3:] = torch.bmm(fr.camera.take(fidx).project_jacobian(verts), dverts)  # world -> screen
         return out
 
-    def _normal_derivative(self, fr: "_Frame", vids: torch.Tensor, groups) -> torch.Tensor:
+    def _normal_derivative(self, fr: "_Frames", vids: torch.Tensor, groups) -> torch.Tensor:
         """d(unit world normal)/d(coefficients of ``groups``, concatenated) at the vertices
-        ``vids``: (U, 3, K). The normal is the normalised sum m of the adjacent triangles'
-        (v1 − v2) × (v2 − v3) (core.models.geometry.vertex_normals); dm is linear in the vertex
-        displacements, dm = A · d(shape), with A sparse (3U, 3N): a triangle with edges
-        e1 = v1 − v2, e2 = v2 − v3 contributes −[e2]× at v1, [e2]× + [e1]× at v2 and −[e1]×
-        at v3 ([a]× b = a × b)."""
-        model, rot = self.model, fr.rot
+        ``vids`` (U,) of the flattened B' x N vertices: (U, 3, K). The normal is the
+        normalised sum m of the adjacent triangles' (v1 − v2) × (v2 − v3)
+        (core.models.geometry.vertex_normals); dm is linear in the vertex displacements,
+        dm = A · d(shape), with A sparse (3U, 3N) (the bases are the same for every
+        frame): a triangle with edges e1 = v1 − v2, e2 = v2 − v3 contributes −[e2]× at v1,
+        [e2]× + [e1]× at v2 and −[e1]× at v3 ([a]× b = a × b)."""
+        model = self.model
         n, nf = model.num_vertices, model.tri.shape[0]
         u = vids.numel()
-        pb = model.point_buf.index_select(0, vids)                     # (U, Kb)
-        valid = (pb < nf).to(rot.dtype)
-        corners = model.tri.index_select(0, pb.clamp(max=nf - 1).reshape(-1)).view(u, -1, 3)
-        pts = fr.shape.index_select(0, corners.reshape(-1)).view(u, -1, 3, 3)
+        fidx = torch.div(vids, n, rounding_mode="floor")
+        pb = model.point_buf.index_select(0, vids - fidx * n)          # (U, Kb)
+        valid = (pb < nf).to(fr.rot.dtype)
+        corners = model.tri.index_select(0, pb.clamp(max=nf - 1).reshape(-1)).view(u, -1, 3)  # ids within the frame
+        pts = fr.shape.reshape(-1, 3).index_select(0, (corners + (fidx * n)[:, None, None]).reshape(-1))
+        pts = pts.view(u, -1, 3, 3)
         e1, e2 = pts[:, :, 0] - pts[:, :, 1], pts[:, :, 1] - pts[:, :, 2]
         m = (torch.cross(e1, e2, dim=-1) * valid[..., None]).sum(1)    # (U, 3)
         k1, k2 = _skew(e1), _skew(e2)                                  # (U, Kb, 3, 3)
@@ -401,7 +421,7 @@ class PhotometricProblem:
         norm = m.norm(dim=-1).clamp_min(1e-12)
         unit = m / norm[:, None]
         dunit = (dm - unit[..., None] * (unit[..., None] * dm).sum(1, keepdim=True)) / norm[:, None, None]
-        return torch.einsum("ij,ujk->uik", rot, dunit)
+        return torch.bmm(fr.rot.index_select(0, fidx), dunit)
 
     def _shape_bases(self, groups) -> torch.Tensor:
         """(3N, K) the optimised columns of the ``groups`` bases side by side (cached)."""
@@ -431,42 +451,6 @@ class PhotometricProblem:
             full[:, :, offs[g]] = jg.reshape(batch, r.shape[1], -1)
         hess += 2 * full.transpose(1, 2) @ full
         grad += 2 * (full.transpose(1, 2) @ r[..., None])[..., 0]
-
-
-def _map_frames(fn, st: State, *others: State) -> State:
-    """A state whose per-frame tensors (first dim B = the batch) are ``fn`` of ``st``'s and
-    the same fields of ``others``; values shared by the frames (batch 1), scalars and
-    missing ones (None) are ``st``'s as they are."""
-    batch = st.cost.shape[0]
-
-    def each(v, *w):
-        per_frame = torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch
-        return fn(v, *w) if per_frame and all(torch.is_tensor(x) for x in w) else v
-
-    out = None if st.out is None else dataclasses.replace(st.out, **{
-        f.name: each(getattr(st.out, f.name), *(getattr(o.out, f.name) for o in others))
-        for f in dataclasses.fields(st.out)})
-    return State(cost=each(st.cost, *(o.cost for o in others)),
-                 terms={k: each(v, *(o.terms[k] for o in others)) for k, v in st.terms.items()},
-                 coeffs=Coeffs(**{k: each(v, *(getattr(o.coeffs, k) for o in others))
-                                  for k, v in st.coeffs.as_dict().items()}),
-                 out=out, screen=each(st.screen, *(o.screen for o in others)),
-                 pix_to_face=each(st.pix_to_face, *(o.pix_to_face for o in others)),
-                 keypoints=each(st.keypoints, *(o.keypoints for o in others)))
-
-
-def take_state(st: State, keep: torch.Tensor) -> State:
-    """The state of the frames ``keep`` ((B,) bool or (B',) ids) of a batch: every per-frame
-    tensor indexed (values shared by the frames, batch 1, kept as they are)."""
-    return _map_frames(lambda v: v[keep], st)
-
-
-def merge_states(better: torch.Tensor, new: State, old: State) -> State:
-    """Frame by frame, ``new`` where ``better`` (B,) bool, else ``old``: two states of the
-    same frames (same landmark vertex ids per frame where both have them). Values shared
-    by the frames (batch 1) are the same in both and kept. No rendering: the result is
-    what evaluating each frame at its chosen point gives."""
-    return _map_frames(lambda a, b: torch.where(better.view(-1, *([1] * (a.dim() - 1))), a, b), new, old)
 
 
 def _skew(v: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from core import threads
 from core.models.coeffs import Coeffs
-from .gauss_newton import PhotometricProblem, merge_states, take_state
+from .gauss_newton import PhotometricProblem
+from .gn_state import merge_states, take_state
 from .lm import solve_each
 from .objective import Objective, PoseRef, expand
 
