@@ -88,3 +88,13 @@ def test_sh_basis_derivative_matches_forward_mode_autodiff():
     _, ref = torch.func.jvp(sh_basis, (n,), (dn,))
     assert torch.allclose(sh_basis_derivative(n, dn), ref, atol=1e-12)
     assert ref.abs().max() > 0.1
+
+
+def test_sh_basis_jacobian_is_the_derivative_along_every_direction():
+    from core.models.geometry import sh_basis, sh_basis_jacobian
+    g = torch.Generator().manual_seed(4)
+    n = torch.nn.functional.normalize(torch.randn(2, 40, 3, generator=g, dtype=torch.float64), dim=-1)
+    jac = sh_basis_jacobian(n)
+    assert jac.shape == (2, 40, 9, 3)
+    ref = torch.func.vmap(torch.func.vmap(torch.func.jacfwd(sh_basis)))(n)  # (2, 40, 9, 3)
+    assert torch.allclose(jac, ref, atol=1e-12) and ref.abs().max() > 0.1

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from core.models.coeffs import Coeffs
-from core.models.geometry import AMBIENT_OFFSET, euler_rotation_jacobian, sh_basis, sh_basis_derivative
+from core.models.geometry import AMBIENT_OFFSET, euler_rotation_jacobian, sh_basis, sh_basis_jacobian
 from core.render import interpolation_jacobian
 from core.render.camera import Camera
 from .gn_state import State
@@ -43,9 +43,11 @@ RHO_MIN = 2.0
 # BFM09 layout's 257 parameters, 512 pixels are too few (an 8-step test fit reached 10x the
 # loss), 768 enough, and a fit converges in fewer steps with 2048 (docs/performance.md).
 HESSIAN_PIXELS_PER_PARAM, HESSIAN_MIN_PIXELS = 8, 512
-# Frames linearised together in one call (their pixels and vertices stacked): bounds the
-# Hessian's padded pixel Jacobians ((frames, pixels, 3, P) floats) on large batches.
-PHOTO_FRAMES_PER_CALL = 16
+# Frames linearised together in one call (their pixels and vertices stacked). Per frame at
+# 1 thread (2 bench photos, 102 parameters): 36 ms alone, 30 ms in calls of 4, 37 ms of 8 and
+# 50 ms of 16: larger calls' intermediates (the Hessian's gathered rows: 94 MB at 16) cost
+# more in fresh memory than the calls they save.
+PHOTO_FRAMES_PER_CALL = 4
 
 GEOMETRY = ("id", "exp", "angles", "trans")
 
@@ -232,7 +234,7 @@ class PhotometricProblem:
         target = self.images.index_select(0, sel).reshape(-1, 3).index_select(0, pj.idx).T  # (3, M)
         r = pj.values.clamp(0.0, 255.0) - target
         live = ((pj.values > 0) & (pj.values < 255)).to(r.dtype)  # clamped channels: no slope
-        rho = torch.linalg.vector_norm(r, dim=0).clamp_min(RHO_MIN)
+        rho = _norm3(r, 0).clamp_min(RHO_MIN)
         # (M,) IRLS weights, each frame's term a mean over its own covered pixels
         q = self.objective.data_weights()["photo"] / (255.0 * count.index_select(0, fid).to(dtype)) / rho
         # Gradient: adjoint of each pixel value, splatted to its corners' colours / screen.
@@ -251,22 +253,26 @@ class PhotometricProblem:
         k, fk = pick.numel(), fid.index_select(0, pick)
         vids, corners = torch.unique(pj.vidx[:, pick].T.reshape(-1), return_inverse=True)
         table = self._vertex_jacobians(st, fr, offs, p, vids)             # (U, 6, P)
-        rows = table.index_select(0, corners).view(k, 18, p)             # corner-major, 6 rows each
-        coef = torch.zeros(k, 3, 3, 6, dtype=dtype, device=device)       # pixel, channel, corner, row
-        w = pj.weights[:, pick].T                                        # (K, 3)
+        corners = corners.view(k, 3)
+        # Each pixel's rows: Σ over its corners of (3, 6) coefficients times the corner's
+        # (6, P) table rows (colour weight w on the colour rows, d_verts on the screen rows).
+        coef = torch.zeros(3, k, 3, 6, dtype=dtype, device=device)       # corner, pixel, channel, row
+        w = pj.weights[:, pick]                                          # (3, K)
         for ch in range(3):
-            coef[:, ch, :, ch] = w
-        coef[:, :, :, 3:] = pj.d_verts[..., pick].permute(3, 0, 1, 2)
-        jac = torch.bmm(coef.view(k, 3, 18), rows)                       # (K, 3, P)
+            coef[:, :, ch, ch] = w
+        coef[..., 3:] = pj.d_verts[..., pick].permute(1, 3, 0, 2)
+        jac = torch.bmm(coef[0], table.index_select(0, corners[:, 0]))  # (K, 3, P)
+        for corner in (1, 2):
+            jac.baddbmm_(coef[corner], table.index_select(0, corners[:, corner]))
         scale = q.index_select(0, pick) * stride.index_select(0, fk).to(dtype)
         jac *= (live[:, pick].T * scale.sqrt()[:, None])[..., None]
-        # Each frame's JᵀJ: its rows side by side, zero-padded to the longest frame.
-        kc = torch.bincount(fk, minlength=nb)
-        slot = torch.arange(k, device=device) - (torch.cumsum(kc, 0) - kc).index_select(0, fk)
-        padded = jac.new_zeros(nb, int(kc.max()), 3, p)
-        padded[fk, slot] = jac
-        padded = padded.view(nb, -1, p)
-        return padded.transpose(1, 2) @ padded, grad
+        # Each frame's JᵀJ over its own rows (the pixels are in frame order).
+        hess = jac.new_empty(nb, p, p)
+        ends = torch.cumsum(torch.bincount(fk, minlength=nb), 0).tolist()
+        for b, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)):
+            rows = jac[lo:hi].view(-1, p)
+            torch.mm(rows.T, rows, out=hess[b])
+        return hess, grad
 
     def _gradient(self, st: State, fr: "_Frames", offs: Dict[str, slice], p: int, u: torch.Tensor) -> torch.Tensor:
         """(B', P) Σ_v u_vᵀ J_v for per-vertex adjoints u (B', N, 6) of the colours (0-2) and
@@ -283,9 +289,7 @@ class PhotometricProblem:
         # Adjoint of the world normals: C_c = A_c Σ_k g_ck Y_k(n).
         lit = u_color * fr.albedo
         w = torch.bmm(lit, fr.gamma)  # (B', N, 9)
-        eye = torch.eye(3, dtype=u.dtype, device=u.device)
-        u_normals = torch.stack([(sh_basis_derivative(fr.normals, eye[i].expand_as(fr.normals)) * w).sum(-1)
-                                 for i in range(3)], -1)
+        u_normals = (w[..., None] * sh_basis_jacobian(fr.normals)).sum(-2)  # (B', N, 3)
         if "trans" in offs:
             grad[:, offs["trans"]] = u_verts.sum(1)
         if "angles" in offs:
@@ -319,7 +323,7 @@ class PhotometricProblem:
         fn = torch.cross(e1, e2, dim=-1)
         fn = torch.cat([fn, fn.new_zeros(nb, 1, 3)], 1)        # point_buf's "no triangle"
         m = fn[:, model.point_buf].sum(2)                      # (B', N, 3) unnormalised normals
-        norm = m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        norm = _norm3(m, -1)[..., None].clamp_min(1e-12)
         unit = m / norm
         u_m = (u_model_normals - unit * (unit * u_model_normals).sum(-1, keepdim=True)) / norm
         u_fn = torch.zeros(nb, nf + 1, 3, dtype=shape.dtype, device=shape.device)
@@ -346,11 +350,13 @@ class PhotometricProblem:
         verts = fr.verts.reshape(-1, 3).index_select(0, vids)
         u = vids.numel()
         dverts = verts.new_zeros(u, 3, p)
-        dcolor = verts.new_zeros(u, 3, p)
+        out = verts.new_zeros(u, 6, p)
+        dcolor = out[:, :3]  # filled in place; rows 3-5 from dverts at the end
         normals = fr.normals.reshape(-1, 3).index_select(0, vids)
         albedo = fr.albedo_at(vids, local)
         rot, gamma = fr.rot.index_select(0, fidx), fr.gamma.index_select(0, fidx)  # (U, 3, 3), (U, 3, 9)
         y = sh_basis(normals)  # (U, 9)
+        dlight = torch.bmm(gamma, sh_basis_jacobian(normals))  # (U, 3 colours, 3): ∂(Y·gammaᵀ)/∂normal
         for g, sl in offs.items():
             if g in ("id", "exp"):
                 base = (model.id_base if g == "id" else model.exp_base).view(n, 3, -1).index_select(0, local)
@@ -361,10 +367,8 @@ class PhotometricProblem:
                 drot = fr.drot.index_select(0, fidx)  # (U, 3, 3, 3)
                 dverts[:, :, sl] = torch.einsum("ukij,uj->uik", drot, fr.shape.reshape(-1, 3).index_select(0, vids))
                 model_normals = torch.einsum("ui,uij->uj", normals, rot)
-                for k in range(3):
-                    dn = torch.einsum("uij,uj->ui", drot[:, k], model_normals)
-                    dy = sh_basis_derivative(normals, dn)  # (U, 9)
-                    dcolor[:, :, sl.start + k] = albedo * torch.einsum("uj,ucj->uc", dy, gamma)
+                dn = torch.einsum("ukij,uj->uik", drot, model_normals)  # (U, 3, 3 angles)
+                dcolor[:, :, sl] = albedo[:, :, None] * torch.bmm(dlight, dn)
             elif g == "tex":
                 light = torch.einsum("uj,ucj->uc", y, gamma)  # (U, 3)
                 tex = model.tex_base.view(n, 3, -1).index_select(0, local)[..., self.cols(c, "tex")]
@@ -375,50 +379,54 @@ class PhotometricProblem:
         shape_groups = [g for g in ("id", "exp") if g in offs]
         if self.cfg.normals_grad and shape_groups:  # the shading through the normals
             dn = self._normal_derivative(fr, vids, shape_groups)  # (U, 3, K_id + K_exp), world
-            dy = sh_basis_derivative(normals[:, None, :].expand(-1, dn.shape[2], -1), dn.transpose(1, 2))
-            dshade = albedo[:, :, None] * torch.einsum("ukj,ucj->uck", dy, gamma)
+            dshade = albedo[:, :, None] * torch.bmm(dlight, dn)  # (U, 3, K)
             start = 0
             for g in shape_groups:
                 sl = offs[g]
                 dcolor[:, :, sl] += dshade[:, :, start:start + sl.stop - sl.start]
                 start += sl.stop - sl.start
-        out = torch.empty(u, 6, p, dtype=verts.dtype, device=verts.device)
-        out[:, :3] = dcolor
         out[:, 3:] = torch.bmm(fr.camera.take(fidx).project_jacobian(verts), dverts)  # world -> screen
         return out
 
     def _normal_derivative(self, fr: "_Frames", vids: torch.Tensor, groups) -> torch.Tensor:
         """d(unit world normal)/d(coefficients of ``groups``, concatenated) at the vertices
         ``vids`` (U,) of the flattened B' x N vertices: (U, 3, K). The normal is the
-        normalised sum m of the adjacent triangles' (v1 − v2) × (v2 − v3)
-        (core.models.geometry.vertex_normals); dm is linear in the vertex displacements,
-        dm = A · d(shape), with A sparse (3U, 3N) (the bases are the same for every
-        frame): a triangle with edges e1 = v1 − v2, e2 = v2 − v3 contributes −[e2]× at v1,
-        [e2]× + [e1]× at v2 and −[e1]× at v3 ([a]× b = a × b)."""
+        normalised sum m of the adjacent triangles' normals fn = (v1 − v2) × (v2 − v3)
+        (core.models.geometry.vertex_normals). Each triangle's dfn is linear in its corners'
+        displacements, dfn = A · d(shape) with A sparse (3T, 3N) over the T triangles next
+        to ``vids`` (the bases are the same for every frame): e1 = v1 − v2, e2 = v2 − v3
+        give −[e2]× at v1, [e2]× + [e1]× at v2 and −[e1]× at v3 ([a]× b = a × b); then
+        dm = S · dfn with S (U, T) summing each vertex's triangles."""
         model = self.model
         n, nf = model.num_vertices, model.tri.shape[0]
-        u = vids.numel()
+        u, dtype, device = vids.numel(), fr.rot.dtype, vids.device
         fidx = torch.div(vids, n, rounding_mode="floor")
-        pb = model.point_buf.index_select(0, vids - fidx * n)          # (U, Kb)
-        valid = (pb < nf).to(fr.rot.dtype)
-        corners = model.tri.index_select(0, pb.clamp(max=nf - 1).reshape(-1)).view(u, -1, 3)  # ids within the frame
-        pts = fr.shape.reshape(-1, 3).index_select(0, (corners + (fidx * n)[:, None, None]).reshape(-1))
-        pts = pts.view(u, -1, 3, 3)
-        e1, e2 = pts[:, :, 0] - pts[:, :, 1], pts[:, :, 1] - pts[:, :, 2]
-        m = (torch.cross(e1, e2, dim=-1) * valid[..., None]).sum(1)    # (U, 3)
-        k1, k2 = _skew(e1), _skew(e2)                                  # (U, Kb, 3, 3)
-        blocks = torch.stack([-k2, k2 + k1, -k1], dim=2) * valid[..., None, None, None]  # (U, Kb, 3 corners, 3, 3)
-        # CSR, row 3u + i holding the Kb * 3 * 3 entries (triangle, corner, l) of vertex u.
-        kb = pb.shape[1]
-        cols = (3 * corners[..., None] + torch.arange(3, device=vids.device))         # (U, Kb, 3, 3 l)
-        cols = cols[:, None].expand(-1, 3, -1, -1, -1).reshape(-1)                     # (U, 3 i, Kb, 3, 3)
-        vals = blocks.permute(0, 3, 1, 2, 4).reshape(-1)
-        crow = torch.arange(0, 3 * u + 1, device=vids.device) * (kb * 9)
+        pb = model.point_buf.index_select(0, vids - fidx * n)          # (U, Kb), nf: no triangle
+        valid = pb < nf
+        # The triangles next to the vertices, each frame's own: frame * nf + triangle.
+        tids, slot = torch.unique((fidx[:, None] * nf + pb)[valid], return_inverse=True)  # (T,), (V,)
+        t = tids.numel()
+        tf = torch.div(tids, nf, rounding_mode="floor")
+        corners = model.tri.index_select(0, tids - tf * nf)             # (T, 3) ids within the frame
+        pts = fr.shape.reshape(-1, 3).index_select(0, (corners + (tf * n)[:, None]).reshape(-1)).view(t, 3, 3)
+        e1, e2 = pts[:, 0] - pts[:, 1], pts[:, 1] - pts[:, 2]
+        k1, k2 = _skew(e1), _skew(e2)                                   # (T, 3, 3)
+        blocks = torch.stack([-k2, k2 + k1, -k1], dim=1)               # (T, 3 corners, 3 i, 3 l)
+        # CSR, row 3t + i holding the 3 corners x 3 l entries of triangle t.
+        cols = (3 * corners[..., None] + torch.arange(3, device=device))[:, None].expand(-1, 3, -1, -1)
+        vals = blocks.permute(0, 2, 1, 3)
+        crow = torch.arange(0, 3 * t + 1, device=device) * 9
+        counts = valid.sum(1)
+        srow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         with warnings.catch_warnings():  # "sparse CSR support is in beta": not the user's business
             warnings.simplefilter("ignore", UserWarning)
-            a = torch.sparse_csr_tensor(crow, cols, vals, (3 * u, 3 * n), check_invariants=False)
-        dm = (a @ self._shape_bases(groups)).view(u, 3, -1)              # (U, 3, K)
-        norm = m.norm(dim=-1).clamp_min(1e-12)
+            a = torch.sparse_csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), (3 * t, 3 * n), check_invariants=False)
+            ring = torch.sparse_csr_tensor(srow, slot, torch.ones(slot.numel(), dtype=dtype, device=device), (u, t),
+                                           check_invariants=False)
+            dfn = (a @ self._shape_bases(groups)).view(t, -1)           # (T, 3K)
+            dm = (ring @ dfn).view(u, 3, -1)                            # (U, 3, K)
+            m = ring @ torch.cross(e1, e2, dim=-1)                      # (U, 3)
+        norm = _norm3(m, -1).clamp_min(1e-12)
         unit = m / norm[:, None]
         dunit = (dm - unit[..., None] * (unit[..., None] * dm).sum(1, keepdim=True)) / norm[:, None, None]
         return torch.bmm(fr.rot.index_select(0, fidx), dunit)
@@ -451,6 +459,13 @@ class PhotometricProblem:
             full[:, :, offs[g]] = jg.reshape(batch, r.shape[1], -1)
         hess += 2 * full.transpose(1, 2) @ full
         grad += 2 * (full.transpose(1, 2) @ r[..., None])[..., 0]
+
+
+def _norm3(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """Euclidean norm over ``dim`` of size 3 (several times faster than linalg.vector_norm on
+    a short dimension of a large tensor)."""
+    a, b, c = v.unbind(dim)
+    return (a * a + b * b + c * c).sqrt()
 
 
 def _skew(v: torch.Tensor) -> torch.Tensor:

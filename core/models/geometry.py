@@ -126,6 +126,14 @@ def sh_basis_derivative(normals: torch.Tensor, dnormals: torch.Tensor) -> torch.
     ], dim=-1)
 
 
+def sh_basis_jacobian(normals: torch.Tensor) -> torch.Tensor:
+    """∂(sh_basis)/∂(normal) at ``normals`` (..., 3) -> (..., 9, 3): column i is
+    :func:`sh_basis_derivative` along the i-th axis (the derivative is linear in the
+    direction, so J · d = sh_basis_derivative(normals, d))."""
+    eye = torch.eye(3, dtype=normals.dtype, device=normals.device)
+    return torch.stack([sh_basis_derivative(normals, eye[i].expand_as(normals)) for i in range(3)], -1)
+
+
 def sh_shade(albedo: torch.Tensor, normals: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """Lit colours: albedo (B, N, 3) 0..255, unit normals (B, N, 3), gamma (B, 27)
     -> (B, N, 3) = albedo ⊙ (Y · gammaᵀ), gamma viewed as (B, 3, 9) with 0.8 added to
