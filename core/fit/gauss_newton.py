@@ -12,8 +12,10 @@ the vertex normals included (left out with ``normals_grad=False``, as the Adam p
 The loss itself, its terms and weights, come from :class:`core.fit.objective.Objective`;
 the Levenberg-Marquardt loops of :mod:`core.fit.gn` accept a step on that exact loss.
 
-Every function is per frame: frames whose groups are all per-frame are independent
-problems (the data terms summed over frames, as ``Objective.total`` scales them).
+Every result is per frame: frames whose groups are all per-frame are independent
+problems (the data terms summed over frames, as ``Objective.total`` scales them). The
+frames of a batch are linearised together, their covered pixels and vertices stacked
+(vertex v of the b-th frame of a call is b·N + v), in calls of ``PHOTO_FRAMES_PER_CALL``.
 Shapes: B frames, N vertices, P optimised parameters (the groups' sizes, in order).
 """
 from __future__ import annotations
