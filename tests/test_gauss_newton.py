@@ -266,7 +266,7 @@ def test_converged_frames_leave_the_batch(model64, monkeypatch):
 
 
 @pytest.mark.parametrize("shared_albedo", [False, True])
-def test_batched_linearisation_is_each_frames_own(model64, shared_albedo):
+def test_batched_linearisation_is_each_frames_own(model64, shared_albedo, monkeypatch):
     """linearize() stacks the frames' pixels and vertices: each frame's Hessian and gradient
     are the ones it gets alone, with per-frame cameras (crops of photos with their own focal
     lengths) and with an albedo shared by the frames (the video's fixed texture); ``frames``
@@ -301,6 +301,13 @@ def test_batched_linearisation_is_each_frames_own(model64, shared_albedo):
         assert torch.allclose(grad[b], g1[0], rtol=1e-9, atol=1e-12 * float(g1.abs().max()))
     assert torch.allclose(some[1], hess[1], rtol=1e-9) and not torch.allclose(some[0], hess[0])
     assert not torch.allclose(hess[0], hess[1], rtol=1e-2)  # the frames' systems do differ
+    # The frames per call (4 on a CPU, 32 on a GPU) change nothing but the rounding.
+    from core.fit import gauss_newton as G
+    for per_call in (1, 2, 3):
+        monkeypatch.setattr(G, "PHOTO_FRAMES_PER_CALL", per_call)
+        h, g = prob.linearize(st)
+        assert torch.allclose(h, hess, rtol=1e-9, atol=1e-12 * float(hess.abs().max())), per_call
+        assert torch.allclose(g, grad, rtol=1e-9, atol=1e-12 * float(grad.abs().max())), per_call
 
 
 def test_rekey_is_evaluate_with_the_new_contour_keypoints():

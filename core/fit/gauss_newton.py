@@ -15,7 +15,8 @@ the Levenberg-Marquardt loops of :mod:`core.fit.gn` accept a step on that exact 
 Every result is per frame: frames whose groups are all per-frame are independent
 problems (the data terms summed over frames, as ``Objective.total`` scales them). The
 frames of a batch are linearised together, their covered pixels and vertices stacked
-(vertex v of the b-th frame of a call is b·N + v), in calls of ``PHOTO_FRAMES_PER_CALL``.
+(vertex v of the b-th frame of a call is b·N + v), in calls of ``PHOTO_FRAMES_PER_CALL``
+(``PHOTO_FRAMES_PER_CALL_GPU`` on a GPU).
 Shapes: B frames, N vertices, P optimised parameters (the groups' sizes, in order).
 """
 from __future__ import annotations
@@ -50,6 +51,9 @@ HESSIAN_PIXELS_PER_PARAM, HESSIAN_MIN_PIXELS = 8, 512
 # 50 ms of 16: larger calls' intermediates (the Hessian's gathered rows: 94 MB at 16) cost
 # more in fresh memory than the calls they save.
 PHOTO_FRAMES_PER_CALL = 4
+# On a GPU each call's operations are kernel launches whatever their size: up to 32 frames
+# per call there (untested on a GPU so far; about 150 MB of intermediates at 32).
+PHOTO_FRAMES_PER_CALL_GPU = 32
 
 GEOMETRY = ("id", "exp", "angles", "trans")
 
@@ -178,7 +182,8 @@ class PhotometricProblem:
         hess = c.angles.new_zeros(batch, p, p)
         grad = c.angles.new_zeros(batch, p)
         todo = torch.arange(batch, device=hess.device) if frames is None else frames.nonzero().squeeze(1)
-        for sel in todo.split(PHOTO_FRAMES_PER_CALL):
+        per_call = PHOTO_FRAMES_PER_CALL if hess.device.type == "cpu" else PHOTO_FRAMES_PER_CALL_GPU
+        for sel in todo.split(per_call):
             hess[sel], grad[sel] = self._photo_frames(st, sel, offs, p)
         self._landmarks(st, offs, hess, grad)
         # Quadratic terms: regularisers and the temporal pose prior, the albedo smoothness.
