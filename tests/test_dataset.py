@@ -217,6 +217,23 @@ def test_outputs_in_the_input_folder_are_not_inputs_again(tmp_path):
     assert len(expand_inputs([str(tmp_path)])) == 2
 
 
+def test_photo_inputs_with_the_same_outputs_are_refused_and_repeats_fitted_once(tmp_path):
+    """Without torchrun too: two photos of one name in two folders would overwrite each
+    other's outputs (refused before any fitting, both named); the same file twice is one input."""
+    from core.pipelines.photo import expand_inputs
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "face.jpg").write_bytes(b"x")
+    a, b = str(tmp_path / "a" / "face.jpg"), str(tmp_path / "b" / "face.jpg")
+    with pytest.raises(UserError, match=r"same outputs 'face' \('.*a/face.jpg' and '.*b/face.jpg'\)"):
+        expand_inputs([a, b])
+    with pytest.raises(UserError, match="same outputs 'face'"):
+        expand_inputs([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert expand_inputs([a, str(tmp_path / "a" / "." / "face.jpg"), str(tmp_path / "a")]) == [a]
+    os.symlink(a, tmp_path / "b" / "other.jpg")  # the same file under another name: its own outputs
+    assert expand_inputs([a, str(tmp_path / "b" / "other.jpg")]) == [a, str(tmp_path / "b" / "other.jpg")]
+
+
 def test_units_with_the_same_outputs_are_refused():
     with pytest.raises(UserError, match="same outputs 'talk'"):
         video_units(["a/talk.mp4", "b/talk.avi"])

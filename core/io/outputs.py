@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -41,6 +41,20 @@ def check_writable_folder(folder: str, what: str = "output folder") -> str:
     except OSError as e:
         raise UserError(f"{what} '{folder}' is not writable: {e.strerror or e}") from None
     return path
+
+
+def check_unique(names: Sequence[str], labels: Optional[Sequence[str]] = None) -> None:
+    """UserError when two inputs share an output name (their outputs would overwrite each
+    other in one folder); ``labels``: the inputs as the message names them (default: their
+    1-based positions)."""
+    seen: Dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            j = seen[n]
+            which = (f"'{labels[j]}' and '{labels[i]}'" if labels is not None else f"inputs {j + 1} and {i + 1}")
+            raise UserError(f"two inputs would write the same outputs '{n}' ({which}); "
+                            "rename one or fit them into different --res_folder")
+        seen[n] = i
 
 
 def format_obj(vertices: np.ndarray, triangles: np.ndarray, colors: np.ndarray | None = None) -> str:

@@ -24,7 +24,7 @@ from core.fit.fitter import FitResult
 from core.io.image import read_image
 from core.landmarks.metrics import landmark_nme
 from core.fit.focal import profile_focal
-from core.io.outputs import format_obj, write_outputs
+from core.io.outputs import check_unique, format_obj, write_outputs
 from core.render.camera import Camera, FrameCamera, crop_cameras, default_focal
 from .session import Session
 
@@ -72,7 +72,22 @@ def expand_inputs(paths: Sequence[str], res_folder: Optional[str] = None) -> Lis
             out += found
         else:
             out.append(p)
-    return out
+    # The same file under the same name given twice is fitted once (links under other names
+    # are other outputs); two files that would write the same outputs (one name in two
+    # folders) are refused before any fitting.
+    unique, seen = [], set()
+    for p in out:
+        key = (os.path.realpath(p), photo_stem(p))
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    check_unique([photo_stem(p) for p in unique], unique)
+    return unique
+
+
+def photo_stem(path: str) -> str:
+    """The name a photo's outputs are written under: its file name without the extension."""
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def prepare_photo(path: str, detector, tar_size: int, padding_ratio: float,
@@ -86,7 +101,7 @@ def prepare_photo(path: str, detector, tar_size: int, padding_ratio: float,
     box = square_box(face.box, padding_ratio)
     crop = crop_face(image, box, tar_size)
     lms = np.asarray(face.landmarks, dtype=np.float64)
-    return PreparedPhoto(path=path, name=os.path.splitext(os.path.basename(path))[0], image=image, box=box,
+    return PreparedPhoto(path=path, name=photo_stem(path), image=image, box=box,
                          crop=crop, landmarks_photo=lms, landmarks_crop=photo_to_crop(lms, box, tar_size),
                          detect_s=detect_s, num_faces=len(faces))
 

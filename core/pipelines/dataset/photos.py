@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence
 
-from ..photo import output_names, run_photos
+from core.io.outputs import check_unique
+
+from ..photo import output_names, photo_stem, run_photos
 from ..session import Session
 from .ranks import Ranks
-from .workqueue import Unit, check_unique, share_units
+from .workqueue import Unit, share_units
 
 
 def photo_units(paths: Sequence[str], batch_size: int) -> List[Unit]:
     """Batches of ``batch_size`` photos in the order given (UserError when two photos
     would write the same outputs)."""
-    check_unique([os.path.splitext(os.path.basename(p))[0] for p in paths])
+    check_unique([photo_stem(p) for p in paths], paths)
     units = []
     for k in range(0, len(paths), max(1, int(batch_size))):
         chunk = tuple(paths[k:k + batch_size])
@@ -26,7 +28,7 @@ def photo_units(paths: Sequence[str], batch_size: int) -> List[Unit]:
 
 def photo_written(path: str, res_folder: str, model) -> bool:
     """Whether every output file of the photo ``path`` is in ``res_folder``."""
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = photo_stem(path)
     return all(os.path.isfile(os.path.join(res_folder, f)) for f in output_names(stem, model))
 
 

@@ -10,13 +10,14 @@ from typing import List, Optional, Sequence
 import torch
 
 from core.errors import UserError
+from core.io.outputs import check_unique
 
 from ..session import Session
 from ..video import VideoOptions, output_names, run_video
 from ..video.compose import RECON_SUFFIX
 from .clipshare import ClipSharing
 from .ranks import Ranks
-from .workqueue import Unit, check_unique, share_units
+from .workqueue import Unit, share_units
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts")
 LIST_EXTS = (".txt", ".lst", ".list")
@@ -60,7 +61,7 @@ def expand_videos(path: str, res_folder: Optional[str] = None) -> List[str]:
 
 def video_units(paths: Sequence[str]) -> List[Unit]:
     """One unit per video (UserError when two videos would write the same outputs)."""
-    check_unique([os.path.splitext(os.path.basename(p))[0] for p in paths])
+    check_unique([os.path.splitext(os.path.basename(p))[0] for p in paths], paths)
     return [Unit(name=os.path.basename(p), items=(p,)) for p in paths]
 
 

@@ -50,16 +50,6 @@ class Unit:
     items: Tuple[str, ...]
 
 
-def check_unique(names: Sequence[str]) -> None:
-    """UserError when two units share a name (their outputs would overwrite each other)."""
-    seen: Dict[str, int] = {}
-    for i, n in enumerate(names):
-        if n in seen:
-            raise UserError(f"two inputs would write the same outputs '{n}' (inputs {seen[n] + 1} and {i + 1}); "
-                            "rename one or fit them into different --res_folder")
-        seen[n] = i
-
-
 def _run_one(unit: Unit, work: Callable[[Unit], Optional[str]], is_done: Callable[[Unit], bool]) -> Tuple[str, str]:
     """(status, error) of one unit."""
     try:
