@@ -47,9 +47,10 @@ RHO_MIN = 2.0
 # loss), 768 enough, and a fit converges in fewer steps with 2048 (docs/performance.md).
 HESSIAN_PIXELS_PER_PARAM, HESSIAN_MIN_PIXELS = 8, 512
 # Frames linearised together in one call (their pixels and vertices stacked). Per frame at
-# 1 thread (2 bench photos, 102 parameters): 36 ms alone, 30 ms in calls of 4, 37 ms of 8 and
-# 50 ms of 16: larger calls' intermediates (the Hessian's gathered rows: 94 MB at 16) cost
-# more in fresh memory than the calls they save.
+# 1 thread (2 bench photos, 102 parameters), measured at fcd86ca, when the Hessian's pixel
+# rows were gathered as one (K, 18, P) block (94 MB at 16 frames; built corner by corner
+# since): 36 ms alone, 30 ms in calls of 4, 37 ms of 8 and 50 ms of 16. Larger calls'
+# intermediates cost more in fresh memory than the calls they save; not measured again since.
 PHOTO_FRAMES_PER_CALL = 4
 # On a GPU each call's operations are kernel launches whatever their size: up to 32 frames
 # per call there (untested on a GPU so far; about 150 MB of intermediates at 32).
