@@ -14,3 +14,9 @@ PRESET = "default"        # FitConfig preset (core.fit.config.PRESETS)
 LM_DETECTOR = "auto"      # face-alignment's FAN when its weights are present, else dlib
 DEVICE = "auto"           # cuda when available, else cpu
 RENDERER = "auto"         # pytorch3d's rasterizer when it imports, else the built-in one
+# The composed videos (the overlay of the fits): x264 preset and constant rate factor. On
+# the 20 s 720p sample, ultrafast at 22 keeps the PSNR of veryfast at 18 (49.2 against
+# 49.5 dB to the frames sent) at 2.0 instead of 4.5 CPU-seconds, for 3.4x the bytes
+# (6.4 against 1.9 MB: 2.6 Mbit/s).
+VIDEO_PRESET = "ultrafast"
+VIDEO_CRF = 22

@@ -865,15 +865,27 @@ def _proc_stat(pid: int):
 
 
 def _workers_of(pid: int) -> list:
-    out = []
+    """The worker processes below ``pid``: its children started by multiprocessing
+    (spawn) and those of its forkserver (the server itself included: it has the same
+    command line as the workers it forks)."""
+    parents = {}
     for d in os.listdir("/proc"):
-        if d.isdigit() and (_proc_stat(int(d)) or (None,))[0] == pid:
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if b"spawn_main" in f.read():
-                        out.append(int(d))
-            except OSError:
-                pass
+        if d.isdigit() and (st := _proc_stat(int(d))):
+            parents[int(d)] = st[0]
+    below, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        below += kids
+        todo += kids
+    out = []
+    for p in below:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"multiprocessing" in f.read():
+                    out.append(p)
+        except OSError:
+            pass
     return out
 
 
@@ -891,8 +903,9 @@ def _has_open(pid: int, path: str) -> bool:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
 def test_workers_end_with_the_main_process(runs, clip, model_path, tmp_path):
-    """SIGKILL of fit_video.py (no clean-up runs there) ends its worker processes at once,
-    in the middle of their clips (long ones: 2000 Adam iterations per frame)."""
+    """SIGKILL of fit_video.py (no clean-up runs there) ends its worker processes (and the
+    forkserver that started them) at once, in the middle of their clips (long ones: 2000
+    Adam iterations per frame)."""
     cache = tmp_path / "cache" / "talk"
     cache.mkdir(parents=True)
     shutil.copy(os.path.join(runs["cache"], "talk", "landmarks.npz"), cache)
@@ -908,11 +921,12 @@ def test_workers_end_with_the_main_process(runs, clip, model_path, tmp_path):
         deadline = time.monotonic() + 180
         while True:  # both workers started and fitting (they have the video open)
             assert main.poll() is None, f"fit_video.py ended early with status {main.returncode}"
-            workers = _workers_of(main.pid)
-            if len(workers) == 2 and all(_has_open(p, video) for p in workers):
+            workers = [p for p in _workers_of(main.pid) if _has_open(p, video)]
+            if len(workers) == 2:
                 break
             assert time.monotonic() < deadline, "the workers did not start"
             time.sleep(0.1)
+        workers = sorted(set(workers) | set(_workers_of(main.pid)))  # and the forkserver, if any
         started = {p: _proc_stat(p)[2] for p in workers}
         main.kill()
         main.wait()

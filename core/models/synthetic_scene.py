@@ -441,7 +441,7 @@ def render_scene_video(path: str, model: FaceModel, photo_rgb: np.ndarray, photo
     make = photo_texture if texture == "pixel" else photo_vertex_colors
     tex = make(model, photo_rgb, photo_landmarks, warp=warp)
     background = scene_background(photo_rgb, width, height)
-    with VideoWriter(os.fspath(path), (width, height), fps, crf=crf) as out:
+    with VideoWriter(os.fspath(path), (width, height), fps, crf=crf, preset="veryfast") as out:
         for frame, _ in render_frames(model, tex, truth, background):
             out.write(frame)
     return truth

@@ -104,7 +104,7 @@ def run_video(session: Session, detector, video_path: str, res_folder: str,
         pool = None
         if clip_runner is None and options.nworkers > 1 and not landmarks_cached(cache_dir, options.frame_range):
             # A first run: start the workers now; their start-up overlaps the landmark pass.
-            pool = stack.enter_context(WorkerPool(options.nworkers))
+            pool = stack.enter_context(WorkerPool(options.nworkers, cuda=session.device.type == "cuda"))
         threads = torch.get_num_threads()
         if options.threads:
             torch.set_num_threads(options.threads)

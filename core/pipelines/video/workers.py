@@ -1,4 +1,5 @@
-"""Running clip jobs in worker processes (torch.multiprocessing, spawn): the pool of
+"""Running clip jobs in worker processes (torch.multiprocessing: forkserver for CPU
+workers where the platform has it, else spawn): the pool of
 workers (started ahead of their jobs, or when they are run), the worker entry, the
 parent's message loop with its checks of every worker's exit, the watchdog that ends a
 worker with its parent, and how many threads and which device each worker gets."""
@@ -67,14 +68,16 @@ def worker_devices(session: Session, n: int, ngpus: int) -> List[str]:
     return [f"cuda:{i % ngpus}" for i in range(n)]
 
 
-def _die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
-    """End this worker process as soon as the process that started it (``parent_pid``)
-    is gone, however it ended (even SIGKILL, which runs no clean-up there).
+def _die_with_parent(main_pid: int, poll_s: float = 0.5) -> None:
+    """End this worker process as soon as the main process ``main_pid`` is gone, however
+    it ended (even SIGKILL, which runs no clean-up there).
 
-    On Linux the kernel sends SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); the
-    parent may have died before that was set, so its pid is checked once afterwards; and a
-    daemon thread polls os.getppid() every ``poll_s`` seconds everywhere (the portable
-    fallback: an orphan is re-parented, so its parent pid changes)."""
+    The worker's parent is the main process (spawn) or the forkserver (which exits when
+    the main process does). On Linux the kernel sends SIGKILL at that parent's death
+    (prctl PR_SET_PDEATHSIG); it may have died before that was set, so the main process
+    is checked once afterwards; and a daemon thread polls every ``poll_s`` seconds
+    everywhere (the portable fallback: an orphan is re-parented, so its parent pid
+    changes; and the main process must still exist)."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -82,13 +85,28 @@ def _die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
                 log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
         except (OSError, AttributeError) as e:
             log.debug("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
-    if os.getppid() != parent_pid:
+    parent = os.getppid()
+
+    def gone() -> bool:
+        if os.getppid() != parent:
+            return True
+        if parent == main_pid:
+            return False
+        try:
+            os.kill(main_pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # exists (another user's pid: not ours, but then the server exits too)
+            return False
+        return False
+
+    if gone():
         os._exit(1)
 
     def watch() -> None:
         while True:
             time.sleep(poll_s)
-            if os.getppid() != parent_pid:
+            if gone():
                 os._exit(1)
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
@@ -124,29 +142,43 @@ def _shared_memory_errors():
                         f"free space in /dev/shm, or use --nworkers 1") from None
 
 
-def _pool_entry(inbox, messages, parent_pid: int) -> None:
+def _pool_entry(inbox, messages, main_pid: int) -> None:
     """Process target of a :class:`WorkerPool` process: end with the main process
-    ``parent_pid`` (see :func:`_die_with_parent`), wait for a job on ``inbox`` and run it
+    ``main_pid`` (see :func:`_die_with_parent`), wait for a job on ``inbox`` and run it
     (:func:`_worker_entry`; None: end without one)."""
-    _die_with_parent(parent_pid)
+    _die_with_parent(main_pid)
     job = inbox.get()
     if job is not None:
         _worker_entry(job, messages)
 
 
+def start_method(cuda: bool = False) -> str:
+    """How worker processes start: ``forkserver`` for CPU workers where the platform has
+    it (one fresh interpreter imports torch and this project, then forks each worker
+    ready-made: on a 2-core CPU that import is about 2 s of a core, paid once instead of
+    once per worker), else ``spawn`` (a fresh interpreter each; CUDA workers always). Never
+    a plain fork of this process: once torch has run a parallel operation here, its
+    OpenMP threads do not survive a fork and the child hangs in its first one."""
+    import torch.multiprocessing as mp
+
+    return "forkserver" if not cuda and "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
 class WorkerPool:
-    """``size`` worker processes (spawn) started before their jobs exist, so that their
-    start-up (a new interpreter importing torch and this project: about 3 s of a core each
-    on a 2-core CPU) runs while this process is still busy with the stages before the
-    fitting, which leave part of the cores idle. :func:`run_workers` ``(jobs, pool=...)``
+    """``size`` worker processes started before their jobs exist (:func:`start_method`),
+    so that their start-up runs while this process is still busy with the stages before
+    the fitting, which leave part of the cores idle. :func:`run_workers` ``(jobs, pool=...)``
     hands each process one job (and starts a pool of its own when given none). ``close``
     ends the processes that got none (and stops any still running); the pool is a context
-    manager that closes on the way out."""
+    manager that closes on the way out. ``cuda``: the jobs will run on a GPU."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, cuda: bool = False):
         import torch.multiprocessing as mp
 
-        ctx = mp.get_context("spawn")
+        self.method = start_method(cuda)
+        ctx = mp.get_context(self.method)
+        if self.method == "forkserver":  # (only read when the server starts: once per process)
+            ctx.set_forkserver_preload([__name__])
         self.messages = ctx.Queue()
         self._inboxes = [ctx.SimpleQueue() for _ in range(int(size))]
         self._procs = [ctx.Process(target=_pool_entry, args=(inbox, self.messages, os.getpid()),
@@ -205,7 +237,7 @@ class WorkerPool:
 def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone], None]] = None,
                 in_process: Optional[bool] = None, poll_s: float = 0.2,
                 pool: Optional[WorkerPool] = None) -> None:
-    """Run :func:`fit_clip` for every job, each in its own spawned process (one job: in
+    """Run :func:`fit_clip` for every job, each in its own worker process (one job: in
     this process unless ``in_process`` is False): a process of ``pool`` (already started)
     when it has enough free ones, else of a :class:`WorkerPool` started now. ``on_frame``
     is called in this process with the :class:`FrameDone` of every kept frame of every
@@ -223,7 +255,7 @@ def run_workers(jobs: Sequence[ClipJob], on_frame: Optional[Callable[[FrameDone]
         return
     with contextlib.ExitStack() as stack:
         if pool is None or pool.size < len(jobs):
-            pool = stack.enter_context(WorkerPool(len(jobs)))
+            pool = stack.enter_context(WorkerPool(len(jobs), cuda=any(j.session.device != "cpu" for j in jobs)))
         _run_in(pool, jobs, on_frame, poll_s)
 
 
