@@ -81,7 +81,7 @@ def clip(tmp_path_factory) -> str:
     frames = list(real)
     for b in BLANKS:
         frames.insert(b, np.zeros((h, w, 3), np.uint8))
-    with VideoWriter(path, (w, h), 25.0) as wr:
+    with VideoWriter(path, (w, h), 25.0, preset="veryfast", crf=18) as wr:  # a source video, not an overlay
         for f in frames:
             wr.write(f)
     return path
@@ -328,9 +328,16 @@ def test_clips_composed_while_fitting_or_after_make_the_same_video(runs, clip, m
     assert info["landmark_nme_interocular"] == info0["landmark_nme_interocular"]
     a, b = _video_frames(os.path.join(res0, "talk_recon_video.mp4")), _video_frames(res / "talk_recon_video.mp4")
     assert len(a) == len(b) == N_FRAMES
-    for k, y in enumerate(b):  # each frame is the first run's frame k, within the two encodings' noise
-        d = [np.abs(x.astype(float) - y).mean() for x in a]  # (measured: 0-2.1 to frame k, >= 11.6 to the
-        assert d[k] < 2.5 and d[k] <= min(d) + 1e-9, (k, d)  # others on the photo clip; 1.26-1.40 vs 1.40+)
+    # Each frame is the first run's frame k, within the two encodings' noise (the clips were
+    # encoded as two parts, then as one: keyframes differ), and nearer to it than to any frame
+    # that differs from it by more than that noise. (Frames of the ../shared clip, downscaled,
+    # differ from their neighbours by 1.3-1.4 grey levels on average: no lossy encoding tells
+    # them apart; the photo clip's by >= 11.6.) Measured: 0-2.1 to frame k.
+    noise = 2.5
+    for k, y in enumerate(b):
+        d = [np.abs(x.astype(float) - y).mean() for x in a]
+        apart = [j for j, x in enumerate(a) if np.abs(x.astype(float) - a[k]).mean() > 2 * noise]
+        assert d[k] < noise and all(d[k] < d[j] for j in apart), (k, d)
     assert not glob.glob(os.path.join(cache, "talk", "compose_*"))  # the run's segments are gone
 
 
@@ -772,6 +779,7 @@ def test_a_pool_started_ahead_runs_the_jobs_and_ends_its_idle_process(track, cli
     jobs = [_job(track, clip, tmp_path, worker=0, stop=3), _job(track, clip, tmp_path, worker=1, start=5, stop=7)]
     events = []
     with V.WorkerPool(3) as pool:
+        pool.wait_started()
         procs = list(pool._procs)
         V.run_workers(jobs, on_frame=events.append, pool=pool)
         assert sorted(p.exitcode for p in procs[:2]) == [0, 0] and procs[2].is_alive()
@@ -787,6 +795,7 @@ def test_a_pool_started_ahead_runs_the_jobs_and_ends_its_idle_process(track, cli
 
 def test_a_pool_process_lost_before_its_job_is_a_one_line_failure(track, clip, tmp_path):
     with V.WorkerPool(2) as pool:
+        pool.wait_started()
         pool._procs[1].kill()
         pool._procs[1].join()
         jobs = [_job(track, clip, tmp_path, worker=0, stop=2), _job(track, clip, tmp_path, worker=1, start=2, stop=4)]

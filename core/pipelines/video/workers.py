@@ -165,9 +165,10 @@ def start_method(cuda: bool = False) -> str:
 
 
 class WorkerPool:
-    """``size`` worker processes started before their jobs exist (:func:`start_method`),
-    so that their start-up runs while this process is still busy with the stages before
-    the fitting, which leave part of the cores idle. :func:`run_workers` ``(jobs, pool=...)``
+    """``size`` worker processes started before their jobs exist (:func:`start_method`;
+    started from a thread, so the constructor returns at once), so that their start-up
+    runs while this process is still busy with the stages before the fitting, which leave
+    part of the cores idle. :func:`run_workers` ``(jobs, pool=...)``
     hands each process one job (and starts a pool of its own when given none). ``close``
     ends the processes that got none (and stops any still running); the pool is a context
     manager that closes on the way out. ``cuda``: the jobs will run on a GPU."""
@@ -185,13 +186,29 @@ class WorkerPool:
                                    name=f"fit-worker-{k}", daemon=True) for k, inbox in enumerate(self._inboxes)]
         self._given = [False] * len(self._procs)
         self._closed = False
+        # Started from a thread: a forkserver's first start waits for the server's imports
+        # (about a second), which this process need not wait for.
+        self._start_error: Optional[BaseException] = None
+        self._starter = threading.Thread(target=self._start_all, name="worker-pool-start", daemon=True)
+        self._starter.start()
+
+    def _start_all(self) -> None:
         try:
             for p in self._procs:
                 p.start()
-        except BaseException:
+        except BaseException as e:  # raised again by wait_started()
+            self._start_error = e
+
+    def wait_started(self) -> None:
+        """Wait until every process has started; raise what stopped a start (the pool then
+        keeps only the processes that did start, and closes)."""
+        self._starter.join()
+        if self._start_error is not None:
+            error, self._start_error = self._start_error, None
             self._procs = [p for p in self._procs if p.pid is not None]  # (those started)
+            self._given = self._given[:len(self._procs)]
             self.close()
-            raise
+            raise error
 
     @property
     def size(self) -> int:
@@ -199,6 +216,7 @@ class WorkerPool:
 
     def give(self, jobs: Sequence[ClipJob]) -> dict:
         """Send each job to a process that has none yet; returns {job.worker: process}."""
+        self.wait_started()
         free = [k for k, given in enumerate(self._given) if not given]
         if len(jobs) > len(free):
             raise ValueError(f"{len(jobs)} jobs for {len(free)} free pool processes")
@@ -215,6 +233,8 @@ class WorkerPool:
         if self._closed:
             return
         self._closed = True
+        self._starter.join()
+        self._procs = [p for p in self._procs if p.pid is not None]  # (a failed start: those started)
         for k, p in enumerate(self._procs):
             if not self._given[k] and p.is_alive():
                 with contextlib.suppress(OSError, ValueError):
