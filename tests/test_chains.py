@@ -125,3 +125,39 @@ def test_chains_too_long_to_keep_side_by_side_are_not_used(monkeypatch):
     assert not C.lockstep_pays(0, 600, {200: {}, 400: {}}, 8, 256)  # chains of 208, 208 and 200 frames
     assert C.lockstep_pays(0, 600, {50: {}, 100: {}}, 8, 256)  # the first two (58 and 58) fit together
     assert not C.lockstep_pays(0, 600, {}, 8, 256)  # one chain
+
+
+def test_the_landmark_pass_cuts_the_crops_the_workers_would(clip, track):
+    """landmark_pass(crops=...) keeps each frame's crop exactly as a worker cuts it from the
+    decoded frame (crop_face in crop_boxes), zeros where no face; none beyond its budget."""
+    from core.io.video import VideoReader
+    from core.landmarks.crop import crop_face
+    from core.landmarks.detect import DlibDetector
+
+    cut = V.landmark_pass(clip, DlibDetector(), progress=False, crops=(0.3, 48), crop_bytes=N_FRAMES * 48 * 48 * 3)
+    np.testing.assert_array_equal(cut.landmarks, track.landmarks)
+    assert cut.crops.shape == (N_FRAMES, 48, 48, 3) and cut.crops.dtype == np.uint8
+    boxes = track.crop_boxes(0.3)
+    with VideoReader(clip) as r:
+        for i, frame in r.frames(0, N_FRAMES):
+            want = crop_face(frame, boxes[i], 48) if track.has_face[i] else np.zeros((48, 48, 3), np.uint8)
+            np.testing.assert_array_equal(cut.crops[i], want)
+    assert not cut.crops[list(BLANKS)].any() and cut.crops[0].std() > 5
+    small = V.landmark_pass(clip, DlibDetector(), progress=False, crops=(0.3, 48), crop_bytes=N_FRAMES * 48 * 48 * 3 - 1)
+    assert small.crops is None
+
+
+def test_chains_from_the_passs_crops_need_no_video(track, clip, tmp_path, whole):
+    """A clip given the landmark pass's crops fits exactly as one that decodes the video
+    for them, without opening it (the video path given is gone)."""
+    from core.landmarks.detect import DlibDetector
+
+    cut = V.landmark_pass(clip, DlibDetector(), progress=False, crops=(0.3, 48), crop_bytes=1 << 30)
+    seeds = {8: _seed(whole, 8), 12: _seed(whole, 12)}
+    job = replace(_job(track, clip, tmp_path, start=2, stop=N_FRAMES), seeds=seeds, seed_warmup=2)
+    read = V.fit_clip(job)
+    given = V.fit_clip(replace(job, crops=cut.crops[2:N_FRAMES], video_path=str(tmp_path / "gone.mp4"),
+                               cache_path=str(tmp_path / "given.npz")))
+    assert given["fitted"].tolist() == read["fitted"].tolist()
+    for g in GROUPS:
+        np.testing.assert_array_equal(given[g], read[g])

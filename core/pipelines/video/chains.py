@@ -15,6 +15,7 @@ GPU the batch is nearly free).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -158,7 +159,8 @@ def fit_chains(job, session, out, fitted, done_mask, finished: Callable[[List[in
     ``finished(positions)`` with those of each step. The video is read once, in order
     (no seeking back), in groups of chains whose crops fit in CHAIN_CROP_BYTES: the
     group's crops are kept, then its chains are fitted in lockstep, one batch per step (a
-    chain longer than that is fitted as it is read)."""
+    chain longer than that is fitted as it is read). With ``job.crops`` (the landmark pass
+    cut them) the video is not read at all."""
     tar = session.camera.image_size
     todo = []
     for a, k, b in chain_bounds(job):
@@ -173,7 +175,8 @@ def fit_chains(job, session, out, fitted, done_mask, finished: Callable[[List[in
                 last = (a - 1, {g: out[g][a - 1] for g in PER_FRAME_GROUPS})
         todo.append(_Chain(a, k, b, seed, last))
 
-    with VideoReader(job.video_path) as reader:
+    with contextlib.ExitStack() as stack:
+        reader = None if job.crops is not None else stack.enter_context(VideoReader(job.video_path))
         for idx in _groups([(c.start, c.stop) for c in todo], _budget(tar)):
             group = [todo[i] for i in idx]
             frames = _read_crops(reader, job, group[0].start, max(c.stop for c in group), tar)
@@ -200,9 +203,14 @@ class _Chain:
     last: Optional[Tuple[int, Dict[str, np.ndarray]]] = None
 
 
-def _read_crops(reader: VideoReader, job, a: int, b: int, tar: int):
+def _read_crops(reader: Optional[VideoReader], job, a: int, b: int, tar: int):
     """(position, crop (tar, tar, 3) uint8, or None without a face) of positions [a, b),
-    read in order (UserError when the video ends early)."""
+    read in order (UserError when the video ends early); from ``job.crops`` when the
+    landmark pass cut them (``reader`` None)."""
+    if reader is None:
+        for j in range(a, b):
+            yield j, job.crops[j] if np.all(np.isfinite(job.landmarks[j])) else None
+        return
     j = a
     for index, frame in reader.frames(job.fit_start + a, job.fit_start + b, job.timestamps):
         j = index - job.fit_start

@@ -101,6 +101,10 @@ class ClipJob:
     # over them); empty: one chain from fit_start, frames fitted in order.
     seeds: Dict[int, Dict[str, np.ndarray]] = field(default_factory=dict)
     seed_warmup: int = 8
+    # The crops of frames [fit_start, stop) as the landmark pass cut them ((n, T, T, 3)
+    # uint8, crop_face of each frame in ``crop_boxes``; zeros where no face), or None: the
+    # chains (``seeds``) then take them from here instead of decoding the video for them.
+    crops: Optional[np.ndarray] = None
 
     @property
     def partial_path(self) -> str:

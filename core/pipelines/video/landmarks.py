@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from core.io.video import VideoReader
-from core.landmarks.crop import square_box
+from core.landmarks.crop import crop_face, square_box
 from core.landmarks.tracking import SOURCE_NONE, FaceTracker
 
 from .cache import CACHE_VERSION, digest, load_npz, partial_path, save_npz
@@ -50,6 +50,9 @@ class LandmarkTrack:
     start: int = 0        # source index of the first frame
     # Decoded frames kept by the pass ({source index: RGB frame}; see landmark_pass ``keep``).
     frames: Dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    # The frames' crops cut by the pass ((N, T, T, 3) uint8, zeros where no face; see
+    # landmark_pass ``crops``), or None.
+    crops: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
     def num_frames(self) -> int:
@@ -120,7 +123,8 @@ def landmarks_cached(cache_dir: Optional[str], frame_range: Optional[FrameRange]
 
 def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, progress: bool = True,
                   checkpoint_s: float = 30.0, tracker: Optional[FaceTracker] = None,
-                  frame_range: Optional[FrameRange] = None, keep: Collection[int] = ()) -> LandmarkTrack:
+                  frame_range: Optional[FrameRange] = None, keep: Collection[int] = (),
+                  crops: Optional[Tuple[float, int]] = None, crop_bytes: int = 0) -> LandmarkTrack:
     """Stage 1: landmarks and face box of every frame (see :mod:`core.landmarks.tracking`), or of
     the source frames ``frame_range`` = (start, stop or None) only (the reader seeks to
     start; the track's ``start`` is then ``start``).
@@ -132,6 +136,12 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
     ``keep``: source frame indices whose decoded frames the track keeps in memory
     (``LandmarkTrack.frames``; a later stage then need not seek back to them). Frames a
     reused or resumed pass did not decode are not kept.
+
+    ``crops`` = (padding_ratio, tar_size): also cut each frame's crop as the fits will
+    (:func:`~core.landmarks.crop.crop_face` of the frame in ``crop_boxes(padding_ratio)``),
+    so that the fitting workers need not decode the video for them, when all of them take
+    at most ``crop_bytes`` (``LandmarkTrack.crops``; None for a reused or resumed pass, or
+    one whose crops would not fit).
     """
     key = landmark_key(video_path, detector, frame_range)
     final, partial = _landmark_files(cache_dir, frame_range)
@@ -146,6 +156,7 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
             return track
     tracker = tracker or FaceTracker(detector)
     keep = set(int(i) for i in keep)
+    cut: List[np.ndarray] = []
     kept: Dict[int, np.ndarray] = {}
     lms, boxes, src, ts = [], [], [], []
     resume_from = 0
@@ -161,6 +172,9 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
         if last is not None:
             end = last if end is None else min(end, last)
         total = end - first if end is not None and end > first else None
+        if crops is not None and (saved is not None or total is None
+                                  or total * int(crops[1]) ** 2 * 3 > int(crop_bytes)):
+            crops = None
         bar = tqdm(total=total, initial=resume_from, desc="landmarks", unit="frame", disable=not progress)
         last_save = time.monotonic()
         # Seek checks: recorded timestamps of the frames done, else those a constant rate gives.
@@ -187,6 +201,12 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
                 lms.append(face.landmarks.astype(np.float32))
                 boxes.append(np.asarray(face.box, dtype=np.float64))
                 src.append(face.source)
+            if crops is not None:  # the crop of crop_boxes(), from the box as stored
+                if len(cut) >= total:  # more frames than the container said: no crops
+                    crops, cut = None, []
+                else:
+                    cut.append(None if face is None else
+                               crop_face(frame, square_box(boxes[-1], crops[0]), int(crops[1])))
             bar.update(1)
             if partial and time.monotonic() - last_save > checkpoint_s:
                 save_npz(partial, key, **_track_arrays(lms, boxes, src, ts, info, first),
@@ -208,6 +228,12 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
             os.remove(partial)
     track = _track_from_arrays(arrays)
     track.frames = kept
+    if crops is not None and len(cut) == track.num_frames:
+        tar = int(crops[1])
+        track.crops = np.zeros((len(cut), tar, tar, 3), dtype=np.uint8)
+        for i, c in enumerate(cut):
+            if c is not None:
+                track.crops[i] = c
     return track
 
 

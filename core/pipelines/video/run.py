@@ -31,7 +31,7 @@ from core.io.video import VideoReader, VideoWriter
 
 from ..session import Session, SessionSpec
 from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir
-from .chains import chain_seeds, lockstep_pays
+from .chains import CHAIN_CROP_BYTES, chain_seeds, lockstep_pays
 from .clips import ClipJob, FrameDone, segment_arrays_path, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
 from .composer import gather_parts
@@ -125,8 +125,12 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
 
     # 1. landmarks (keeping the frames the identity fit will most likely use: no seeking back)
     t0 = time.perf_counter()
+    # With chains (fitted from kept crops), the pass also cuts the crops: the workers then
+    # need not decode the video for them.
+    cut = (options.padding_ratio, tar_size) if clip_runner is None and options.shape_seeds else None
     track = landmark_pass(video_path, detector, cache_dir, progress=progress, checkpoint_s=options.checkpoint_s,
-                          frame_range=options.frame_range, keep=_planned_shape_frames(video_info, options))
+                          frame_range=options.frame_range, keep=_planned_shape_frames(video_info, options),
+                          crops=cut, crop_bytes=CHAIN_CROP_BYTES)
     timings["landmarks_s"] = time.perf_counter() - t0
     n, first = track.num_frames, track.start
     no_face = track.frames_without_face
@@ -327,7 +331,8 @@ def _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devic
             adaptive_threads=options.threads is None, camera=shape.camera,
             segment=os.path.join(seg_dir, f"clip_{start:07d}_{stop:07d}.mp4") if seg_dir else None,
             frame_size=(track.width, track.height), fps=track.fps, meshes=options.save_meshes, seeds=seeds,
-            seed_warmup=options.clip_overlap))
+            seed_warmup=options.clip_overlap,
+            crops=track.crops[fit_start - first:stop - first] if seeds and track.crops is not None else None))
     return jobs, results
 
 
