@@ -164,6 +164,9 @@ def start_method(cuda: bool = False) -> str:
     return "forkserver" if not cuda and "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
+_TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+
+
 class WorkerPool:
     """``size`` worker processes started before their jobs exist (:func:`start_method`;
     started from a thread, so the constructor returns at once), so that their start-up
@@ -180,6 +183,12 @@ class WorkerPool:
         ctx = mp.get_context(self.method)
         if self.method == "forkserver":  # (only read when the server starts: once per process)
             ctx.set_forkserver_preload([__name__])
+            # A worker killed mid-run leaves its queues' semaphores to multiprocessing's
+            # resource tracker, which removes them and says so on stderr ("leaked semaphore
+            # objects") after the run's one-line error; it takes its warning filters from
+            # these options when it starts (the first queue below starts it).
+            if _TRACKER_QUIET not in sys.warnoptions:
+                sys.warnoptions.append(_TRACKER_QUIET)
         self.messages = ctx.Queue()
         self._inboxes = [ctx.SimpleQueue() for _ in range(int(size))]
         self._procs = [ctx.Process(target=_pool_entry, args=(inbox, self.messages, os.getpid()),
