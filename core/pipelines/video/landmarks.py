@@ -156,7 +156,8 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
             return track
     tracker = tracker or FaceTracker(detector)
     keep = set(int(i) for i in keep)
-    cut: List[np.ndarray] = []
+    cut: Optional[np.ndarray] = None  # (total, T, T, 3) the crops, filled as the frames come
+    n_cut = 0
     kept: Dict[int, np.ndarray] = {}
     lms, boxes, src, ts = [], [], [], []
     resume_from = 0
@@ -172,9 +173,9 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
         if last is not None:
             end = last if end is None else min(end, last)
         total = end - first if end is not None and end > first else None
-        if crops is not None and (saved is not None or total is None
-                                  or total * int(crops[1]) ** 2 * 3 > int(crop_bytes)):
-            crops = None
+        if crops is not None and saved is None and total is not None \
+                and total * int(crops[1]) ** 2 * 3 <= int(crop_bytes):
+            cut = np.zeros((total, int(crops[1]), int(crops[1]), 3), dtype=np.uint8)
         bar = tqdm(total=total, initial=resume_from, desc="landmarks", unit="frame", disable=not progress)
         last_save = time.monotonic()
         # Seek checks: recorded timestamps of the frames done, else those a constant rate gives.
@@ -201,12 +202,13 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
                 lms.append(face.landmarks.astype(np.float32))
                 boxes.append(np.asarray(face.box, dtype=np.float64))
                 src.append(face.source)
-            if crops is not None:  # the crop of crop_boxes(), from the box as stored
-                if len(cut) >= total:  # more frames than the container said: no crops
-                    crops, cut = None, []
+            if cut is not None:  # the crop of crop_boxes(), from the box as stored (zeros: no face)
+                if n_cut >= total:  # more frames than the container said: no crops
+                    cut = None
                 else:
-                    cut.append(None if face is None else
-                               crop_face(frame, square_box(boxes[-1], crops[0]), int(crops[1])))
+                    if face is not None:
+                        cut[n_cut] = crop_face(frame, square_box(boxes[-1], crops[0]), int(crops[1]))
+                    n_cut += 1
             bar.update(1)
             if partial and time.monotonic() - last_save > checkpoint_s:
                 save_npz(partial, key, **_track_arrays(lms, boxes, src, ts, info, first),
@@ -228,12 +230,8 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
             os.remove(partial)
     track = _track_from_arrays(arrays)
     track.frames = kept
-    if crops is not None and len(cut) == track.num_frames:
-        tar = int(crops[1])
-        track.crops = np.zeros((len(cut), tar, tar, 3), dtype=np.uint8)
-        for i, c in enumerate(cut):
-            if c is not None:
-                track.crops[i] = c
+    if cut is not None and n_cut == track.num_frames:
+        track.crops = cut[:n_cut]
     return track
 
 

@@ -183,10 +183,11 @@ class WorkerPool:
         ctx = mp.get_context(self.method)
         if self.method == "forkserver":  # (only read when the server starts: once per process)
             ctx.set_forkserver_preload([__name__])
-            # A worker killed mid-run leaves its queues' semaphores to multiprocessing's
-            # resource tracker, which removes them and says so on stderr ("leaked semaphore
-            # objects") after the run's one-line error; it takes its warning filters from
-            # these options when it starts (the first queue below starts it).
+            # After a worker was killed mid-run (forkserver; not seen with spawn), multiprocessing's
+            # resource tracker removed the queues' semaphores at exit and warned about them on
+            # stderr ("leaked semaphore objects"), after the run's one-line error. The tracker
+            # takes its warning filters from these options when it starts (the first queue
+            # below starts it).
             if _TRACKER_QUIET not in sys.warnoptions:
                 sys.warnoptions.append(_TRACKER_QUIET)
         self.messages = ctx.Queue()
@@ -214,8 +215,6 @@ class WorkerPool:
         self._starter.join()
         if self._start_error is not None:
             error, self._start_error = self._start_error, None
-            self._procs = [p for p in self._procs if p.pid is not None]  # (those started)
-            self._given = self._given[:len(self._procs)]
             self.close()
             raise error
 
