@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import cv2
@@ -793,14 +794,32 @@ def test_a_pool_started_ahead_runs_the_jobs_and_ends_its_idle_process(track, cli
             np.testing.assert_array_equal(pooled[g], here[g])
 
 
-def test_a_pool_process_lost_before_its_job_is_a_one_line_failure(track, clip, tmp_path):
+@pytest.mark.parametrize("size", ["small", "larger than a pipe's buffer"])
+def test_a_pool_process_lost_before_its_job_is_a_one_line_failure(track, clip, tmp_path, size):
+    """A worker process gone before its job arrives: one-line failure, and no hang however
+    large the job (the real ones carry their clip's crops: megabytes, which nobody reads)."""
     with V.WorkerPool(2) as pool:
         pool.wait_started()
         pool._procs[1].kill()
         pool._procs[1].join()
         jobs = [_job(track, clip, tmp_path, worker=0, stop=2), _job(track, clip, tmp_path, worker=1, start=2, stop=4)]
-        with pytest.raises(UserError, match=r"^worker 1 failed: the process exited with code -9 \(killed"):
-            V.run_workers(jobs, pool=pool)
+        if size != "small":
+            jobs[1].crops = np.zeros((2, 256, 256, 3), np.uint8)  # 384 KB; a pipe holds 64 KB
+        outcome = []
+
+        def run():
+            try:
+                V.run_workers(jobs, pool=pool)
+                outcome.append(None)
+            except BaseException as e:  # noqa: BLE001 (asserted below)
+                outcome.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout=120)
+        assert not t.is_alive(), "run_workers hung on the lost process's job"
+        assert isinstance(outcome[0], UserError), outcome
+        assert re.match(r"^worker 1 failed: the process exited with code -9 \(killed", str(outcome[0]))
         assert not pool._procs[0].is_alive()  # the other one was stopped
 
 

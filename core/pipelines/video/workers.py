@@ -145,11 +145,14 @@ def _shared_memory_errors():
 def _pool_entry(inbox, messages, main_pid: int) -> None:
     """Process target of a :class:`WorkerPool` process: end with the main process
     ``main_pid`` (see :func:`_die_with_parent`), wait for a job on ``inbox`` and run it
-    (:func:`_worker_entry`; None: end without one)."""
+    (:func:`_worker_entry`; None: end without one; a job comes pickled, see
+    :meth:`WorkerPool.give`)."""
     _die_with_parent(main_pid)
     job = inbox.get()
     if job is not None:
-        _worker_entry(job, messages)
+        from multiprocessing.reduction import ForkingPickler
+
+        _worker_entry(ForkingPickler.loads(job), messages)
 
 
 def start_method(cuda: bool = False) -> str:
@@ -228,9 +231,17 @@ class WorkerPool:
         free = [k for k, given in enumerate(self._given) if not given]
         if len(jobs) > len(free):
             raise ValueError(f"{len(jobs)} jobs for {len(free)} free pool processes")
+        from multiprocessing.reduction import ForkingPickler
+
         procs = {}
         for job, k in zip(jobs, free):
-            self._inboxes[k].put(job)
+            # Pickled here (a failure to share its tensors is raised here), written by a
+            # thread: the write blocks until the process has read a job larger than the
+            # pipe's buffer, and forever when that process is gone (this process holds the
+            # pipe's reading end too); the caller's loop notices the death instead.
+            data = bytes(ForkingPickler.dumps(job))
+            threading.Thread(target=self._inboxes[k].put, args=(data,), name=f"job-to-worker-{k}",
+                             daemon=True).start()
             self._given[k] = True
             procs[job.worker] = self._procs[k]
         return procs
