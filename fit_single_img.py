@@ -21,7 +21,6 @@ of --batch_size to the next free rank, photos already written are skipped, and
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from core import defaults
@@ -90,4 +89,4 @@ def _int(text: str, flag: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run_main(main))
+    cli.exit_process(cli.run_main(main))

@@ -29,7 +29,6 @@ its 'frame_range' is [START, STOP] as fitted (STOP clipped to the end of the vid
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from core.pipelines import cli
@@ -158,4 +157,4 @@ def _fit(args: argparse.Namespace, ranks) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run_main(main))
+    cli.exit_process(cli.run_main(main))

@@ -95,3 +95,34 @@ def test_failures_become_one_line(capsys):
     assert rc == 2 and len(err) == 1 and "out of memory" in err[0]
     with pytest.raises(RuntimeError):
         cli.run_main(bug, ["--verbose"])
+
+
+def test_exit_process_ends_as_the_interpreter_would(tmp_path):
+    """The scripts' last call: the exit status given, after the non-daemon threads and the
+    atexit handlers (logging's among them) have run, with buffered output written."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = textwrap.dedent(f"""
+        import atexit, logging, sys, threading, time
+        sys.path.insert(0, {root!r})
+        from core.pipelines import cli
+        logging.basicConfig(filename={str(tmp_path / 'log.txt')!r})
+        logging.getLogger().warning("logged")
+        atexit.register(lambda: open({str(tmp_path / 'atexit.txt')!r}, "w").write("ran"))
+        def late():
+            time.sleep(0.5)
+            open({str(tmp_path / 'thread.txt')!r}, "w").write("done")
+        threading.Thread(target=late).start()
+        sys.stdout.write("buffered, no newline")
+        cli.exit_process(3)
+        print("never")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "buffered, no newline"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "thread.txt").read_text() == "done"
+    assert "logged" in (tmp_path / "log.txt").read_text()
