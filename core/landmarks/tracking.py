@@ -131,12 +131,17 @@ def landmarks_plausible(landmarks: np.ndarray, image_shape: Optional[Sequence[in
 
 
 def _face_patch(image: np.ndarray, landmarks: np.ndarray, size: int = 24) -> np.ndarray:
-    """(size, size) float64 grey patch of the landmarks' square box (appearance checks)."""
-    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    """(size, size) float64 grey patch of the landmarks' square box (appearance checks):
+    the box cut at 4 x size (anti-aliased, :func:`crop_face`), made grey and averaged over
+    4 x 4 blocks. (Blurring the box for ``size`` directly, a Gaussian of a sixth of the
+    face's width, cost about 1 ms a frame on 720p video, a fifth of the tracking.)"""
     lb = landmarks_box(landmarks)
     if lb[2] - lb[0] < 1 or lb[3] - lb[1] < 1:
         return np.zeros((size, size))
-    return crop_face(grey, square_box(lb, 0.0), size).astype(np.float64)
+    big = crop_face(np.asarray(image), square_box(lb, 0.0), 4 * size)
+    if big.ndim == 3:
+        big = cv2.cvtColor(np.ascontiguousarray(big), cv2.COLOR_RGB2GRAY)
+    return cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA).astype(np.float64)
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
