@@ -316,3 +316,33 @@ def test_concat_failure_is_one_line_and_leaves_nothing(tmp_path):
     with pytest.raises(UserError, match="incomplete"):  # a frame count that does not add up
         VideoConcat(out, [str(tmp_path / "a.mp4")], [4]).commit()
     assert sorted(os.listdir(tmp_path)) == ["a.mp4", "b.mp4"]
+
+
+def _audio_md5(path) -> str:
+    """The md5 of the audio packets of ``path`` as stored (no decoding)."""
+    import imageio_ffmpeg
+    res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", str(path),
+                          "-map", "0:a:0", "-c", "copy", "-f", "md5", "-"], check=True, capture_output=True, text=True)
+    return res.stdout.strip()
+
+
+@pytest.mark.parametrize("codec, start, copied", [("aac", 0.0, True), ("aac", 0.5, False), ("libmp3lame", 0.0, True),
+                                                  ("pcm_s16le", 0.0, False)])
+def test_writer_copies_aac_and_mp3_audio_as_it_is(tmp_path, codec, start, copied):
+    """AAC or MP3 audio from the source's start goes in untouched (no encoding: the same
+    packets); from a later start (a frame range), or in another codec, it is encoded as AAC."""
+    import imageio_ffmpeg
+    from core.io.video_out import audio_codec
+
+    src = tmp_path / ("src.mov" if codec == "pcm_s16le" else "src.mp4")
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "color=c=gray:s=32x32:r=10:d=2", "-f", "lavfi", "-i", "sine=frequency=440:duration=2",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", codec, "-shortest", str(src)],
+                   check=True, capture_output=True)
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, (32, 32), 10, audio_from=str(src), audio_start=start) as w:
+        for k in range(int(round((2.0 - start) * 10))):
+            w.write(_frame(k, 32, 32))
+    want = {"aac": "aac", "libmp3lame": "mp3", "pcm_s16le": "aac"}[codec] if copied else "aac"
+    assert audio_codec(str(out)) == want
+    assert (_audio_md5(out) == _audio_md5(src)) == copied

@@ -5,8 +5,8 @@ join of finished parts.
   for odd sizes, which 4:2:0 cannot hold) with imageio-ffmpeg's bundled ffmpeg binary fed
   through a pipe, into a temporary file beside the target that is renamed only when ffmpeg
   succeeded and the file decodes with every frame written. The source's audio can be
-  copied in (re-encoded as AAC). ffmpeg's messages are captured; a failure is a one-line
-  UserError.
+  copied in (as it is when AAC or MP3, else encoded as AAC). ffmpeg's messages are
+  captured; a failure is a one-line UserError.
 * :class:`VideoConcat` joins such files (the clips of a video, composed by several
   processes) without re-encoding, under the same contract.
 """
@@ -34,18 +34,28 @@ from core.errors import UserError
 
 log = logging.getLogger("core.io.video")
 
-__all__ = ["VideoWriter", "VideoConcat", "has_audio_stream", "check_video_file"]
+__all__ = ["VideoWriter", "VideoConcat", "has_audio_stream", "audio_codec", "check_video_file"]
+
+# Audio codecs an .mp4 takes as they are (see _audio_args).
+COPIED_AUDIO = ("aac", "mp3")
 
 
-def has_audio_stream(path: str) -> bool:
-    """True when ffmpeg lists an audio stream in ``path`` (False if it cannot tell)."""
+def audio_codec(path: str) -> Optional[str]:
+    """The codec of the first audio stream ffmpeg lists in ``path`` (e.g. "aac"), or None
+    when it has none (or ffmpeg cannot tell)."""
     try:
         import imageio_ffmpeg
         res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path],
                              capture_output=True, text=True, timeout=60)
     except Exception:  # no ffmpeg, timeout: just no audio
-        return False
-    return re.search(r"Stream #\S+.*: Audio:", res.stderr) is not None
+        return None
+    found = re.search(r"Stream #\S+.*: Audio: (\w+)", res.stderr)
+    return found.group(1) if found else None
+
+
+def has_audio_stream(path: str) -> bool:
+    """True when ffmpeg lists an audio stream in ``path`` (False if it cannot tell)."""
+    return audio_codec(path) is not None
 
 
 class VideoWriter:
@@ -55,7 +65,8 @@ class VideoWriter:
         path: the final file name (``.mp4``).
         size: (width, height) of every frame.
         fps: frame rate (kept exact as a fraction, e.g. 30000/1001).
-        audio_from: copy the audio of this file (re-encoded AAC) when it has any.
+        audio_from: copy the audio of this file when it has any (as it is when AAC or MP3
+            from its start, else encoded as AAC).
         audio_start: seconds into ``audio_from`` where the copied audio starts.
         audio_duration: seconds of audio to copy (None: all of it from ``audio_start``).
         crf: x264 constant rate factor (lower is better; 18 is visually lossless).
@@ -318,15 +329,20 @@ def _temp_beside(path: str) -> str:
 
 def _audio_args(audio_from: Optional[str], start: float = 0.0, duration: Optional[float] = None) -> list:
     """ffmpeg arguments after the video input that add the audio of ``audio_from`` (from
-    ``start`` seconds, ``duration`` long; re-encoded AAC), or [] when it has none."""
-    if not audio_from or not has_audio_stream(audio_from):
+    ``start`` seconds, ``duration`` long), or [] when it has none. Audio already in a codec
+    of COPIED_AUDIO is copied as it is when it starts at 0 (ends are cut at a packet, tens
+    of milliseconds: encoding 20 s of AAC again cost 0.4 s at the end of every run); other
+    audio, or audio from a later start (exact to the sample), is encoded as AAC."""
+    codec = audio_codec(audio_from) if audio_from else None
+    if codec is None:
         return []
     cmd = []
     if start > 0:
         cmd += ["-ss", f"{start:.6f}"]
     if duration is not None:
         cmd += ["-t", f"{max(duration, 0.0):.6f}"]
-    return cmd + ["-i", audio_from, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac"]
+    copy = codec in COPIED_AUDIO and start <= 0
+    return cmd + ["-i", audio_from, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "copy" if copy else "aac"]
 
 
 def check_video_file(path: str, expected_frames: int) -> Optional[str]:
