@@ -71,6 +71,9 @@ class VideoWriter:
         audio_duration: seconds of audio to copy (None: all of it from ``audio_start``).
         crf: x264 constant rate factor (lower is better; 18 is visually lossless).
         preset: x264 preset (faster presets: less CPU, bigger files at the same crf).
+        threads: x264 threads (0: x264's choice, 1.5 per core). 1 where the cores are kept
+            busy anyway (video workers composing on the CPU): the same output for about a
+            sixth less encoder CPU (250 frames of 720p at ultrafast: 0.77 against 0.91-0.98 s).
 
     The bundled ffmpeg (imageio-ffmpeg) runs as a child process reading raw rgb24 frames
     from a pipe; its messages are captured, never shown, and the last meaningful one goes
@@ -85,7 +88,7 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike, size: Tuple[int, int], fps: float,
                  audio_from: Optional[str] = None, crf: int = defaults.VIDEO_CRF, audio_start: float = 0.0,
-                 audio_duration: Optional[float] = None, preset: str = defaults.VIDEO_PRESET):
+                 audio_duration: Optional[float] = None, preset: str = defaults.VIDEO_PRESET, threads: int = 0):
         import imageio_ffmpeg
 
         self.path = os.fspath(path)
@@ -111,7 +114,7 @@ class VideoWriter:
                "-f", "rawvideo", "-pix_fmt", "yuv420p" if even else "rgb24", "-s", f"{self.size[0]}x{self.size[1]}",
                "-framerate", f"{rate.numerator}/{rate.denominator}", "-i", "pipe:0"]
         cmd += _audio_args(audio_from, audio_start, audio_duration)
-        cmd += ["-c:v", "libx264", "-preset", str(preset), "-crf", str(int(crf)),
+        cmd += ["-c:v", "libx264", "-preset", str(preset), "-crf", str(int(crf)), "-threads", str(int(threads)),
                 "-pix_fmt", "yuv420p" if even else "yuv444p", "-movflags", "+faststart", "-f", "mp4", self.tmp_path]
         log.debug("video encoder: %s", " ".join(cmd))
         self._stderr_tail: Deque[str] = collections.deque(maxlen=40)

@@ -183,7 +183,8 @@ def _fit_clip(job: ClipJob, on_frame: Callable[[FrameDone], None]) -> Dict[str, 
 
     composer = None
     if job.segment and total > 0 and not done_mask.any():  # fitted from its first frame in this call
-        writer = VideoWriter(job.segment, job.frame_size, job.fps)
+        # One encoder thread: on the CPU the workers keep every core busy already.
+        writer = VideoWriter(job.segment, job.frame_size, job.fps, threads=1 if job.session.device == "cpu" else 0)
         composer = Composer(session, job.id, job.tex, job.camera, writer, meshes=job.meshes)
     try:
         checkpoints = _Checkpoints(job, out, fitted, done_mask)
