@@ -303,7 +303,7 @@ def run_bench(plan: Plan, device: torch.device, presets: Dict[str, object], rend
         if not plan.command_clip or not os.path.isfile(plan.command_clip):
             return [Row("whole command", "fit_video.py wall time (s)", missing="no clip", note="no clip")]
         rows, details = command_rows(plan.command_clip, nworkers=2, device=str(device), lm_detector=lm_detector,
-                                     threads=plan.threads or None)
+                                     threads=plan.threads or None, runs=plan.repeats)
         report.details["command"] = details
         notes.append(ORIGINAL_NOTE)
         if plan.photos:

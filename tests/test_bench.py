@@ -319,3 +319,30 @@ def test_photo_command_rows_compare_the_run_with_its_fit_plus_import(monkeypatch
     assert by["its fitting + `import torch` (s)"].default == pytest.approx(1.2 + 2.2)
     assert by["one-photo run / (fitting + import torch)"].default == pytest.approx(6.0 / 3.4)
     assert details["fit_s"] == [1.0, 1.4, 1.2]
+
+
+def test_whole_command_rows_are_the_median_run(monkeypatch):
+    """The video command runs ``runs`` times; the rows are the median run's wall time and
+    that run's own stages (they add up to its wall), the details keep every run."""
+    import json as _json
+    import os as _os
+
+    from bench import rows_command
+
+    walls = iter([30.0, 10.0, 20.0])
+    stages = iter([9.0, 3.0, 6.0])
+
+    def fake(cmd):
+        out = cmd[cmd.index("--res_folder") + 1]
+        with open(_os.path.join(out, "clip_info.json"), "w") as f:
+            _json.dump({"timings_s": {"landmarks_s": next(stages), "total_s": 1.0}}, f)
+        return next(walls)
+
+    monkeypatch.setattr(rows_command, "_timed", fake)
+    clip = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "data", "clip.mp4")
+    rows, details = rows_command.command_rows(clip, runs=3)
+    by = {r.metric: r for r in rows}
+    assert by["fit_video.py wall time (s)"].default == 20.0
+    assert by["stage: landmark pass (s)"].default == 6.0  # the median run's own stage
+    assert details["runs_wall_s"] == [30.0, 10.0, 20.0]
+    assert "median of 3 runs" in by["fit_video.py wall time (s)"].note
