@@ -115,19 +115,23 @@ def photo_rows(model, photos: Sequence[str], detector, presets: Mapping[str, Fit
             note="median over the photos; SPEC §4 photo_loss: mean RGB distance between render and crop under the "
                  "face mask, / 255"),
     ]
-    one = {name: agg(name, "fit_s") for name in presets}
+    # The same photos at batch 1: the mean over the batch's photos of each one's median time
+    # alone (a batch's time per photo is a mean over its photos; the median over every photo
+    # would compare other photos, and a median with a mean).
+    one = {name: float(np.mean([median(per_photo[name][p.name]["fit_s"]) for p in batch])) for name in presets}
     rows.append(Row(SECTION, f"fit time per photo at batch {BATCH} / at batch 1", _ratio(batch_s["original"], one["original"]),
                     _ratio(batch_s["default"], one["default"]), "lower",
                     note=f"a batch of {BATCH} ({'the photos repeated' if len(prepared) < BATCH else 'the first photos'}; "
-                         f"median over repeats: {reps}) against the batch-1 median; below 1: batching pays "
-                         "(target <= 0.6)"))
+                         f"median over repeats: {reps}) against the same photos fitted one at a time (the mean of "
+                         "their batch-1 medians); below 1: batching pays (target <= 0.6)"))
     best = {name: min(one[name], batch_s[name]) for name in presets}
     rows.append(Row(SECTION, "fit time per photo at each schedule's best batch size (s)", best["original"],
-                    best["default"], "lower", note=f"min of batch 1 and batch {BATCH}; ratio = how much less fitting "
+                    best["default"], "lower", note=f"the batch's photos: the lower of their mean time alone and "
+                                                   f"per photo at batch {BATCH}; ratio = how much less fitting "
                                                    "work the default does (target >= 10)"))
     details = {"photos": [os.path.relpath(p.path) for p in prepared], "failed": failed, "detect_s": detect_s,
                "per_photo": per_photo, "repeats": dict(repeats), "batch_s_per_photo": batch_s,
-               "batch_runs_s_per_photo": batch_runs, "batch": BATCH}
+               "batch_runs_s_per_photo": batch_runs, "batch": BATCH, "batch_photos_alone_s_per_photo": one}
     return rows, details
 
 
