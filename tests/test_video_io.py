@@ -346,3 +346,24 @@ def test_writer_copies_aac_and_mp3_audio_as_it_is(tmp_path, codec, start, copied
     want = {"aac": "aac", "libmp3lame": "mp3", "pcm_s16le": "aac"}[codec] if copied else "aac"
     assert audio_codec(str(out)) == want
     assert (_audio_md5(out) == _audio_md5(src)) == copied
+
+
+def test_a_damaged_stream_reads_without_ffmpeg_noise(tmp_path):
+    """A video cut short decodes what it can, without FFmpeg's per-packet messages on stderr
+    (OpenCV passes them through unless OPENCV_FFMPEG_LOGLEVEL says otherwise)."""
+    import os
+    import sys
+
+    full = _write(tmp_path / "full.mp4", 26, 96, 64)
+    data = open(full, "rb").read()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.7)])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
+    code = (f"import sys; sys.path.insert(0, {root!r})\n"
+            "from core.io.video import VideoReader\n"
+            f"with VideoReader({str(cut)!r}) as r: print(sum(1 for _ in r.frames()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < int(proc.stdout) < 26
+    assert "@ 0x" not in proc.stderr, proc.stderr

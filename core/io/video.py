@@ -27,6 +27,12 @@ from .video_out import VideoConcat, VideoWriter, check_video_file, has_audio_str
 
 log = logging.getLogger(__name__)
 
+# FFmpeg's own messages from inside OpenCV: a damaged stream printed a line per bad packet
+# on stderr ("[h264 @ 0x...] Invalid NAL unit size"), between the progress bars. Silenced
+# (read when OpenCV first uses FFmpeg); the reader says what matters once (frames missing,
+# an unreadable video). An OPENCV_FFMPEG_LOGLEVEL already set is kept.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
 __all__ = ["VideoInfo", "VideoReader", "VideoWriter", "VideoConcat", "probe_video", "has_audio_stream", "check_video_file"]
 
 DEFAULT_FPS = 25.0
