@@ -126,3 +126,21 @@ def test_exit_process_ends_as_the_interpreter_would(tmp_path):
     assert (tmp_path / "atexit.txt").read_text() == "ran"
     assert (tmp_path / "thread.txt").read_text() == "done"
     assert "logged" in (tmp_path / "log.txt").read_text()
+
+
+def test_a_closed_stdout_does_not_stop_or_clutter_the_run(tmp_path):
+    """``fit_single_img.py ... | head -1``: once the reader has gone, the info lines stop
+    (no logging traceback on stderr for each) and the run still writes its files, exit 0."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "fit_single_img.py"), "--img_path",
+                             os.path.join(root, "data", "astronaut.jpg"), "--res_folder", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path))
+    proc.stdout.close()  # the reader goes before the first line (the imports take a second)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Logging error" not in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path / "out")) == ["astronaut_coeffs.npz", "astronaut_composed_img.jpg",
+                                                    "astronaut_info.json", "astronaut_mesh.obj"]

@@ -210,13 +210,25 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
+class _PipeHandler(logging.StreamHandler):
+    """A stream handler that goes quiet when its reader has gone (a closed pipe, e.g.
+    ``fit_video.py ... | head -1``): the run goes on and writes its files, instead of a
+    logging traceback on stderr for every line after."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            self.setStream(open(os.devnull, "w", encoding="utf-8"))
+            return
+        super().handleError(record)
+
+
 def setup_logging(args: argparse.Namespace) -> None:
     """INFO (and DEBUG with --verbose) to stdout, warnings and errors to stderr; --quiet:
-    warnings and errors only."""
+    warnings and errors only. A closed stdout or stderr silences its lines only."""
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
-    out = logging.StreamHandler(sys.stdout)
+    out = _PipeHandler(sys.stdout)
     out.addFilter(_Below(logging.WARNING))
-    err = logging.StreamHandler(sys.stderr)
+    err = _PipeHandler(sys.stderr)
     err.setLevel(logging.WARNING)
     fmt = logging.Formatter("%(message)s")
     for h in (out, err):
