@@ -126,6 +126,10 @@ def test_exit_process_ends_as_the_interpreter_would(tmp_path):
     assert (tmp_path / "atexit.txt").read_text() == "ran"
     assert (tmp_path / "thread.txt").read_text() == "done"
     assert "logged" in (tmp_path / "log.txt").read_text()
+    # a status of None is 0, as sys.exit(None)
+    none = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); "
+                           "from core.pipelines import cli; cli.exit_process(None)"], timeout=120)
+    assert none.returncode == 0
 
 
 def test_a_closed_stdout_does_not_stop_or_clutter_the_run(tmp_path):

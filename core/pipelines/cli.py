@@ -286,7 +286,7 @@ def session_from_args(args: argparse.Namespace, ranks, progress: bool):
     return session, detector
 
 
-def exit_process(code: int) -> NoReturn:
+def exit_process(code: Optional[int]) -> NoReturn:
     """End this process with exit status ``code`` as the interpreter would, less its final
     teardown: non-daemon threads are waited for, the atexit handlers run (logging,
     multiprocessing's helpers) and the standard streams are flushed; then the process
@@ -303,7 +303,8 @@ def exit_process(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or broken pipe: nothing more to say
             stream.flush()
-    os._exit(code if isinstance(code, int) else EXIT_USER_ERROR)
+    # sys.exit's statuses: None is 0, an int itself (run_main returns nothing else)
+    os._exit(0 if code is None else code if isinstance(code, int) else EXIT_USER_ERROR)
 
 
 def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> int:
