@@ -14,6 +14,8 @@ So the number of threads follows the cores that are free *of other programs*:
   SLACK)`` between 1 and its maximum, ``free = cores - others``; it re-samples at most
   every ``interval_s`` seconds when :func:`tick` is called (the fitting loops call it once
   per iteration: a clock read when nothing is due);
+* a thread inside :func:`one_thread` (a lane of :mod:`core.fit.lanes`: the batch's
+  parts, one per free core) runs torch at one thread and its ticks change nothing;
 * the scripts :func:`install` one at start-up (the first window then spans the imports,
   the model loading and the detection), video workers one each with their share of the
   cores. An explicit ``--threads N`` fixes the count and installs none.
@@ -27,14 +29,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
-from typing import List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cpu_cores", "CpuLoad", "ThreadGovernor", "install", "uninstall", "tick", "current", "threads_for"]
+__all__ = ["cpu_cores", "CpuLoad", "ThreadGovernor", "install", "uninstall", "tick", "current", "threads_for",
+           "one_thread"]
 
 SLACK = 0.2          # a free core counts when at least 80% of it is free
 INTERVAL_S = 0.5     # seconds between samples
@@ -170,6 +175,7 @@ class ThreadGovernor:
 
 
 _active: Optional[ThreadGovernor] = None
+_local = threading.local()  # .pinned: this thread is a lane (one_thread)
 
 
 def install(threads: Optional[int] = None, max_threads: Optional[int] = None) -> Optional[ThreadGovernor]:
@@ -191,9 +197,24 @@ def uninstall() -> None:
 
 
 def tick() -> None:
-    """Called by the fitting loops once per iteration: adapt when a sample is due."""
-    if _active is not None:
+    """Called by the fitting loops once per iteration: adapt when a sample is due (not in
+    a thread inside :func:`one_thread`)."""
+    if _active is not None and not getattr(_local, "pinned", False):
         _active.update()
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run this thread's torch operations at one thread, out of the governor's reach: for
+    threads that each take a core (:mod:`core.fit.lanes`). ``torch.set_num_threads`` is
+    also the process's default, so whoever started such threads sets its own count again
+    once they are done."""
+    _local.pinned = True
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _local.pinned = False
 
 
 def current() -> Optional[ThreadGovernor]:

@@ -9,4 +9,5 @@
     gn            Levenberg-Marquardt steps with that model (per frame, or shared groups)
     appearance    a closed-form start for the light and albedo
     fitter        Fitter: the stages (rigid, landmark init, photometric) and FitResult
+    lanes         a batch's independent frames fitted in parts side by side on the CPU's cores
 """

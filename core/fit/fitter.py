@@ -32,6 +32,7 @@ from .adam import adam
 from .appearance import init_appearance
 from .config import FitConfig
 from .gn import gn_frames, gn_shared
+from .lanes import fit_in_lanes, splittable
 from .lm import landmark_lm
 from .objective import Objective, PoseRef, expand, shared_groups
 
@@ -54,6 +55,7 @@ class FitResult:
         renders: (B, S, S, 4) RGBA of the fit at the crop camera (with images and losses).
         output: the model output at the fit (vertices, colors, ... (B, N, 3)), or None.
         camera: the crop camera the fit saw the frames through.
+        lanes: how many parts of the batch were fitted side by side (:mod:`core.fit.lanes`).
     """
 
     coeffs: Coeffs
@@ -64,6 +66,7 @@ class FitResult:
     renders: Optional[torch.Tensor] = None
     output: Optional[object] = None
     camera: Optional[Camera] = None
+    lanes: int = 1
 
 
 class Fitter:
@@ -210,7 +213,7 @@ class Fitter:
     def fit(self, landmarks: torch.Tensor, images: Optional[torch.Tensor], init: Optional[Coeffs] = None,
             rf_iters: Optional[int] = None, nrf_iters: Optional[int] = None,
             nonrigid_groups: Sequence[str] = NONRIGID, pose_ref: Optional[PoseRef] = None,
-            losses: bool = True, following: bool = False) -> FitResult:
+            losses: bool = True, following: bool = False, lanes: int = 1) -> FitResult:
         """The whole schedule: rigid, (landmark init), photometric.
 
         Args:
@@ -223,14 +226,22 @@ class Fitter:
                 (``init``): the :meth:`following` fitter with ``rest_*`` iterations.
             losses: evaluate the objective once at the result (one render) into
                 ``FitResult.losses``, ``frame_losses`` and ``renders`` (else empty).
+            lanes: fit the batch in that many parts side by side (one CPU thread each,
+                :mod:`core.fit.lanes`; :func:`core.fit.lanes.cpu_lanes` gives one per free
+                core) when its frames are independent; each part's result is the part's
+                fitted alone.
         """
         cfg = self.cfg
+        batch = landmarks.shape[0]
+        if min(lanes, batch) > 1 and splittable(batch, init, pose_ref):
+            return fit_in_lanes(self, min(lanes, batch), landmarks, images, init=init, pose_ref=pose_ref,
+                                rf_iters=rf_iters, nrf_iters=nrf_iters, nonrigid_groups=nonrigid_groups,
+                                losses=losses, following=following)
         if following:
             rf = cfg.rest_rf_iters if rf_iters is None else rf_iters
             nrf = cfg.rest_nrf_iters if nrf_iters is None else nrf_iters
             return self.following().fit(landmarks, images, init=init, rf_iters=rf, nrf_iters=nrf,
                                         nonrigid_groups=nonrigid_groups, pose_ref=pose_ref, losses=losses)
-        batch = landmarks.shape[0]
         rf = cfg.first_rf_iters if rf_iters is None else rf_iters
         nrf = cfg.first_nrf_iters if nrf_iters is None else nrf_iters
         coeffs = self.zeros(batch) if init is None else init

@@ -21,6 +21,7 @@ from core.landmarks.crop import crop_face, crop_to_photo, paste_back, photo_to_c
 from core.landmarks.detect import pick_face
 from core.errors import UserError
 from core.fit.fitter import FitResult
+from core.fit.lanes import cpu_lanes
 from core.io.image import read_image
 from core.landmarks.metrics import landmark_nme
 from core.fit.focal import profile_focal
@@ -144,12 +145,13 @@ def photo_cameras(session: Session, photos: Sequence[PreparedPhoto], focal: Unio
 
 def fit_photos(session: Session, photos: Sequence[PreparedPhoto], camera: Optional[Camera] = None) -> FitResult:
     """Fit all prepared photos in one batch, seen through the original crop camera or
-    ``camera`` (per-photo crop cameras, :func:`photo_cameras`)."""
+    ``camera`` (per-photo crop cameras, :func:`photo_cameras`); on a CPU in parts side by
+    side, one per free core (:mod:`core.fit.lanes`)."""
     dev, dt = session.device, session.fitter.dtype
     lms = torch.as_tensor(np.stack([p.landmarks_crop for p in photos]), dtype=dt, device=dev)
     imgs = torch.as_tensor(np.stack([p.crop for p in photos]), dtype=dt, device=dev)
     fitter = session.fitter if camera is None else session.fitter.with_camera(camera)
-    return fitter.fit(lms, imgs)
+    return fitter.fit(lms, imgs, lanes=cpu_lanes(dev, len(photos)))
 
 
 def photo_outputs(session: Session, photo: PreparedPhoto, result: FitResult, index: int,
@@ -256,6 +258,7 @@ def run_photos(session: Session, detector, paths: Sequence[str], res_folder: str
             extra["timings_s_fit_per_photo"] = round(fit_s, 4)
             extra["timings_s_fit_batch"] = round(batch_s, 4)
             extra["batch_size"] = len(chunk)
+            extra["fit_lanes"] = result.lanes
             files = photo_outputs(session, photo, result, i, extra, focal_source=sources[i])
             report.written[photo.name] = write_outputs(res_folder, files)
     log.info("%d photo(s) written to %s%s", len(report.written), res_folder,
