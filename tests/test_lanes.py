@@ -184,3 +184,48 @@ def test_one_thread_keeps_the_governor_out(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert calls == ["MainThread", "lane"]
+
+
+def test_photos_take_one_lane_per_free_core(model, monkeypatch, tmp_path):
+    """fit_photos asks the thread governor first (a sample when due), so the lanes follow
+    the cores other programs leave free; run_photos records them in each info.json."""
+    import json
+
+    import numpy as np
+
+    from core.pipelines.photo import PreparedPhoto, fit_photos, run_photos
+    from core.pipelines.session import Session
+
+    session = Session.create(model, get_preset("default").with_overrides(first_nrf_iters=2, fine_iters=1),
+                             tar_size=96, device="cpu", renderer="builtin", progress=False)
+    g = torch.Generator().manual_seed(5)
+    photos = []
+    for k in range(3):
+        target = model.layout.zeros(1).replace(id=torch.randn(1, 80, generator=g) * 0.2,
+                                               angles=torch.tensor([[0.0, 0.2 * k - 0.2, 0.0]]),
+                                               trans=torch.tensor([[0.0, 0.0, 0.05 * k]]))
+        with torch.no_grad():
+            crop = session.fitter.render(target)[0][0, ..., :3].clamp(0, 255).round().numpy().astype(np.uint8)
+        lms = session.fitter.project_landmarks(target)[0].numpy().astype(np.float64)
+        photos.append(PreparedPhoto(path=f"p{k}.png", name=f"p{k}", image=crop, box=(0, 0, 96, 96), crop=crop,
+                                    landmarks_photo=lms, landmarks_crop=lms, detect_s=0.0, num_faces=1))
+    free = {"cores": 1}
+
+    class Gov:  # the governor's sample: torch's count at the free cores
+        def update(self):
+            torch.set_num_threads(free["cores"])
+
+    monkeypatch.setattr(T, "_active", Gov())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert fit_photos(session, photos).lanes == 1  # a core held by another program: one lane
+        free["cores"] = 2
+        assert fit_photos(session, photos).lanes == 2
+        monkeypatch.setattr("core.pipelines.photo.prepare_photo",
+                            lambda path, *a, **k: next(p for p in photos if p.path == path))
+        run_photos(session, None, [p.path for p in photos], str(tmp_path))
+    finally:
+        torch.set_num_threads(before)
+    infos = [json.loads((tmp_path / f"p{k}_info.json").read_text()) for k in range(3)]
+    assert [i["fit_lanes"] for i in infos] == [2, 2, 2] and [i["batch_size"] for i in infos] == [3, 3, 3]

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from core import defaults
+from core import defaults, threads
 from core.models.coeffs import BFM09_LAYOUT
 from core.landmarks.crop import crop_face, crop_to_photo, paste_back, photo_to_crop, square_box
 from core.landmarks.detect import pick_face
@@ -151,6 +151,7 @@ def fit_photos(session: Session, photos: Sequence[PreparedPhoto], camera: Option
     lms = torch.as_tensor(np.stack([p.landmarks_crop for p in photos]), dtype=dt, device=dev)
     imgs = torch.as_tensor(np.stack([p.crop for p in photos]), dtype=dt, device=dev)
     fitter = session.fitter if camera is None else session.fitter.with_camera(camera)
+    threads.tick()  # the governor's count of free cores, sampled when due, chooses the lanes
     return fitter.fit(lms, imgs, lanes=cpu_lanes(dev, len(photos)))
 
 
