@@ -93,6 +93,18 @@ def test_failures_become_one_line(capsys):
     assert rc == 1 and len(err) == 1 and "RuntimeError: boom" in err[0] and "--verbose" in err[0]
     rc, _, err = _run(oom, [], capsys)
     assert rc == 2 and len(err) == 1 and "out of memory" in err[0]
+
+    def cpu_allocator(argv):  # what torch raises on a CPU (ulimit -v, a cgroup's memory limit)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 15034824 bytes. Error code 12 (Cannot allocate memory)")
+
+    def gpu(argv):
+        import torch
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    for fails in (cpu_allocator, gpu):
+        rc, _, err = _run(fails, [], capsys)
+        assert rc == 2 and err == [cli.OUT_OF_MEMORY], fails.__name__
     with pytest.raises(RuntimeError):
         cli.run_main(bug, ["--verbose"])
 

@@ -307,9 +307,20 @@ def exit_process(code: Optional[int]) -> NoReturn:
     os._exit(0 if code is None else code if isinstance(code, int) else EXIT_USER_ERROR)
 
 
+OUT_OF_MEMORY = "error: out of memory (try a smaller --batch_size, --tar_size or fewer --nworkers)"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch's failure to allocate: a RuntimeError from its CPU allocator
+    ("DefaultCPUAllocator: can't allocate memory") or its OutOfMemoryError (a GPU's)."""
+    return type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
 def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Call ``main(argv)`` and turn every failure into one line on stderr: a UserError or
-    an OSError (unwritable folder, full disk) exits 2, Ctrl-C 130, anything else 1 (its
+    an OSError (unwritable folder, full disk) or running out of memory (:func:`out_of_memory`)
+    exits 2, Ctrl-C 130, anything else 1 (its
     traceback only with ``--verbose``). A file-size limit (SIGXFSZ) becomes an OSError
     instead of killing the process."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -329,9 +340,12 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]]
         print(f"error: cannot write or read{where}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except MemoryError:
-        print("error: out of memory (try a smaller --batch_size, --tar_size or fewer --nworkers)", file=sys.stderr)
+        print(OUT_OF_MEMORY, file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:  # an internal error: one line unless asked for the traceback
+        if out_of_memory(e):
+            print(OUT_OF_MEMORY, file=sys.stderr)
+            return EXIT_USER_ERROR
         if "--verbose" in args:
             raise
         text = str(e).strip().splitlines()
