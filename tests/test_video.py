@@ -576,6 +576,11 @@ def test_cpu_oversubscription_message():
     assert msg == ("--nworkers 3: the 3 CPU workers will compete for 2 core(s) (1 thread each); "
                    "fewer workers (at most 2) will be faster")
     assert "(2 threads each)" in V.cpu_oversubscription(5, 4, threads=2)
+    # a fixed --threads per worker that adds up to more threads than cores
+    assert V.cpu_oversubscription(2, 4, threads=2) is None
+    assert V.cpu_oversubscription(2, 2, threads=2) == (
+        "--threads 2 is per process: the 2 CPU workers run 4 threads on 2 core(s) and wait for each other's "
+        "(several times slower); --threads 1, or no --threads, fits the cores")
 
 
 @pytest.mark.parametrize("cores,warned", [(1, True), (4, False)])

@@ -47,11 +47,17 @@ def cpu_count() -> int:
 
 def cpu_oversubscription(n_workers: int, cores: int, threads: int = 1) -> Optional[str]:
     """The warning for ``n_workers`` CPU worker processes of ``threads`` threads each on
-    ``cores`` cores, or None when every worker has a core of its own."""
-    if n_workers <= cores:
+    ``cores`` cores, or None when every worker thread has a core of its own (more threads
+    than cores: each operation waits for threads that share a core; on 2 cores
+    ``--threads 2 --nworkers 2`` made the per-frame stage 3-5x slower)."""
+    if n_workers <= cores and n_workers * threads <= cores:
         return None
-    return (f"--nworkers {n_workers}: the {n_workers} CPU workers will compete for {cores} core(s) "
-            f"({threads} thread{'s' if threads != 1 else ''} each); fewer workers (at most {cores}) will be faster")
+    if n_workers > cores:
+        return (f"--nworkers {n_workers}: the {n_workers} CPU workers will compete for {cores} core(s) "
+                f"({threads} thread{'s' if threads != 1 else ''} each); fewer workers (at most {cores}) will be faster")
+    return (f"--threads {threads} is per process: the {n_workers} CPU workers run {n_workers * threads} threads on "
+            f"{cores} core(s) and wait for each other's (several times slower); --threads {cores // n_workers}, or no "
+            f"--threads, fits the cores")
 
 
 def worker_devices(session: Session, n: int, ngpus: int) -> List[str]:
