@@ -160,3 +160,32 @@ def test_a_closed_stdout_does_not_stop_or_clutter_the_run(tmp_path):
     assert "Logging error" not in err and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path / "out")) == ["astronaut_coeffs.npz", "astronaut_composed_img.jpg",
                                                     "astronaut_info.json", "astronaut_mesh.obj"]
+
+
+def test_a_second_interrupt_while_ending_prints_no_traceback(tmp_path):
+    """Ctrl-C twice (or ``timeout -s INT``, which signals the command and then its process
+    group): once the run is ending with "error: interrupted", a second SIGINT no longer
+    breaks into the atexit handlers with a traceback; the exit status stays 130 and the
+    handlers run to the end."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = textwrap.dedent(f"""
+        import atexit, os, signal, sys, time
+        sys.path.insert(0, {root!r})
+        from core.pipelines import cli
+        def handler():  # a second Ctrl-C arrives while the atexit handlers run
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            open({str(tmp_path / 'atexit.txt')!r}, "w").write("ran")
+        atexit.register(handler)
+        def main(argv):
+            raise KeyboardInterrupt
+        cli.exit_process(cli.run_main(main, []))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: interrupted"]
+    assert (tmp_path / "atexit.txt").read_text() == "ran"

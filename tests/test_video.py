@@ -799,6 +799,49 @@ def test_a_pool_started_ahead_runs_the_jobs_and_ends_its_idle_process(track, cli
             np.testing.assert_array_equal(pooled[g], here[g])
 
 
+def test_ctrl_c_reaches_an_idle_pool_process_without_a_traceback(capfd):
+    """Ctrl-C in a terminal signals the whole process group: a worker started ahead and
+    still waiting for its job (during the landmark pass) ends without printing a
+    KeyboardInterrupt traceback (the main process reports "error: interrupted")."""
+    with V.WorkerPool(1) as pool:
+        pool.wait_started()
+        proc = pool._procs[0]
+        time.sleep(0.5)  # waiting in inbox.get()
+        os.kill(proc.pid, signal.SIGINT)
+        proc.join(timeout=60)
+        assert proc.exitcode == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_ctrl_c_while_the_forkserver_imports_prints_no_traceback(tmp_path):
+    """The pool's forkserver imports torch and this project before it serves (about a
+    second, during the landmark pass); a Ctrl-C then (the terminal signals the whole
+    process group) is ignored there, as it is once the server serves: no traceback, and
+    the pool still starts its worker."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from multiprocessing import forkserver
+from core.pipelines.video.workers import WorkerPool
+pool = WorkerPool(1)
+t0 = time.time()
+while forkserver._forkserver._forkserver_pid is None and time.time() - t0 < 60:
+    time.sleep(0.001)
+time.sleep(0.3)  # its interpreter has started and imports the preloaded modules (torch: a second)
+os.kill(forkserver._forkserver._forkserver_pid, signal.SIGINT)
+pool.wait_started()
+proc = pool._procs[0]
+pool.close()
+print("worker", proc.exitcode)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "worker 0"
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("size", ["small", "larger than a pipe's buffer"])
 def test_a_pool_process_lost_before_its_job_is_a_one_line_failure(track, clip, tmp_path, size):
     """A worker process gone before its job arrives: one-line failure, and no hang however

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 from typing import Callable, NoReturn, Optional, Sequence
@@ -296,9 +297,17 @@ def exit_process(code: Optional[int]) -> NoReturn:
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
     if run_exitfuncs is None:
         sys.exit(code)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    try:
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
+    except KeyboardInterrupt:  # Ctrl-C while waiting for them: end now
+        code = code or 130
+    # The run is over: a Ctrl-C now (a second one after "error: interrupted", or timeout's
+    # signal to the command and then to its process group) would only break into the
+    # handlers with a traceback.
+    with contextlib.suppress(ValueError):  # signals are set from the main thread only
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or broken pipe: nothing more to say

@@ -154,11 +154,18 @@ def _pool_entry(inbox, messages, main_pid: int) -> None:
     (:func:`_worker_entry`; None: end without one; a job comes pickled, see
     :meth:`WorkerPool.give`)."""
     _die_with_parent(main_pid)
-    job = inbox.get()
-    if job is not None:
-        from multiprocessing.reduction import ForkingPickler
+    # A forkserver's children start with SIGINT ignored (server_preload): Ctrl-C as usual here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        job = inbox.get()
+        if job is not None:
+            from multiprocessing.reduction import ForkingPickler
 
-        _worker_entry(ForkingPickler.loads(job), messages)
+            job = ForkingPickler.loads(job)
+    except KeyboardInterrupt:  # Ctrl-C while waiting (the terminal signals the whole process
+        raise SystemExit(1)    # group): the main process reports it; no traceback here
+    if job is not None:
+        _worker_entry(job, messages)
 
 
 def start_method(cuda: bool = False) -> str:
@@ -191,7 +198,7 @@ class WorkerPool:
         self.method = start_method(cuda)
         ctx = mp.get_context(self.method)
         if self.method == "forkserver":  # (only read when the server starts: once per process)
-            ctx.set_forkserver_preload([__name__])
+            ctx.set_forkserver_preload(["core.pipelines.server_preload", __name__])
             # After a worker was killed mid-run (forkserver; not seen with spawn), multiprocessing's
             # resource tracker removed the queues' semaphores at exit and warned about them on
             # stderr ("leaked semaphore objects"), after the run's one-line error. The tracker
