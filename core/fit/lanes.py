@@ -23,6 +23,7 @@ import torch
 
 from core import threads
 from core.models.coeffs import Coeffs
+from .objective import shared_groups
 
 __all__ = ["cpu_lanes", "splittable", "fit_in_lanes"]
 
@@ -36,12 +37,12 @@ def cpu_lanes(device, batch: int) -> int:
 
 
 def splittable(batch: int, init: Optional[Coeffs], pose_ref) -> bool:
-    """Whether the frames are independent: every group of ``init`` and of ``pose_ref`` per
-    frame (a group stored once for the batch is shared, as in the video identity fit)."""
-    tensors = [] if init is None else list(init.as_dict().values())
-    if pose_ref is not None:
-        tensors += [pose_ref.angles, pose_ref.trans]
-    return all(t.shape[0] == batch for t in tensors)
+    """Whether the frames are independent: no group of ``init`` shared by the batch
+    (:func:`core.fit.objective.shared_groups`, as in the video identity fit) and
+    ``pose_ref`` per frame."""
+    if init is not None and shared_groups(init, batch):
+        return False
+    return pose_ref is None or all(t.shape[0] == batch for t in (pose_ref.angles, pose_ref.trans))
 
 
 def fit_in_lanes(fitter, lanes: int, landmarks: torch.Tensor, images: Optional[torch.Tensor],
@@ -104,7 +105,7 @@ def join_results(fitter, results: Sequence[object]):
     """One FitResult for the frames of ``results`` (FitResults of consecutive parts), as
     if fitted together by ``fitter``: the batch's losses recomputed from the frames' own
     terms (:meth:`core.fit.objective.Objective.batch_terms`)."""
-    sizes = [r.coeffs.angles.shape[0] for r in results]
+    sizes = [r.coeffs.batch_size for r in results]
     coeffs = Coeffs(**{g: _cat([getattr(r.coeffs, g) for r in results], sizes) for g in vars(results[0].coeffs)})
     out = type(results[0])(coeffs=coeffs, losses={}, camera=fitter.camera, lanes=len(results),
                            keypoints=_cat([r.keypoints for r in results], sizes),
