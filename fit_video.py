@@ -120,6 +120,10 @@ def video_options(args: argparse.Namespace):
 
 
 def main(argv: Sequence[str]) -> int:
+    from core.pipelines import forkserver
+
+    # The workers' server imports torch beside this process's imports, not beside the landmark pass.
+    forkserver.start_for_argv(argv)
     args = build_parser().parse_args(argv)
     with cli.started(args) as ranks:  # torchrun's ranks (a world of one without torchrun)
         return _fit(args, ranks)

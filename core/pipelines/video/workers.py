@@ -24,6 +24,7 @@ import torch
 from core import threads as thread_control
 from core.errors import UserError
 
+from .. import forkserver
 from ..session import Session
 from .clips import ClipJob, FrameDone, fit_clip
 
@@ -175,12 +176,7 @@ def start_method(cuda: bool = False) -> str:
     once per worker), else ``spawn`` (a fresh interpreter each; CUDA workers always). Never
     a plain fork of this process: once torch has run a parallel operation here, its
     OpenMP threads do not survive a fork and the child hangs in its first one."""
-    import torch.multiprocessing as mp
-
-    return "forkserver" if not cuda and "forkserver" in mp.get_all_start_methods() else "spawn"
-
-
-_TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+    return "forkserver" if not cuda and forkserver.available() else "spawn"
 
 
 class WorkerPool:
@@ -196,16 +192,7 @@ class WorkerPool:
         import torch.multiprocessing as mp
 
         self.method = start_method(cuda)
-        ctx = mp.get_context(self.method)
-        if self.method == "forkserver":  # (only read when the server starts: once per process)
-            ctx.set_forkserver_preload(["core.pipelines.server_preload", __name__])
-            # After a worker was killed mid-run (forkserver; not seen with spawn), multiprocessing's
-            # resource tracker removed the queues' semaphores at exit and warned about them on
-            # stderr ("leaked semaphore objects"), after the run's one-line error. The tracker
-            # takes its warning filters from these options when it starts (the first queue
-            # below starts it).
-            if _TRACKER_QUIET not in sys.warnoptions:
-                sys.warnoptions.append(_TRACKER_QUIET)
+        ctx = forkserver.context() if self.method == "forkserver" else mp.get_context(self.method)
         self.messages = ctx.Queue()
         self._inboxes = [ctx.SimpleQueue() for _ in range(int(size))]
         self._procs = [ctx.Process(target=_pool_entry, args=(inbox, self.messages, os.getpid()),
