@@ -362,3 +362,60 @@ def test_merge_states_is_evaluate_at_each_frames_point(model):
     h2, g2 = prob.linearize(full)
     assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-7) and torch.allclose(h1, h2, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(prob.evaluate(moved, None).cost, full.cost, rtol=1e-4)
+
+
+def test_shared_fit_in_lanes_is_the_same_fit(model, monkeypatch):
+    """gn_shared evaluates and linearises its frames in lanes (parts side by side, one CPU
+    thread each): the parts' states put together are the batch's state (up to rounding:
+    a batch's tensor operations may sum in another order), and the fit ends where the
+    one-lane fit ends."""
+    from core.fit import gn as gn_mod
+    from core.fit import lanes as lanes_mod
+    from core.fit.gn_state import cat_states
+    g = torch.Generator().manual_seed(3)
+    b = 4
+    gt = model.layout.zeros(b).replace(
+        id=(torch.randn(1, 80, generator=g) * 0.3).expand(b, -1), exp=torch.randn(b, 64, generator=g) * 0.3,
+        tex=(torch.randn(1, 80, generator=g) * 0.5).expand(b, -1), gamma=torch.randn(b, 27, generator=g) * 0.1,
+        angles=torch.randn(b, 3, generator=g) * 0.1, trans=torch.randn(b, 3, generator=g) * 0.03)
+    f = fitter(model, first_nrf_iters=6, fine_iters=0)
+    img, lms = scene(f, gt)
+    prob = PhotometricProblem(f.objective, lms, img, f.camera, GROUPS)
+    x = perturbed(gt)
+    whole = prob.evaluate(x, None)
+    parts = [prob.subset(idx).evaluate(Coeffs(**{k: v[idx] for k, v in x.as_dict().items()}), None)
+             for idx in (torch.arange(0, 2), torch.arange(2, 4))]
+    joined = cat_states(parts)
+    assert torch.allclose(joined.cost, whole.cost, rtol=1e-5) and torch.allclose(joined.screen, whole.screen, atol=1e-4)
+    assert (joined.pix_to_face != whole.pix_to_face).float().mean() < 1e-4
+    assert all(torch.allclose(joined.terms[k], whole.terms[k], rtol=1e-5, atol=1e-8) for k in whole.terms)
+    assert joined.out.vertices.shape == whole.out.vertices.shape and joined.coeffs.id.shape == (b, 80)
+    with pytest.raises(ValueError):
+        cat_states([parts[0], take_one(parts[1])])
+
+    init = f.zeros(b).replace(id=torch.zeros(1, 80), tex=torch.zeros(1, 80))
+    seen = []
+    real, lanes_of = lanes_mod.run_lanes, gn_mod.shared_lanes
+
+    def spy(tasks, name="lane"):
+        seen.append((name, len(tasks)))
+        return real(tasks, name)
+
+    monkeypatch.setattr(gn_mod, "run_lanes", spy)
+    monkeypatch.setattr(gn_mod, "shared_lanes", lambda device, batch: 2)
+    two = f.fit(lms, img, init=init)
+    assert seen and set(seen) == {("gn-lane", 2)}
+    monkeypatch.setattr(gn_mod, "shared_lanes", lambda device, batch: 1)
+    seen.clear()
+    one = f.fit(lms, img, init=init)
+    assert not seen
+    for k in GROUPS:
+        assert torch.allclose(getattr(two.coeffs, k), getattr(one.coeffs, k), rtol=1e-3, atol=2e-3), k
+    assert abs(two.losses["total"] - one.losses["total"]) <= 1e-3 * one.losses["total"]
+    assert lanes_of("cpu", 8) == min(torch.get_num_threads(), 4)  # parts of at least 2 frames
+    assert lanes_of("cpu", 3) == 1 and lanes_of("meta", 8) == 1
+
+
+def take_one(st):
+    from core.fit.gn_state import take_state
+    return take_state(st, torch.tensor([0]))

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from core import threads
 from core.models.coeffs import Coeffs
 from .gauss_newton import PhotometricProblem
-from .gn_state import merge_states, take_state
+from .gn_state import State, cat_states, merge_states, take_state
+from .lanes import cpu_lanes, frame_parts, run_lanes
 from .lm import solve_each
 from .objective import Objective, PoseRef, expand
 
@@ -205,6 +206,7 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
     bar = tqdm(total=sum(n for _, _, n in schedule), desc=desc, disable=not progress, leave=False)
     per_frame = max(SHARED_MIN_PIXELS, SHARED_HESSIAN_PIXELS // batch)
     for prob, steps in _stages(objective, schedule, landmarks, order, pose_ref, cached, columns, per_frame):
+        prob = _FramesInLanes(prob, shared_lanes(objective.device, batch))
         kp = objective.keypoints(unpack(xs, xf), landmarks)
         st = prob.evaluate(unpack(xs, xf), kp)
         cost = total(st)
@@ -235,3 +237,42 @@ def gn_shared(objective: Objective, coeffs: Coeffs, landmarks: torch.Tensor, sch
     bar.close()
     out = unpack(xs, xf).as_dict()
     return Coeffs(**{k: (v[:1] if k in shared else v).detach() for k, v in out.items()})
+
+
+def shared_lanes(device, batch: int) -> int:
+    """Lanes for the frames of :func:`gn_shared` (:func:`core.fit.lanes.cpu_lanes`), each
+    of at least 2 frames (:func:`core.fit.gn_state.cat_states`)."""
+    return max(1, min(cpu_lanes(device, batch), batch // 2))
+
+
+class _FramesInLanes:
+    """A :class:`~core.fit.gauss_newton.PhotometricProblem` whose per-frame work (evaluate,
+    linearize) runs in ``lanes`` contiguous parts of the frames side by side
+    (:func:`core.fit.lanes.run_lanes`): a frame's loss and Gauss-Newton model are its
+    own, so the parts' results put together are the batch's (up to rounding). On 2 cores
+    the video identity fit's 8 frames otherwise kept one core busy. The rest is the
+    problem's own."""
+
+    def __init__(self, prob, lanes: int):
+        self.prob = prob
+        batch = prob.landmarks.shape[0]
+        self.parts = frame_parts(batch, lanes, prob.landmarks.device) if lanes > 1 else []
+        self.subs = [prob.subset(idx) for idx in self.parts]
+
+    def __getattr__(self, name):
+        return getattr(self.prob, name)
+
+    def evaluate(self, c: Coeffs, keypoints) -> State:
+        if not self.parts:
+            return self.prob.evaluate(c, keypoints)
+        return cat_states(run_lanes([
+            (lambda sub=sub, idx=idx: sub.evaluate(Coeffs(**{k: v[idx] for k, v in c.as_dict().items()}),
+                                                   None if keypoints is None else keypoints[idx]))
+            for sub, idx in zip(self.subs, self.parts)], name="gn-lane"))
+
+    def linearize(self, st: State, frames=None, with_priors: bool = True):
+        if not self.parts or frames is not None:
+            return self.prob.linearize(st, frames=frames, with_priors=with_priors)
+        parts = run_lanes([(lambda sub=sub, idx=idx: sub.linearize(take_state(st, idx), with_priors=with_priors))
+                           for sub, idx in zip(self.subs, self.parts)], name="gn-lane")
+        return torch.cat([h for h, _ in parts]), torch.cat([g for _, g in parts])

@@ -1,13 +1,14 @@
 """The loss of a batch of frames at one point (:class:`State`: per-frame costs and terms
 and the render the Gauss-Newton model reuses) and the per-frame selections the
 Levenberg-Marquardt loops make of it: the frames still moving (:func:`take_state`), each
-frame's accepted point (:func:`merge_states`). Shapes: B frames, N vertices, S pixels a side.
+frame's accepted point (:func:`merge_states`), parts evaluated apart put together
+(:func:`cat_states`). Shapes: B frames, N vertices, S pixels a side.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -61,3 +62,27 @@ def merge_states(better: torch.Tensor, new: State, old: State) -> State:
     by the frames (batch 1) are the same in both and kept. No rendering: the result is
     what evaluating each frame at its chosen point gives."""
     return _map_frames(lambda a, b: torch.where(better.view(-1, *([1] * (a.dim() - 1))), a, b), new, old)
+
+
+def cat_states(parts: Sequence[State]) -> State:
+    """The state of consecutive parts' frames together, in order: every per-frame tensor
+    (first dim the part's batch) concatenated, values shared by the frames (batch 1) and
+    the rest taken from the first part. Each part must have at least 2 frames (a part of
+    one frame cannot tell its per-frame values from the shared ones)."""
+    sizes = [int(p.cost.shape[0]) for p in parts]
+    if min(sizes) < 2:
+        raise ValueError(f"cat_states needs parts of at least 2 frames; got {sizes}")
+    first = parts[0]
+
+    def each(*vs):
+        per_frame = all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n for v, n in zip(vs, sizes))
+        return torch.cat(vs) if per_frame else vs[0]
+
+    out = None if first.out is None else dataclasses.replace(first.out, **{
+        f.name: each(*(getattr(p.out, f.name) for p in parts)) for f in dataclasses.fields(first.out)})
+    return State(cost=each(*(p.cost for p in parts)),
+                 terms={k: each(*(p.terms[k] for p in parts)) for k in first.terms},
+                 coeffs=Coeffs(**{k: each(*(getattr(p.coeffs, k) for p in parts)) for k in first.coeffs.as_dict()}),
+                 out=out, screen=each(*(p.screen for p in parts)),
+                 pix_to_face=each(*(p.pix_to_face for p in parts)),
+                 keypoints=each(*(p.keypoints for p in parts)))

@@ -16,8 +16,9 @@ that part fitted alone at one thread; :func:`fit_in_lanes` joins them into the b
 from __future__ import annotations
 
 import copy
+import functools
 import threading
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, TypeVar
 
 import torch
 
@@ -25,7 +26,9 @@ from core import threads
 from core.models.coeffs import Coeffs
 from .objective import shared_groups
 
-__all__ = ["cpu_lanes", "splittable", "fit_in_lanes"]
+__all__ = ["cpu_lanes", "splittable", "fit_in_lanes", "frame_parts", "run_lanes"]
+
+T = TypeVar("T")
 
 
 def cpu_lanes(device, batch: int) -> int:
@@ -54,26 +57,43 @@ def fit_in_lanes(fitter, lanes: int, landmarks: torch.Tensor, images: Optional[t
 
     landmarks: (B, L, 2); images: (B, T, T, 3) or None; init: optional (B, ...) groups;
     pose_ref: optional (B, 3) angles / trans; ``fit_kw``: the rest of ``Fitter.fit``'s."""
-    batch = landmarks.shape[0]
-    parts = [idx for idx in torch.arange(batch, device=landmarks.device).tensor_split(lanes) if idx.numel()]
-    results: List[object] = [None] * len(parts)
+    parts = frame_parts(landmarks.shape[0], lanes, landmarks.device)
+
+    def part(k: int, idx: torch.Tensor):
+        sub = fitter.with_camera(fitter.camera.take(idx)) if fitter.camera.batched else fitter
+        if k > 0 and sub.progress:  # one progress bar: the first lane's
+            sub = copy.copy(sub)
+            sub.progress = False
+        return sub.fit(landmarks[idx], None if images is None else images[idx], init=_rows(init, idx),
+                       pose_ref=_rows(pose_ref, idx), lanes=1, **fit_kw)
+
+    results = run_lanes([functools.partial(part, k, idx) for k, idx in enumerate(parts)], name="fit-lane")
+    return join_results(fitter, results)
+
+
+def frame_parts(batch: int, lanes: int, device=None) -> List[torch.Tensor]:
+    """The frames 0..batch-1 in at most ``lanes`` contiguous parts of sizes differing by at
+    most one, none empty: a list of (B_k,) long tensors."""
+    return [idx for idx in torch.arange(batch, device=device).tensor_split(max(1, int(lanes))) if idx.numel()]
+
+
+def run_lanes(tasks: Sequence[Callable[[], T]], name: str = "lane") -> List[T]:
+    """Call each of ``tasks`` in a thread of its own, each at one torch thread and out of
+    the thread governor's reach (:func:`core.threads.one_thread`), all at the same time;
+    their results in order. The first error of any is raised here once all have ended;
+    this thread's torch thread count is restored. The threads are named ``name-k``."""
+    results: List[Optional[T]] = [None] * len(tasks)
     errors: List[BaseException] = []
     before = torch.get_num_threads()
 
-    def run(k: int, idx: torch.Tensor) -> None:
+    def run(k: int) -> None:
         try:
             with threads.one_thread():
-                sub = fitter.with_camera(fitter.camera.take(idx)) if fitter.camera.batched else fitter
-                if k > 0 and sub.progress:  # one progress bar: the first lane's
-                    sub = copy.copy(sub)
-                    sub.progress = False
-                results[k] = sub.fit(landmarks[idx], None if images is None else images[idx],
-                                     init=_rows(init, idx), pose_ref=_rows(pose_ref, idx), lanes=1, **fit_kw)
+                results[k] = tasks[k]()
         except BaseException as e:  # re-raised in the calling thread
             errors.append(e)
 
-    workers = [threading.Thread(target=run, args=(k, idx), daemon=True, name=f"fit-lane-{k}")
-               for k, idx in enumerate(parts)]
+    workers = [threading.Thread(target=run, args=(k,), daemon=True, name=f"{name}-{k}") for k in range(len(tasks))]
     try:
         for w in workers:
             w.start()
@@ -83,7 +103,7 @@ def fit_in_lanes(fitter, lanes: int, landmarks: torch.Tensor, images: Optional[t
         torch.set_num_threads(before)
     if errors:
         raise errors[0]
-    return join_results(fitter, results)
+    return results
 
 
 def _rows(value, idx: torch.Tensor):
