@@ -128,6 +128,12 @@ class VideoReader:
             self._cap.release()
             self._cap = None
 
+    @property
+    def seeks_exactly(self) -> bool:
+        """False once a checked seek landed on the wrong frame (this reader then decodes
+        from the start to reach a frame instead)."""
+        return self._seek_exact
+
     # -- reading -------------------------------------------------------------------------
     def _restart(self) -> None:
         self._cap.release()

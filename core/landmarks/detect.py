@@ -137,6 +137,9 @@ class DlibDetector:
     CPU only, no download; less precise than FAN on profiles and expressions.
     """
     name = "dlib"
+    # Its work runs on one core (and holds Python's lock): a second one in another process
+    # doubles the rate (core.pipelines.video.ahead).
+    single_core = True
 
     def __init__(self, min_score: float = 0.3):
         """min_score: drop HOG detections scoring below this. Real faces score about 0.8

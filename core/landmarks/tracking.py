@@ -25,6 +25,7 @@ detectors report them. Boxes are [x0, y0, x1, y1] floats (``core.landmarks.detec
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -38,7 +39,7 @@ from .metrics import interocular
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrackedFace", "FaceTracker", "landmarks_plausible", "landmarks_box", "interocular",
+__all__ = ["TrackedFace", "TrackerState", "FaceTracker", "landmarks_plausible", "landmarks_box", "interocular",
            "box_relation", "apply_box_relation", "SOURCE_NONE", "SOURCE_DETECT", "SOURCE_TRACK"]
 
 SOURCE_NONE, SOURCE_DETECT, SOURCE_TRACK = 0, 1, 2
@@ -151,6 +152,26 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 1e-9 else 0.0
 
 
+@dataclass(frozen=True, eq=False)
+class TrackerState:
+    """Everything a :class:`FaceTracker`'s next frame depends on besides the frame: the
+    previous frame's landmarks and face patch (None: no face, the next frame runs the
+    detector) and the detector-box relation. Two trackers in the same state give the same
+    results on the same frames from then on (:meth:`same_as`)."""
+
+    landmarks: Optional[np.ndarray]  # (68, 2) float32
+    patch: Optional[np.ndarray]      # (24, 24) float64
+    relation: np.ndarray             # (4,) float64
+
+    def key(self) -> bytes:
+        """A digest of the state, exactly: equal states have equal keys and (but for a
+        collision of a 128-bit hash) different ones different keys."""
+        h = hashlib.blake2b(digest_size=16)
+        for a, dtype in ((self.landmarks, np.float32), (self.patch, np.float64), (self.relation, np.float64)):
+            h.update(b"-" if a is None else b"+" + np.ascontiguousarray(a, dtype=dtype).tobytes())
+        return h.digest()
+
+
 class FaceTracker:
     """Per-frame landmarks of one face in a video (see the module docstring).
 
@@ -186,6 +207,12 @@ class FaceTracker:
     @property
     def tracking(self) -> bool:
         return self._prev is not None
+
+    def state(self) -> TrackerState:
+        """What the next frame depends on (a copy)."""
+        return TrackerState(landmarks=None if self._prev is None else self._prev.copy(),
+                            patch=None if self._prev_patch is None else self._prev_patch.copy(),
+                            relation=self.relation.copy())
 
     def resume(self, image: np.ndarray, landmarks: np.ndarray, relation: Optional[np.ndarray] = None) -> None:
         """Continue from ``landmarks`` found in ``image`` (the previous frame), e.g. after

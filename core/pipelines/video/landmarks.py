@@ -19,10 +19,16 @@ from core.io.video import VideoReader
 from core.landmarks.crop import crop_face, square_box
 from core.landmarks.tracking import SOURCE_NONE, FaceTracker
 
+from .ahead import MIN_FRAMES, Ahead
 from .cache import CACHE_VERSION, digest, load_npz, partial_path, save_npz
 from .options import FrameRange, cache_range, format_frame_range, range_suffix
 
 log = logging.getLogger(__name__)
+
+# The helper tracking ahead (``ahead``) starts this many frames' worth of time after the pass
+# (the same detector load, then a second detection and a seek): it takes the later part of
+# the frames, shorter by that much, so that the two end together.
+HELPER_LAG_FRAMES = 60
 
 
 @dataclass
@@ -124,7 +130,8 @@ def landmarks_cached(cache_dir: Optional[str], frame_range: Optional[FrameRange]
 def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, progress: bool = True,
                   checkpoint_s: float = 30.0, tracker: Optional[FaceTracker] = None,
                   frame_range: Optional[FrameRange] = None, keep: Collection[int] = (),
-                  crops: Optional[Tuple[float, int]] = None, crop_bytes: int = 0) -> LandmarkTrack:
+                  crops: Optional[Tuple[float, int]] = None, crop_bytes: int = 0,
+                  ahead: bool = False) -> LandmarkTrack:
     """Stage 1: landmarks and face box of every frame (see :mod:`core.landmarks.tracking`), or of
     the source frames ``frame_range`` = (start, stop or None) only (the reader seeks to
     start; the track's ``start`` is then ``start``).
@@ -142,6 +149,11 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
     so that the fitting workers need not decode the video for them, when all of them take
     at most ``crop_bytes`` (``LandmarkTrack.crops``; None for a reused or resumed pass, or
     one whose crops would not fit).
+
+    ``ahead``: on a fresh pass of at least :data:`~.ahead.MIN_FRAMES` frames with a
+    ``single_core`` detector, a helper process tracks the second half at the same time
+    (:mod:`core.pipelines.video.ahead`; the workers' forkserver must be running): the same
+    results, sooner.
     """
     key = landmark_key(video_path, detector, frame_range)
     final, partial = _landmark_files(cache_dir, frame_range)
@@ -162,7 +174,8 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
     lms, boxes, src, ts = [], [], [], []
     resume_from = 0
     saved = load_npz(partial, key) if partial else None
-    with VideoReader(video_path) as reader:
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(VideoReader(video_path))
         info = reader.info
         if saved is not None:
             resume_from = int(saved["source"].shape[0])
@@ -176,6 +189,12 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
         if crops is not None and saved is None and total is not None \
                 and total * int(crops[1]) ** 2 * 3 <= int(crop_bytes):
             cut = np.zeros((total, int(crops[1]), int(crops[1]), 3), dtype=np.uint8)
+        helper = None
+        if ahead and saved is None and total is not None and total >= MIN_FRAMES \
+                and getattr(detector, "single_core", False):
+            helper = Ahead(video_path, detector, first, first + min(total - 1, (total + HELPER_LAG_FRAMES) // 2), last,
+                           crops=None if cut is None else crops, keep=keep)
+            stack.callback(helper.close)
         bar = tqdm(total=total, initial=resume_from, desc="landmarks", unit="frame", disable=not progress)
         last_save = time.monotonic()
         # Seek checks: recorded timestamps of the frames done, else those a constant rate gives.
@@ -210,6 +229,24 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
                         cut[n_cut] = crop_face(frame, square_box(boxes[-1], crops[0]), int(crops[1]))
                     n_cut += 1
             bar.update(1)
+            rest = None if helper is None else helper.rest(
+                index, tracker.state(), ts[-1], None if cut is None or face is None else cut[n_cut - 1])
+            if rest is not None:  # the helper's tracker stands where this one does: its results from here on
+                lms += list(rest.landmarks)
+                boxes += list(rest.boxes)
+                src += list(rest.source)
+                ts += list(rest.timestamps)
+                kept.update(rest.kept)
+                if cut is not None:
+                    if rest.crops is None or n_cut + rest.num_frames > total:
+                        cut = None
+                    else:
+                        cut[n_cut:n_cut + rest.num_frames] = rest.crops
+                        n_cut += rest.num_frames
+                bar.update(rest.num_frames)
+                log.debug("landmarks: frames %d-%d from the helper that started at frame %d", index + 1,
+                          index + rest.num_frames, helper.mid)
+                break
             if partial and time.monotonic() - last_save > checkpoint_s:
                 save_npz(partial, key, **_track_arrays(lms, boxes, src, ts, info, first),
                          relation=tracker.relation)

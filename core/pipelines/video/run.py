@@ -130,7 +130,8 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     cut = (options.padding_ratio, tar_size) if clip_runner is None and options.shape_seeds else None
     track = landmark_pass(video_path, detector, cache_dir, progress=progress, checkpoint_s=options.checkpoint_s,
                           frame_range=options.frame_range, keep=_planned_shape_frames(video_info, options),
-                          crops=cut, crop_bytes=CHAIN_CROP_BYTES)
+                          crops=cut, crop_bytes=CHAIN_CROP_BYTES,
+                          ahead=pool is not None and pool.method == "forkserver")
     timings["landmarks_s"] = time.perf_counter() - t0
     n, first = track.num_frames, track.start
     no_face = track.frames_without_face
