@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Collection, Dict, List, Optional, Tuple
 
@@ -151,8 +152,19 @@ class Ahead:
         self._proc = ctx.Process(target=_entry, name="landmarks-ahead", daemon=True,
                                  args=(child, os.getpid(), (video_path, detector, first, mid, stop, crops,
                                                             tuple(keep))))
-        self._proc.start()
-        child.close()
+        # Started from a thread: a forkserver still importing (a slow host) would otherwise
+        # hold up the pass, which starts at once.
+        self._starter = threading.Thread(target=self._start, args=(child,), name="landmarks-ahead-start",
+                                         daemon=True)
+        self._starter.start()
+
+    def _start(self, child) -> None:
+        try:
+            self._proc.start()
+        except BaseException as e:  # the pass goes on alone
+            log.debug("landmarks: the helper did not start: %s", e)
+        finally:
+            child.close()  # (the helper has its own copy: no result means it ended)
 
     def rest(self, index: int, state: TrackerState, timestamp: float,
              crop: Optional[np.ndarray] = None) -> Optional[AheadResult]:
@@ -188,8 +200,11 @@ class Ahead:
 
     def close(self) -> None:
         """End the helper (at once if still running) and free the pipe."""
+        self._starter.join()
         with contextlib.suppress(OSError, ValueError):
             self._conn.close()
+        if self._proc.pid is None:  # it never started
+            return
         if self._proc.is_alive():
             self._proc.terminate()
         self._proc.join(timeout=10)
