@@ -83,7 +83,7 @@ def track_ahead(video_path: str, detector, first: int, mid: int, stop: Optional[
     tracker = FaceTracker(detector)
     keep = set(int(i) for i in keep)
     lms, boxes, src, ts, states, cut, kept = [], [], [], [], [], [], {}
-    with VideoReader(video_path) as reader:
+    with VideoReader(video_path, threads=1) as reader:  # beside the pass: a core each
         seek_ts = reader.estimated_timestamps(mid + 1)
         for _, frame in reader.frames(first, first + 1, seek_ts if first > 0 else None):
             tracker.update(frame)  # as the pass's first frame: a detection, which sets the relation

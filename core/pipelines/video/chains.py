@@ -39,6 +39,12 @@ CHAIN_CROP_BYTES = 256 << 20
 CHAIN_MIN_WARMUPS = 3
 
 
+def decoder_threads(job) -> int:
+    """A CPU worker's video decoder threads (:class:`core.io.video.VideoReader`): its share
+    of the cores (``job.threads``, as its torch threads); OpenCV's choice beside a GPU."""
+    return max(1, int(job.threads)) if job.session.device == "cpu" else 0
+
+
 def transfer_pose(angles: np.ndarray, trans: np.ndarray, box_from, box_to, camera: Camera) -> Tuple[np.ndarray, np.ndarray]:
     """Carry a pose fitted in the crop of ``box_from`` into the crop of ``box_to`` so the
     face stays where it was in the photo.
@@ -176,7 +182,7 @@ def fit_chains(job, session, out, fitted, done_mask, finished: Callable[[List[in
         todo.append(_Chain(a, k, b, seed, last))
 
     with contextlib.ExitStack() as stack:
-        reader = None if job.crops is not None else stack.enter_context(VideoReader(job.video_path))
+        reader = None if job.crops is not None else stack.enter_context(VideoReader(job.video_path, threads=decoder_threads(job)))
         for idx in _groups([(c.start, c.stop) for c in todo], _budget(tar)):
             group = [todo[i] for i in idx]
             frames = _read_crops(reader, job, group[0].start, max(c.stop for c in group), tar)

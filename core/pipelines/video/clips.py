@@ -33,7 +33,7 @@ from core.models.coeffs import Coeffs
 from core.render.camera import FrameCamera
 
 from ..session import SessionSpec
-from .chains import PER_FRAME_GROUPS, fit_chains, frame_fitter, start_pose, video_ended
+from .chains import PER_FRAME_GROUPS, decoder_threads, fit_chains, frame_fitter, start_pose, video_ended
 from .composer import Composer
 from .cache import load_npz, partial_path, save_npz
 
@@ -257,7 +257,7 @@ def _fit_frames(job: ClipJob, session, out, fitted, done_mask, composer, on_fram
         return {g: torch.as_tensor(out[g][j], dtype=dt, device=device)[None] for g in ("exp", "gamma")}
 
     done = int(done_mask.sum())
-    with VideoReader(job.video_path) as reader:
+    with VideoReader(job.video_path, threads=decoder_threads(job)) as reader:
         for index, frame in reader.frames(job.fit_start + done, job.stop, job.timestamps):
             j = index - job.fit_start
             lms = job.landmarks[j]
@@ -322,7 +322,7 @@ def _compose_frame(job: ClipJob, composer: Composer, index: int, frame: np.ndarr
 def _compose_clip(job: ClipJob, out, fitted, composer: Composer) -> None:
     """Compose the kept frames [start, stop) in order from their fits (read again)."""
     n = 0
-    with VideoReader(job.video_path) as reader:
+    with VideoReader(job.video_path, threads=decoder_threads(job)) as reader:
         for index, frame in reader.frames(job.start, job.stop, job.timestamps):
             _compose_frame(job, composer, index, frame, out, fitted)
             n += 1

@@ -195,6 +195,9 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
             helper = Ahead(video_path, detector, first, first + min(total - 1, (total + HELPER_LAG_FRAMES) // 2), last,
                            crops=None if cut is None else crops, keep=keep)
             stack.callback(helper.close)
+            # Two trackers take both cores: one decoder thread each (see VideoReader).
+            reader.close()
+            reader = stack.enter_context(VideoReader(video_path, threads=1))
         bar = tqdm(total=total, initial=resume_from, desc="landmarks", unit="frame", disable=not progress)
         last_save = time.monotonic()
         # Seek checks: recorded timestamps of the frames done, else those a constant rate gives.
