@@ -123,3 +123,38 @@ def test_the_pass_stops_only_where_it_stands_exactly_where_the_helper_stood():
     moved = _state(0)
     moved.landmarks[3, 1] = np.nextafter(np.float32(0), np.float32(1))  # the smallest change counts
     assert moved.key() != _state(0).key()
+
+
+def test_a_helper_that_dies_leaves_the_pass_to_track_alone(videos, short_passes):
+    """The helper's process killed before it sends anything: the pass tracks every frame
+    itself, with the same results."""
+    import os
+    import signal
+
+    det = DlibDetector()
+    alone = L.landmark_pass(videos["face"], det, progress=False)
+
+    class KillHelper(_SlowAfterMiddle):
+        def update(self, image):
+            if self.calls == 2:
+                helper = next(h for h in _live_helpers() if h.is_alive())
+                os.kill(helper.pid, signal.SIGKILL)
+            return super().update(image)
+
+    helped = L.landmark_pass(videos["face"], det, progress=False, ahead=True, tracker=KillHelper(det))
+    assert not short_passes
+    np.testing.assert_array_equal(helped.landmarks, alone.landmarks)
+    np.testing.assert_array_equal(helped.source, alone.source)
+
+
+def _live_helpers():
+    import multiprocessing
+    import time as t
+
+    deadline = t.time() + 60
+    while t.time() < deadline:
+        found = [p for p in multiprocessing.active_children() if p.name == "landmarks-ahead"]
+        if found:
+            return found
+        t.sleep(0.01)
+    raise AssertionError("no helper process started")

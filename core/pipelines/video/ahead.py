@@ -181,7 +181,7 @@ class Ahead:
                     return None
                 kind, value = self._conn.recv()
             except (EOFError, OSError) as e:  # the helper died: the pass goes on alone
-                kind, value = "error", f"the helper process ended ({e or 'no result'})"
+                kind, value = "error", "its process ended without a result" + (f" ({e})" if str(e) else "")
             if kind != "ok":
                 log.debug("landmarks: the helper tracking from frame %d failed: %s", self.mid, value)
                 self.failed = True
