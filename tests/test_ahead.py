@@ -55,8 +55,8 @@ class _SlowAfterMiddle(FaceTracker):
     """The pass's tracker, slowed down past the middle so that the helper (which first
     starts a process and loads the detector) is done before the pass ends."""
 
-    def __init__(self, detector):
-        super().__init__(detector)
+    def __init__(self, detector, **settings):
+        super().__init__(detector, **settings)
         self.calls = 0
 
     def update(self, image):
@@ -82,6 +82,17 @@ def test_the_pass_with_a_helper_gives_exactly_the_pass_alone(videos, short_passe
         np.testing.assert_array_equal(helped.frames[i], alone.frames[i])
     if name == "gap":
         assert not alone.has_face[18:24].any() and alone.has_face[24:].all()
+
+
+def test_the_helper_tracks_with_the_pass_trackers_settings(videos, short_passes):
+    det = DlibDetector()
+    alone = L.landmark_pass(videos["face"], det, progress=False, tracker=FaceTracker(det, refine=0))
+    helped = L.landmark_pass(videos["face"], det, progress=False, ahead=True,
+                             tracker=_SlowAfterMiddle(det, refine=0))
+    assert short_passes
+    np.testing.assert_array_equal(helped.landmarks, alone.landmarks)
+    default = L.landmark_pass(videos["face"], det, progress=False)
+    assert not np.array_equal(default.landmarks, alone.landmarks)  # the setting matters here
 
 
 def test_no_helper_for_a_detector_that_uses_every_core(videos, short_passes, monkeypatch):

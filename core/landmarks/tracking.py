@@ -208,6 +208,12 @@ class FaceTracker:
     def tracking(self) -> bool:
         return self._prev is not None
 
+    def settings(self) -> dict:
+        """The constructor's arguments but the detector: ``FaceTracker(detector,
+        **settings())`` tracks as this one does."""
+        return {"min_similarity": self.min_similarity, "min_texture": self.min_texture, "max_jump": self.max_jump,
+                "max_scale": self.max_scale, "refine": self.refine}
+
     def state(self) -> TrackerState:
         """What the next frame depends on (a copy)."""
         return TrackerState(landmarks=None if self._prev is None else self._prev.copy(),

@@ -75,12 +75,14 @@ class AheadResult:
 
 
 def track_ahead(video_path: str, detector, first: int, mid: int, stop: Optional[int],
-                crops: Optional[Tuple[float, int]] = None, keep: Collection[int] = ()) -> AheadResult:
+                crops: Optional[Tuple[float, int]] = None, keep: Collection[int] = (),
+                settings: Optional[dict] = None) -> AheadResult:
     """Track source frames ``mid`` .. ``stop`` - 1 (or to the end) as the helper does (see the
     module docstring): the box relation of frame ``first`` (the pass's first frame), a
     detection at ``mid``, then tracking. ``crops`` = (padding_ratio, tar_size): each
-    frame's crop as the pass cuts it; ``keep``: source indices of frames to keep."""
-    tracker = FaceTracker(detector)
+    frame's crop as the pass cuts it; ``keep``: source indices of frames to keep;
+    ``settings``: the pass's tracker's (:meth:`~core.landmarks.tracking.FaceTracker.settings`)."""
+    tracker = FaceTracker(detector, **(settings or {}))
     keep = set(int(i) for i in keep)
     lms, boxes, src, ts, states, cut, kept = [], [], [], [], [], [], {}
     with VideoReader(video_path, threads=1) as reader:  # beside the pass: a core each
@@ -141,7 +143,8 @@ class Ahead:
     ends the helper."""
 
     def __init__(self, video_path: str, detector, first: int, mid: int, stop: Optional[int],
-                 crops: Optional[Tuple[float, int]] = None, keep: Collection[int] = ()):
+                 crops: Optional[Tuple[float, int]] = None, keep: Collection[int] = (),
+                 settings: Optional[dict] = None):
         from core.pipelines import forkserver
 
         self.mid = int(mid)
@@ -151,7 +154,7 @@ class Ahead:
         self._conn, child = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_entry, name="landmarks-ahead", daemon=True,
                                  args=(child, os.getpid(), (video_path, detector, first, mid, stop, crops,
-                                                            tuple(keep))))
+                                                            tuple(keep), settings)))
         # Started from a thread: a forkserver still importing (a slow host) would otherwise
         # hold up the pass, which starts at once.
         self._starter = threading.Thread(target=self._start, args=(child,), name="landmarks-ahead-start",
