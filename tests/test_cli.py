@@ -102,7 +102,12 @@ def test_failures_become_one_line(capsys):
         import torch
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    for fails in (cpu_allocator, gpu):
+    def opencv(argv):  # what OpenCV raises (a frame decoded under ulimit -v)
+        import cv2
+        import numpy as np
+        cv2.resize(np.zeros((4, 4), np.uint8), (1 << 20, 1 << 20))
+
+    for fails in (cpu_allocator, gpu, opencv):
         rc, _, err = _run(fails, [], capsys)
         assert rc == 2 and err == [cli.OUT_OF_MEMORY], fails.__name__
     with pytest.raises(RuntimeError):

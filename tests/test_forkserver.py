@@ -18,29 +18,34 @@ def started(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--v_path", "a.mp4", "--res_folder", "r", "--nworkers", "2"], True),
-    (["--nworkers=3", "--device", "cpu"], True),
-    (["--nworkers", "2", "--device", "CPU"], True),
-    (["--v_path", "a.mp4", "--res_folder", "r"], False),           # one worker: no pool
-    (["--nworkers", "1"], False),
-    (["--nworkers", "2", "--device", "cuda"], False),              # GPU workers are spawned
-    (["--nworkers", "2", "--device", "cuda:1"], False),
-    (["--nworkers", "two"], False),                                # the script's parser says so
-    (["--nworkers"], False),
-    (["--help", "--nworkers", "2"], False),
-    (["--nwork", "2"], False),                                     # abbreviations: not guessed
+    (["--v_path", "V", "--res_folder", "r", "--nworkers", "2"], True),
+    (["--nworkers=3", "--device", "cpu", "--v_path", "V"], True),
+    (["--nworkers", "2", "--device", "CPU", "--v_path=V"], True),
+    (["--v_path", "V", "--res_folder", "r"], False),               # one worker: no pool
+    (["--nworkers", "1", "--v_path", "V"], False),
+    (["--nworkers", "2", "--device", "cuda", "--v_path", "V"], False),   # GPU workers are spawned
+    (["--nworkers", "2", "--device", "cuda:1", "--v_path", "V"], False),
+    (["--nworkers", "two", "--v_path", "V"], False),               # the script's parser says so
+    (["--nworkers", "--v_path", "V"], False),
+    (["--help", "--nworkers", "2", "--v_path", "V"], False),
+    (["--nwork", "2", "--v_path", "V"], False),                    # abbreviations: not guessed
+    (["--nworkers", "2", "--v_path", "missing.mp4"], False),       # the script fails at once
+    (["--nworkers", "2"], False),
 ])
-def test_the_server_starts_only_for_cpu_workers(started, capsys, argv, expected):
+def test_the_server_starts_only_for_cpu_workers(started, capsys, tmp_path, argv, expected):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"x")
+    argv = [str(video) if a == "V" else a.replace("=V", f"={video}") for a in argv]
     assert forkserver.start_for_argv(argv) is expected
     assert len(started) == int(expected)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""  # nothing printed: a bad line is the script parser's to report
 
 
-def test_auto_device_with_a_gpu_in_sight_does_not_start_it(started, monkeypatch):
+def test_auto_device_with_a_gpu_in_sight_does_not_start_it(started, monkeypatch, tmp_path):
     monkeypatch.setattr(forkserver, "gpu_likely", lambda: True)
-    assert not forkserver.start_for_argv(["--nworkers", "2"])
-    assert forkserver.start_for_argv(["--nworkers", "2", "--device", "cpu"])
+    assert not forkserver.start_for_argv(["--nworkers", "2", "--v_path", str(tmp_path)])
+    assert forkserver.start_for_argv(["--nworkers", "2", "--device", "cpu", "--v_path", str(tmp_path)])
     assert len(started) == 1
 
 
@@ -58,7 +63,7 @@ import sys
 sys.path.insert(0, {root!r})
 from multiprocessing import forkserver as mp_forkserver
 from core.pipelines import forkserver
-assert forkserver.start_for_argv(["--nworkers", "2", "--device", "cpu"])
+assert forkserver.start_for_argv(["--nworkers", "2", "--device", "cpu", "--v_path", {root!r}])
 server = mp_forkserver._forkserver._forkserver_pid
 print("torch imported", "torch" in sys.modules)
 from core.pipelines.video.workers import WorkerPool

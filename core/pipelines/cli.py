@@ -320,10 +320,15 @@ OUT_OF_MEMORY = "error: out of memory (try a smaller --batch_size, --tar_size or
 
 
 def out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is torch's failure to allocate: a RuntimeError from its CPU allocator
-    ("DefaultCPUAllocator: can't allocate memory") or its OutOfMemoryError (a GPU's)."""
-    return type(e).__name__ == "OutOfMemoryError" or (
-        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+    """Whether ``e`` is a failure to allocate: torch's RuntimeError from its CPU allocator
+    ("DefaultCPUAllocator: can't allocate memory") or its OutOfMemoryError (a GPU's), or
+    OpenCV's error -4 ("Insufficient memory", e.g. a decoded frame under ``ulimit -v``)."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e):
+        return True
+    return type(e).__module__ == "cv2" and type(e).__name__ == "error" and (
+        getattr(e, "code", None) == -4 or "Insufficient memory" in str(e))
 
 
 def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> int:

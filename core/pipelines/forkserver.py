@@ -82,17 +82,21 @@ def start_for(nworkers: int, device: str) -> bool:
 def start_for_argv(argv: Sequence[str]) -> bool:
     """:func:`start_for` with ``--nworkers`` and ``--device`` as a video script's command
     line ``argv`` gives them, read before the script's parser is built (its defaults import
-    torch): an ``--nworkers`` of 2 or more must be on the line; nothing starts for a line
-    the script's parser will reject or for ``--help``."""
+    torch): an ``--nworkers`` of 2 or more must be on the line, and a ``--v_path`` that
+    exists; nothing starts for a line the script's parser will reject, for ``--help``, or
+    for a missing video (the script fails at once: a server would import for nothing)."""
     pre = _QuietParser(add_help=False, allow_abbrev=False)
     pre.add_argument("-h", "--help", action="store_true")
     pre.add_argument("--nworkers", type=int, default=1)
     pre.add_argument("--device", default="auto")
+    pre.add_argument("--v_path", default=None)
     try:
         known, _ = pre.parse_known_args(list(argv))
     except ValueError:  # a bad value: the script's parser says so
         return False
-    return False if known.help else start_for(known.nworkers, known.device)
+    if known.help or known.v_path is None or not os.path.exists(known.v_path):
+        return False
+    return start_for(known.nworkers, known.device)
 
 
 class _QuietParser(argparse.ArgumentParser):
