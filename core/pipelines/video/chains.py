@@ -182,7 +182,8 @@ def fit_chains(job, session, out, fitted, done_mask, finished: Callable[[List[in
         todo.append(_Chain(a, k, b, seed, last))
 
     with contextlib.ExitStack() as stack:
-        reader = None if job.crops is not None else stack.enter_context(VideoReader(job.video_path, threads=decoder_threads(job)))
+        reader = None if job.crops is not None else \
+            stack.enter_context(VideoReader(job.video_path, threads=decoder_threads(job)))
         for idx in _groups([(c.start, c.stop) for c in todo], _budget(tar)):
             group = [todo[i] for i in idx]
             frames = _read_crops(reader, job, group[0].start, max(c.stop for c in group), tar)

@@ -192,8 +192,9 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
         helper = None
         if ahead and saved is None and total is not None and total >= MIN_FRAMES \
                 and getattr(detector, "single_core", False):
-            helper = Ahead(video_path, detector, first, first + min(total - 1, (total + HELPER_LAG_FRAMES) // 2), last,
-                           crops=None if cut is None else crops, keep=keep, settings=tracker.settings())
+            mid = first + min(total - 1, (total + HELPER_LAG_FRAMES) // 2)
+            helper = Ahead(video_path, detector, first, mid, last, crops=None if cut is None else crops, keep=keep,
+                           settings=tracker.settings())
             stack.callback(helper.close)
             # Two trackers take both cores: one decoder thread each (see VideoReader).
             reader.close()
