@@ -21,7 +21,7 @@ from core import threads
 from core.models.coeffs import Coeffs
 from .gauss_newton import PhotometricProblem
 from .gn_state import State, cat_states, merge_states, take_state
-from .lanes import cpu_lanes, frame_parts, run_lanes
+from .lanes import cpu_lanes, frame_parts, run_lanes, take_rows
 from .lm import solve_each
 from .objective import Objective, PoseRef, expand
 
@@ -266,8 +266,7 @@ class _FramesInLanes:
         if not self.parts:
             return self.prob.evaluate(c, keypoints)
         return cat_states(run_lanes([
-            (lambda sub=sub, idx=idx: sub.evaluate(Coeffs(**{k: v[idx] for k, v in c.as_dict().items()}),
-                                                   None if keypoints is None else keypoints[idx]))
+            (lambda sub=sub, idx=idx: sub.evaluate(take_rows(c, idx), None if keypoints is None else keypoints[idx]))
             for sub, idx in zip(self.subs, self.parts)], name="gn-lane"))
 
     def linearize(self, st: State, frames=None, with_priors: bool = True):

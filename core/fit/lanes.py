@@ -26,7 +26,7 @@ from core import threads
 from core.models.coeffs import Coeffs
 from .objective import shared_groups
 
-__all__ = ["cpu_lanes", "splittable", "fit_in_lanes", "frame_parts", "run_lanes"]
+__all__ = ["cpu_lanes", "splittable", "fit_in_lanes", "frame_parts", "run_lanes", "take_rows"]
 
 T = TypeVar("T")
 
@@ -64,8 +64,8 @@ def fit_in_lanes(fitter, lanes: int, landmarks: torch.Tensor, images: Optional[t
         if k > 0 and sub.progress:  # one progress bar: the first lane's
             sub = copy.copy(sub)
             sub.progress = False
-        return sub.fit(landmarks[idx], None if images is None else images[idx], init=_rows(init, idx),
-                       pose_ref=_rows(pose_ref, idx), lanes=1, **fit_kw)
+        return sub.fit(landmarks[idx], None if images is None else images[idx], init=take_rows(init, idx),
+                       pose_ref=take_rows(pose_ref, idx), lanes=1, **fit_kw)
 
     results = run_lanes([functools.partial(part, k, idx) for k, idx in enumerate(parts)], name="fit-lane")
     return join_results(fitter, results)
@@ -106,7 +106,7 @@ def run_lanes(tasks: Sequence[Callable[[], T]], name: str = "lane") -> List[T]:
     return results
 
 
-def _rows(value, idx: torch.Tensor):
+def take_rows(value, idx: torch.Tensor):
     """The frames ``idx`` of a per-frame Coeffs / PoseRef (None stays None)."""
     if value is None:
         return None
