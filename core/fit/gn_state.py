@@ -30,8 +30,9 @@ class State:
 
 def _map_frames(fn, st: State, *others: State) -> State:
     """A state whose per-frame tensors (first dim B = the batch) are ``fn`` of ``st``'s and
-    the same fields of ``others``; values shared by the frames (batch 1), scalars and
-    missing ones (None) are ``st``'s as they are."""
+    the same fields of ``others`` (states of the same frames, or of other frames with the
+    same fields per-frame: :func:`cat_states`); values shared by the frames (batch 1),
+    scalars and missing ones (None) are ``st``'s as they are."""
     batch = st.cost.shape[0]
 
     def each(v, *w):
@@ -72,17 +73,4 @@ def cat_states(parts: Sequence[State]) -> State:
     sizes = [int(p.cost.shape[0]) for p in parts]
     if min(sizes) < 2:
         raise ValueError(f"cat_states needs parts of at least 2 frames; got {sizes}")
-    first = parts[0]
-
-    def each(*vs):
-        per_frame = all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n for v, n in zip(vs, sizes))
-        return torch.cat(vs) if per_frame else vs[0]
-
-    out = None if first.out is None else dataclasses.replace(first.out, **{
-        f.name: each(*(getattr(p.out, f.name) for p in parts)) for f in dataclasses.fields(first.out)})
-    return State(cost=each(*(p.cost for p in parts)),
-                 terms={k: each(*(p.terms[k] for p in parts)) for k in first.terms},
-                 coeffs=Coeffs(**{k: each(*(getattr(p.coeffs, k) for p in parts)) for k in first.coeffs.as_dict()}),
-                 out=out, screen=each(*(p.screen for p in parts)),
-                 pix_to_face=each(*(p.pix_to_face for p in parts)),
-                 keypoints=each(*(p.keypoints for p in parts)))
+    return _map_frames(lambda *vs: torch.cat(vs), parts[0], *parts[1:])
