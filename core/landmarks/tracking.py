@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -39,7 +39,7 @@ from .metrics import interocular
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrackedFace", "TrackerState", "FaceTracker", "landmarks_plausible", "landmarks_box", "interocular",
+__all__ = ["TrackedFace", "TrackerState", "FaceTracker", "face_arrays", "landmarks_plausible", "landmarks_box", "interocular",
            "box_relation", "apply_box_relation", "SOURCE_NONE", "SOURCE_DETECT", "SOURCE_TRACK"]
 
 SOURCE_NONE, SOURCE_DETECT, SOURCE_TRACK = 0, 1, 2
@@ -150,6 +150,14 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     b = b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 1e-9 else 0.0
+
+
+def face_arrays(face: Optional[TrackedFace]) -> Tuple[np.ndarray, np.ndarray, int]:
+    """One frame's entries in a landmark track's arrays: (68, 2) float32 landmarks, (4,)
+    float64 box and the source; NaN and SOURCE_NONE for a frame without a face (None)."""
+    if face is None:
+        return np.full((68, 2), np.nan, dtype=np.float32), np.full(4, np.nan), SOURCE_NONE
+    return face.landmarks.astype(np.float32), np.asarray(face.box, dtype=np.float64), face.source
 
 
 @dataclass(frozen=True, eq=False)

@@ -34,7 +34,7 @@ import numpy as np
 
 from core.io.video import VideoReader
 from core.landmarks.crop import crop_face, square_box
-from core.landmarks.tracking import SOURCE_NONE, FaceTracker, TrackerState
+from core.landmarks.tracking import FaceTracker, TrackerState, face_arrays
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,10 @@ def track_ahead(video_path: str, detector, first: int, mid: int, stop: Optional[
             states.append(tracker.state().key())
             if index in keep:
                 kept[index] = frame
-            if face is None:
-                lms.append(np.full((68, 2), np.nan, dtype=np.float32))
-                boxes.append(np.full(4, np.nan))
-                src.append(SOURCE_NONE)
-            else:
-                lms.append(face.landmarks.astype(np.float32))
-                boxes.append(np.asarray(face.box, dtype=np.float64))
-                src.append(face.source)
+            face_lms, face_box, face_src = face_arrays(face)
+            lms.append(face_lms)
+            boxes.append(face_box)
+            src.append(face_src)
             if crops is not None:
                 t = int(crops[1])
                 cut.append(np.zeros((t, t, 3), np.uint8) if face is None

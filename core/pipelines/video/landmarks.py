@@ -17,7 +17,7 @@ from tqdm import tqdm
 from core.errors import UserError
 from core.io.video import VideoReader
 from core.landmarks.crop import crop_face, square_box
-from core.landmarks.tracking import SOURCE_NONE, FaceTracker
+from core.landmarks.tracking import SOURCE_NONE, FaceTracker, face_arrays
 
 from .ahead import MIN_FRAMES, Ahead
 from .cache import CACHE_VERSION, digest, load_npz, partial_path, save_npz
@@ -217,14 +217,10 @@ def landmark_pass(video_path: str, detector, cache_dir: Optional[str] = None, pr
             if index in keep:
                 kept[index] = frame
             ts.append(reader.last_timestamp)
-            if face is None:
-                lms.append(np.full((68, 2), np.nan, dtype=np.float32))
-                boxes.append(np.full(4, np.nan))
-                src.append(SOURCE_NONE)
-            else:
-                lms.append(face.landmarks.astype(np.float32))
-                boxes.append(np.asarray(face.box, dtype=np.float64))
-                src.append(face.source)
+            face_lms, face_box, face_src = face_arrays(face)
+            lms.append(face_lms)
+            boxes.append(face_box)
+            src.append(face_src)
             if cut is not None:  # the crop of crop_boxes(), from the box as stored (zeros: no face)
                 if n_cut >= total:  # more frames than the container said: no crops
                     cut = None
