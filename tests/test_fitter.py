@@ -150,3 +150,13 @@ def test_following_frame_keeps_up_with_a_fast_turn(model, seed):
                 pose_ref=PoseRef(angles=prev.angles, trans=prev.trans), following=True, losses=False)
     lag = math.degrees(float(gt.angles[0, 1] - res.coeffs.angles[0, 1]))
     assert 0.0 <= lag < 1.5
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_box_average_is_avg_pool(k):
+    from core.fit.fitter import box_average
+    x = torch.rand(2, 12 * k, 12 * k, 3, dtype=torch.float64) * 255
+    ref = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1)
+    out = box_average(x, k)
+    assert out.shape == (2, 12, 12, 3) and out.is_contiguous()
+    assert torch.allclose(out, ref, rtol=0, atol=1e-10)

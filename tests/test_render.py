@@ -136,6 +136,62 @@ def test_matches_reference_float32_up_to_edge_pixels():
     np.testing.assert_allclose(frags.zbuf.numpy()[same], ref_z[same], rtol=1e-5)
 
 
+def slivers(seed, n=300, size=40):
+    """Long thin triangles and triangles with nearly horizontal or vertical edges (an edge
+    crossing a row at a steep or a grazing angle, where the row bounds are least well
+    conditioned), float32 screen coordinates over a size x size image."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, 2, generator=g) * size
+    b = a + (torch.rand(n, 2, generator=g) - 0.5) * size
+    c = b + (torch.rand(n, 2, generator=g) - 0.5) * 0.3  # a sliver: c next to b
+    kind = torch.arange(n) % 3
+    b[kind == 1, 1] = a[kind == 1, 1] + (torch.rand(int((kind == 1).sum()), generator=g) - 0.5) * 1e-4
+    b[kind == 2, 0] = a[kind == 2, 0] + (torch.rand(int((kind == 2).sum()), generator=g) - 0.5) * 1e-4
+    c[kind > 0] = a[kind > 0] + (torch.rand(int((kind > 0).sum()), 2, generator=g) - 0.5) * size
+    depth = 1 + torch.rand(n, 3, generator=g)
+    verts = torch.cat([torch.stack([a, b, c], 1), depth[..., None]], -1).view(1, -1, 3)
+    return verts, torch.arange(3 * n).view(n, 3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_row_bounds_never_leave_out_a_covered_pixel(monkeypatch, seed):
+    # The enumerated faces test only the candidates within their rows' bounds; with the
+    # bounds switched off (every candidate of the box tested) the result is the same.
+    verts, faces = slivers(seed)
+    frags = rasterize(verts, faces, (40, 40))
+    tested = []
+    real_bounds = coverage._row_bounds
+
+    def counting(a, c, last):
+        lo, hi = real_bounds(a, c, last)
+        tested.append((float((hi - lo + 1).clamp(min=0).sum()), float((last + 1).sum())))
+        return lo, hi
+
+    monkeypatch.setattr(coverage, "_row_bounds", counting)
+    assert torch.equal(rasterize(verts, faces, (40, 40)).pix_to_face, frags.pix_to_face)
+    assert sum(t for t, _ in tested) < 0.6 * sum(b for _, b in tested)  # the bounds do prune
+    covered = int((frags.pix_to_face >= 0).sum())
+    assert covered > 600
+    monkeypatch.setattr(coverage, "_row_bounds", lambda a, c, last: (torch.zeros_like(last), last.clone()))
+    full = rasterize(verts, faces, (40, 40))
+    assert torch.equal(full.pix_to_face, frags.pix_to_face)
+    assert torch.equal(full.zbuf, frags.zbuf)
+
+
+def test_row_bounds_of_one_row():
+    # e_0 = dx - 2.3 > 0, e_1 = 0.25 dx + 0.1 > 0, e_2 = 9 - 0.5 dx > 0, e_3 = 0 dx + 1:
+    # dx in 3..17 of 0..30; e_2 crosses the row on a whole number (18), so the bound keeps
+    # that candidate too, for the exact test to drop
+    one = lambda *v: torch.tensor(v)[:, None]
+    lo, hi = coverage._row_bounds(one(1.0, 0.25, -0.5), one(-2.3, 0.1, 9.0), torch.tensor([30.0]))
+    assert (lo.item(), hi.item()) == (3, 18)
+    lo, hi = coverage._row_bounds(one(0.0, -1.0), one(1.0, 3.5), torch.tensor([30.0]))  # dx < 3.5
+    assert (lo.item(), hi.item()) == (0, 3)
+    # a crossing on a whole number is widened to the candidate next to it (tested exactly)
+    lo, hi = coverage._row_bounds(one(1.0), one(-4.0), torch.tensor([30.0]))
+    assert (lo.item(), hi.item()) == (4, 30)
+
+
 def test_known_triangle_coverage():
     # Right triangle with legs along x = 1, y = 1 and hypotenuse x + y = 7: covered
     # centres (i + .5, j + .5) need i >= 1, j >= 1 and i + j + 1 < 7 (strictly: the

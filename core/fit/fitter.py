@@ -203,11 +203,9 @@ class Fitter:
         pixel the average of the crop pixels it covers."""
         t = self.camera.image_size
         cam = self.camera.scaled(size)
-        x = images.permute(0, 3, 1, 2)
         if t % size == 0:
-            x = torch.nn.functional.avg_pool2d(x, t // size)
-        else:
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
+            return cam, box_average(images, t // size)
+        x = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), size=(size, size), mode="area")
         return cam, x.permute(0, 2, 3, 1).contiguous()
 
     def fit(self, landmarks: torch.Tensor, images: Optional[torch.Tensor], init: Optional[Coeffs] = None,
@@ -272,3 +270,21 @@ class Fitter:
             result.renders, result.output = ev.rgba, ev.out
         return result
 
+
+def box_average(images: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, T, T, C) -> (B, T/k, T/k, C): each pixel the mean of the k x k block it covers
+    (avg_pool2d's values, summed rows first, in the channel-last layout: several times
+    faster than avg_pool2d on it). T must be a multiple of k."""
+    b, t, w, ch = images.shape
+    if k == 1:
+        return images.contiguous()
+    s = t // k
+    rows = images.reshape(b, s, k, w * ch)
+    acc = rows[:, :, 0] + rows[:, :, 1]
+    for i in range(2, k):
+        acc += rows[:, :, i]
+    cols = acc.view(b, s, w // k, k, ch)
+    out = cols[:, :, :, 0] + cols[:, :, :, 1]
+    for i in range(2, k):
+        out += cols[:, :, :, i]
+    return out.mul_(1.0 / (k * k))

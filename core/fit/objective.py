@@ -287,6 +287,15 @@ class Objective:
             self._cache[key] = torch.nonzero(base.abs().amax(0) > 0).reshape(-1)
         return self._cache[key]
 
+    def active_basis(self, group: str) -> torch.Tensor:
+        """(3N, K) the columns :meth:`active_columns` of the basis of ``group`` (id, exp or
+        tex), contiguous (cached: the solvers multiply by it every step)."""
+        key = ("active_basis", group)
+        if key not in self._cache:
+            base = {"id": self.model.id_base, "exp": self.model.exp_base, "tex": self.model.tex_base}[group]
+            self._cache[key] = base.index_select(1, self.active_columns(group)).contiguous()
+        return self._cache[key]
+
     def reflectance_quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The albedo smoothness as a quadratic in tex: (QᵀQ (K, K), Qᵀq0 (K,)) with the
         per-frame residual Q·tex + q0 (see losses.reflectance_loss_per_frame)."""

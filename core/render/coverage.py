@@ -21,9 +21,11 @@ Coverage
 
 Implementation (no Python loop over triangles or pixels)
     Per triangle, the integer range of pixel centres in its bounding box; triangles with
-    at most four candidate centres (nearly all of a dense mesh) test them in place, one
-    vectorised pass per candidate, triangles with more enumerate them with
-    repeat_interleave; the z-buffer is resolved by one ``scatter_reduce(amin)`` over an
+    at most four candidate centres (nearly all of a dense mesh at 128 px) test them in
+    place, one vectorised pass per candidate; triangles with more enumerate the rows of
+    their box, and in each row only the centres between the row's crossings with the
+    edges (bounds widened by their rounding error, every candidate still tested
+    exactly); the z-buffer is resolved by one ``scatter_reduce(amin)`` over an
     int64 key (float32 bits of the depth, monotone for positive floats, in the high word;
     face index in the low word). Frames are processed in groups and candidates in chunks,
     which bounds memory.
@@ -212,7 +214,9 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
     else:
         many = multi
 
-    # Faces with more candidates: enumerate them, in chunks of whole faces.
+    # Faces with more candidates: enumerate the candidates of each row of their boxes
+    # that lie in (a conservative bound of) the row's inside interval, in chunks of
+    # whole faces.
     if many.numel() > 0:
         inv_area = inv_area.index_select(0, many)
         rx, ry = _select_last(rel, many).unbind(0)
@@ -222,10 +226,11 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
         ea = (ry.roll(-1, 0) - ry.roll(-2, 0)) * sign
         eb = (rx.roll(-2, 0) - rx.roll(-1, 0)) * sign
         ec = edges.index_select(1, many) * sign
-        coefs = [*ea, *eb, *ec, *inv_z.index_select(1, many), inv_area.abs()]
+        # 1/z at a candidate = sum_k e_k q_k with q_k = (1/z_k) / |2A|.
+        q = inv_z.index_select(1, many) * inv_area.abs()
+        coefs = torch.cat([ea, eb, ec, q])  # (12, K)
         sp = span.index_select(1, many).long()
         counts = sp[0] * sp[1]
-        widths = sp[0]
         first = _pixel(many, lo, num_faces, height, width)
         face_id = _face_id(many, num_faces, batch)
         ends = torch.cumsum(counts, 0)
@@ -233,13 +238,11 @@ def _rasterize_into(keys: torch.Tensor, verts: torch.Tensor, faces_t: torch.Tens
         while start < counts.shape[0]:
             stop = int(torch.searchsorted(ends, done + _MAX_CANDIDATES, right=True))
             stop = max(stop, start + 1)
-            total = int(ends[stop - 1]) - done
             sl = slice(start, stop)
-            pix, key = _enumerate([c[sl] for c in coefs], counts[sl], widths[sl], first[sl],
-                                  face_id[sl], total, width)
+            pix, key = _enumerate(coefs[:, sl], sp[0, sl], sp[1, sl], first[sl], face_id[sl], width)
             pix_parts.append(pix)
             key_parts.append(key)
-            done += total
+            done = int(ends[stop - 1])
             start = stop
 
     if pix_parts:
@@ -278,38 +281,65 @@ def _key(inv_depth: torch.Tensor, face_id: torch.Tensor) -> torch.Tensor:
     return (depth.view(torch.int32).to(torch.int64) << 32) | face_id
 
 
-def _enumerate(coefs, counts: torch.Tensor, widths: torch.Tensor, first: torch.Tensor,
-               face_id: torch.Tensor, total: int, width: int):
-    """Test all candidate pixel centres of K faces; return (pix, key) of the inside ones.
+def _enumerate(coefs: torch.Tensor, ncol: torch.Tensor, nrow: torch.Tensor, first: torch.Tensor,
+               face_id: torch.Tensor, width: int):
+    """Test the candidate pixel centres of K faces row by row; return (pix, key) of the
+    candidates, the key _EMPTY_KEY where a candidate is outside its face.
 
-    coefs: 13 vectors (K,): ea_0..2, eb_0..2, ec_0..2, the edge functions (times the
-    sign of the area, so positive inside) e_k = ea_k dx + eb_k dy + ec_k at the offset
-    (dx, dy) of a candidate from the face's first one; 1/z_0..2; 1/|2A|. counts (K,) =
-    box width x height; widths (K,); first (K,) flat pixel index of the first candidate;
-    face_id (K,); total = counts.sum().
+    coefs (12, K): ea_0..2, eb_0..2, ec_0..2, the edge functions (times the sign of the
+    area, so positive inside) e_k = ea_k dx + eb_k dy + ec_k at the offset (dx, dy) of a
+    candidate from the face's first one, and q_0..2 = (1/z_k) / |2A|. ncol, nrow (K,)
+    long: the box's width and height in candidates; first (K,) flat pixel index of the
+    first candidate; face_id (K,).
+
+    In row dy, e_k = ea_k dx + c_k with c_k = eb_k dy + ec_k, which is positive on one
+    side of dx = -c_k / ea_k. The candidates tested are the row's dx within that bound of
+    every edge, widened by more than its rounding error (:func:`_row_bounds`); each is
+    then tested exactly (e_k > 0 with the row's c_k), so the bound only saves work: it
+    never decides coverage.
     """
-    device = counts.device
-    owner = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts,
-                                    output_size=total)
-    starts = torch.cumsum(counts, 0) - counts
-    local = torch.arange(total, device=device) - starts.index_select(0, owner)
-    w = widths.index_select(0, owner)
-    dy = torch.div(local, w, rounding_mode="floor")
-    dx = local - dy * w
-    fdx = dx.to(coefs[0].dtype)
-    fdy = dy.to(coefs[0].dtype)
-    inside = None
-    edges = []
-    for k in range(3):
-        e = torch.addcmul(coefs[6 + k].index_select(0, owner), coefs[k].index_select(0, owner), fdx)
-        e.addcmul_(coefs[3 + k].index_select(0, owner), fdy)
-        inside = e > 0 if inside is None else inside.logical_and_(e > 0)
-        edges.append(e)
-    hit = torch.nonzero(inside).squeeze(1)
-    owner = owner.index_select(0, hit)
-    # 1/z = sum_k (e_k / |2A|) / z_k: a sum of positive terms at an inside candidate.
-    inv_depth = sum(edges[k].index_select(0, hit) * coefs[9 + k].index_select(0, owner)
-                    for k in range(3))
-    inv_depth *= coefs[12].index_select(0, owner)
-    pix = first.index_select(0, owner) + dy.index_select(0, hit) * width + dx.index_select(0, hit)
-    return pix, _key(inv_depth, face_id.index_select(0, owner))
+    device = ncol.device
+    dtype = coefs.dtype
+    rows = int(nrow.sum())
+    # (face, row) pairs: the face ``owner`` and the row offset dy of each.
+    owner = torch.repeat_interleave(torch.arange(ncol.shape[0], device=device), nrow, output_size=rows)
+    dy = torch.arange(rows, device=device) - (torch.cumsum(nrow, 0) - nrow).index_select(0, owner)
+    per_row = coefs.index_select(1, owner)  # (12, R)
+    per_row[6:9].addcmul_(per_row[3:6], dy.to(dtype))  # c_k = ec_k + eb_k dy
+    per_row[3:6] = per_row[:3]
+    row_coefs = per_row[3:]  # (ea_0..2, c_0..2, q_0..2) of each row: (9, R)
+    lo, hi = _row_bounds(row_coefs[:3], row_coefs[3:6], ncol.index_select(0, owner).to(dtype) - 1)
+    n = (hi - lo).add_(1).clamp_(min=0).long()
+    total = int(n.sum())
+    # The candidates: row ``row`` of each, dx from the row's lo.
+    row = torch.repeat_interleave(torch.arange(rows, device=device), n, output_size=total)
+    dx = torch.arange(total, device=device) - (torch.cumsum(n, 0) - n - lo.long()).index_select(0, row)
+    g = row_coefs.index_select(1, row)  # (9, T)
+    e = torch.addcmul(g[3:6], g[:3], dx.to(dtype))  # (3, T)
+    inside = (e > 0).all(0)
+    # 1/z = sum_k e_k q_k: a sum of positive terms at an inside candidate.
+    inv_depth = e.mul_(g[6:]).sum(0)
+    pix = (first.index_select(0, owner) + dy * width).index_select(0, row).add_(dx)
+    key = _key(inv_depth, face_id.index_select(0, owner).index_select(0, row))
+    return pix, key.masked_fill_(~inside, _EMPTY_KEY)
+
+
+# Rounding allowance of :func:`_row_bounds` in units of the dtype's epsilon, and the
+# least widening in pixels.
+_BOUND_EPS, _BOUND_MIN = 16, 1e-3
+
+
+def _row_bounds(a: torch.Tensor, c: torch.Tensor, last: torch.Tensor):
+    """The candidates of each (face, row) pair worth testing: (lo, hi) (R,) float whole
+    numbers, the first and last dx in [0, last] not excluded by any edge
+    (e_k = a_k dx + c_k > 0; a, c (3, R)). Each bound t_k = -c_k / a_k is widened by
+    _BOUND_MIN pixels plus the rounding error of computing e_k and t_k where it can
+    matter (_BOUND_EPS epsilons of 2 last + 1: a bound further out than that leaves the
+    whole row or none of it, widened or not), so a candidate whose computed e_k is
+    positive is never left out; an edge with a = 0 (or a bound that is not a number)
+    bounds nothing."""
+    margin = (2 * last + 1).mul_(torch.finfo(a.dtype).eps * _BOUND_EPS).add_(_BOUND_MIN)  # (R,)
+    t = (c / a).neg_()  # the edge crosses the row at dx = t
+    lo = torch.where(a > 0, (t - margin).floor_().add_(1), 0.0).nan_to_num_(nan=0.0).amax(0).clamp_(min=0)
+    hi = torch.where(a < 0, (t + margin).ceil_().sub_(1), float("inf")).nan_to_num_(nan=float("inf")).amin(0)
+    return torch.minimum(lo, last + 1), torch.minimum(hi, last)
