@@ -98,3 +98,15 @@ def test_sh_basis_jacobian_is_the_derivative_along_every_direction():
     assert jac.shape == (2, 40, 9, 3)
     ref = torch.func.vmap(torch.func.vmap(torch.func.jacfwd(sh_basis)))(n)  # (2, 40, 9, 3)
     assert torch.allclose(jac, ref, atol=1e-12) and ref.abs().max() > 0.1
+
+
+def test_small_vector_pieces():
+    from core.models.geometry import norm3, rotate_rows, skew
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    assert torch.allclose(norm3(v, -1), v.norm(dim=-1)) and torch.allclose(norm3(v.T, 0), v.norm(dim=-1))
+    assert torch.allclose((skew(v) @ w[..., None])[..., 0], torch.cross(v, w, dim=-1))
+    rot = torch.randn(5, 3, 3, generator=g, dtype=torch.float64)
+    rows = torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
+    assert torch.allclose(rotate_rows(rot, rows), torch.bmm(rot, rows))

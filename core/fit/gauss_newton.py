@@ -29,7 +29,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from core.models.coeffs import Coeffs
-from core.models.geometry import AMBIENT_OFFSET, euler_rotation_jacobian, sh_basis, sh_basis_jacobian
+from core.models.geometry import (AMBIENT_OFFSET, euler_rotation_jacobian, norm3, rotate_rows, sh_basis,
+                                  sh_basis_jacobian, skew)
 from core.render import interpolation_jacobian
 from core.render.camera import Camera
 from .gn_state import State
@@ -166,15 +167,13 @@ class PhotometricProblem:
         return torch.arange(getattr(c, g).shape[1], device=c.angles.device)
 
     def _basis(self, c: Coeffs, g: str) -> torch.Tensor:
-        """(3N, K) the basis columns of group ``g`` (id, exp, tex) that are optimised
-        (:meth:`cols`; the objective's cached copy when they are its active columns)."""
-        base = {"id": self.model.id_base, "exp": self.model.exp_base, "tex": self.model.tex_base}[g]
+        """(3N, K) the optimised basis columns of group ``g`` (id, exp, tex): :meth:`cols`,
+        the objective's cached copy when they are its active columns."""
         cols = self.columns.get(g)
-        if cols is None:
-            return base
-        if cols is self.objective.active_columns(g):
+        if cols is not None and cols is self.objective.active_columns(g):
             return self.objective.active_basis(g)
-        return base.index_select(1, cols)
+        base = {"id": self.model.id_base, "exp": self.model.exp_base, "tex": self.model.tex_base}[g]
+        return base if cols is None else base.index_select(1, cols)
 
     def sizes(self, c: Coeffs):
         return [self.cols(c, g).numel() for g in self.groups]
@@ -253,7 +252,7 @@ class PhotometricProblem:
         target = self.images.index_select(0, sel).reshape(-1, 3).index_select(0, pj.idx).T  # (3, M)
         r = pj.values.clamp(0.0, 255.0) - target
         live = ((pj.values > 0) & (pj.values < 255)).to(r.dtype)  # clamped channels: no slope
-        rho = _norm3(r, 0).clamp_min(RHO_MIN)
+        rho = norm3(r, 0).clamp_min(RHO_MIN)
         # (M,) IRLS weights, each frame's term a mean over its own covered pixels
         q = self.objective.data_weights()["photo"] / (255.0 * count.index_select(0, fid).to(dtype)) / rho
         # Gradient: adjoint of each pixel value, splatted to its corners' colours / screen.
@@ -351,7 +350,7 @@ class PhotometricProblem:
         fn = torch.cross(e1, e2, dim=-1)
         fn = torch.cat([fn, fn.new_zeros(nb, 1, 3)], 1)        # point_buf's "no triangle"
         m = fn[:, model.point_buf].sum(2)                      # (B', N, 3) unnormalised normals
-        norm = _norm3(m, -1)[..., None].clamp_min(1e-12)
+        norm = norm3(m, -1)[..., None].clamp_min(1e-12)
         unit = m / norm
         u_m = (u_model_normals - unit * (unit * u_model_normals).sum(-1, keepdim=True)) / norm
         u_fn = torch.zeros(nb, nf + 1, 3, dtype=shape.dtype, device=shape.device)
@@ -388,7 +387,7 @@ class PhotometricProblem:
         for g, sl in offs.items():
             if g in ("id", "exp"):
                 base = self._basis(c, g).view(n, 3, -1).index_select(0, local)
-                dverts[:, :, sl] = _rotate(rot, base)
+                dverts[:, :, sl] = rotate_rows(rot, base)
             elif g == "trans":
                 dverts[:, :, sl] = torch.eye(3, dtype=verts.dtype, device=verts.device)
             elif g == "angles":
@@ -438,7 +437,7 @@ class PhotometricProblem:
         corners = model.tri.index_select(0, tids - tf * nf)             # (T, 3) ids within the frame
         pts = fr.shape.reshape(-1, 3).index_select(0, (corners + (tf * n)[:, None]).reshape(-1)).view(t, 3, 3)
         e1, e2 = pts[:, 0] - pts[:, 1], pts[:, 1] - pts[:, 2]
-        k1, k2 = _skew(e1), _skew(e2)                                   # (T, 3, 3)
+        k1, k2 = skew(e1), skew(e2)                                   # (T, 3, 3)
         blocks = torch.stack([-k2, k2 + k1, -k1], dim=1)               # (T, 3 corners, 3 i, 3 l)
         # CSR, row 3t + i holding the 3 corners x 3 l entries of triangle t.
         cols = (3 * corners[..., None] + torch.arange(3, device=device))[:, None].expand(-1, 3, -1, -1)
@@ -454,7 +453,7 @@ class PhotometricProblem:
             dfn = (a @ self._shape_bases(groups)).view(t, -1)           # (T, 3K)
             dm = (ring @ dfn).view(u, 3, -1)                            # (U, 3, K)
             m = ring @ torch.cross(e1, e2, dim=-1)                      # (U, 3)
-        norm = _norm3(m, -1).clamp_min(1e-12)
+        norm = norm3(m, -1).clamp_min(1e-12)
         unit = m / norm[:, None]
         dunit = (dm - unit[..., None] * (unit[..., None] * dm).sum(1, keepdim=True)) / norm[:, None, None]
         return torch.bmm(fr.rot.index_select(0, fidx), dunit)
@@ -488,18 +487,8 @@ class PhotometricProblem:
         grad += 2 * (full.transpose(1, 2) @ r[..., None])[..., 0]
 
 
-def _norm3(v: torch.Tensor, dim: int) -> torch.Tensor:
-    """Euclidean norm over ``dim`` of size 3 (several times faster than linalg.vector_norm on
-    a short dimension of a large tensor)."""
-    a, b, c = v.unbind(dim)
-    return (a * a + b * b + c * c).sqrt()
 
 
-def _skew(v: torch.Tensor) -> torch.Tensor:
-    """(..., 3) -> (..., 3, 3) cross-product matrices: _skew(a) @ b = a × b."""
-    x, y, z = v.unbind(-1)
-    o = torch.zeros_like(x)
-    return torch.stack([torch.stack([o, -z, y], -1), torch.stack([z, o, -x], -1), torch.stack([-y, x, o], -1)], -2)
 
 
 def _offsets(sizes):
@@ -507,15 +496,4 @@ def _offsets(sizes):
     for n in sizes:
         out.append(slice(start, start + n))
         start += n
-    return out
-
-
-def _rotate(rot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """rot (U, 3, 3) @ rows (U, 3, K) -> (U, 3, K), as nine elementwise products: a
-    batch of 3 x 3 matrix products is several times slower on a CPU."""
-    out = rows.new_empty(rows.shape)
-    for i in range(3):
-        torch.mul(rot[:, i, 0, None], rows[:, 0], out=out[:, i])
-        out[:, i].addcmul_(rot[:, i, 1, None], rows[:, 1])
-        out[:, i].addcmul_(rot[:, i, 2, None], rows[:, 2])
     return out

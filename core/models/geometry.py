@@ -1,4 +1,6 @@
-"""Pure geometry: Euler rotations, vertex normals and spherical-harmonics lighting (SPEC §3).
+"""Pure geometry: Euler rotations, vertex normals, spherical-harmonics lighting (SPEC §3) and
+the small 3-vector pieces the solvers build on (norms, cross-product matrices, per-vertex
+rotations).
 
 Conventions: vertices are row vectors, transformed as ``v @ M.T + trans``; the rotation
 is M = Rz · Ry · Rx with angles (x, y, z) in radians.
@@ -162,3 +164,29 @@ def adjacent_triangles(tri, n: int, k: int = 8):
     keep = rank < k
     buf[flat_v[keep], rank[keep]] = flat_f[keep]
     return buf
+
+
+def norm3(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """Euclidean norm over ``dim`` of size 3 (several times faster than linalg.vector_norm on
+    a short dimension of a large tensor)."""
+    a, b, c = v.unbind(dim)
+    return (a * a + b * b + c * c).sqrt()
+
+
+def skew(v: torch.Tensor) -> torch.Tensor:
+    """(..., 3) -> (..., 3, 3) cross-product matrices: skew(a) @ b = a × b."""
+    x, y, z = v.unbind(-1)
+    o = torch.zeros_like(x)
+    return torch.stack([torch.stack([o, -z, y], -1), torch.stack([z, o, -x], -1), torch.stack([-y, x, o], -1)], -2)
+
+
+def rotate_rows(rot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """rot (U, 3, 3) @ rows (U, 3, K) -> (U, 3, K), as nine elementwise products: a batch
+    of small 3 x 3 matrix products is several times slower on a CPU."""
+    out = rows.new_empty(rows.shape)
+    for i in range(3):
+        torch.mul(rot[:, i, 0, None], rows[:, 0], out=out[:, i])
+        out[:, i].addcmul_(rot[:, i, 1, None], rows[:, 1])
+        out[:, i].addcmul_(rot[:, i, 2, None], rows[:, 2])
+    return out
+
