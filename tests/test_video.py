@@ -814,6 +814,29 @@ def test_ctrl_c_reaches_an_idle_pool_process_without_a_traceback(capfd):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
+def test_a_pool_process_ignores_ctrl_c_when_the_main_process_does(tmp_path):
+    """Started where SIGINT is ignored (nohup, a script's background job), the main process
+    does not stop on a SIGINT to the group; its workers do not either (else the run fails
+    with a worker reported killed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+from core.pipelines.video.workers import WorkerPool
+with WorkerPool(1) as pool:
+    pool.wait_started()
+    proc = pool._procs[0]
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(1.0)
+    print("alive" if proc.is_alive() else f"ended {{proc.exitcode}}")
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "alive", res.stdout + res.stderr
+
+
 def test_ctrl_c_while_the_forkserver_imports_prints_no_traceback(tmp_path):
     """The pool's forkserver imports torch and this project before it serves (about a
     second, during the landmark pass); a Ctrl-C then (the terminal signals the whole

@@ -149,14 +149,18 @@ def _shared_memory_errors():
                         f"free space in /dev/shm, or use --nworkers 1") from None
 
 
-def _pool_entry(inbox, messages, main_pid: int) -> None:
+def _pool_entry(inbox, messages, main_pid: int, interruptible: bool = True) -> None:
     """Process target of a :class:`WorkerPool` process: end with the main process
     ``main_pid`` (see :func:`_die_with_parent`), wait for a job on ``inbox`` and run it
     (:func:`_worker_entry`; None: end without one; a job comes pickled, see
-    :meth:`WorkerPool.give`)."""
+    :meth:`WorkerPool.give`). ``interruptible``: whether the main process takes Ctrl-C
+    (SIGINT not ignored there); if not (started with ``nohup`` or in the background of a
+    script), neither does the worker, which would otherwise die of a SIGINT to the group
+    that the main process ignores, and be reported as killed."""
     _die_with_parent(main_pid)
-    # A forkserver's children start with SIGINT ignored (server_preload): Ctrl-C as usual here.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A forkserver's children start with SIGINT ignored (server_preload): Ctrl-C as usual
+    # here, as in the main process.
+    signal.signal(signal.SIGINT, signal.default_int_handler if interruptible else signal.SIG_IGN)
     try:
         job = inbox.get()
         if job is not None:
@@ -195,7 +199,8 @@ class WorkerPool:
         ctx = forkserver.context() if self.method == "forkserver" else mp.get_context(self.method)
         self.messages = ctx.Queue()
         self._inboxes = [ctx.SimpleQueue() for _ in range(int(size))]
-        self._procs = [ctx.Process(target=_pool_entry, args=(inbox, self.messages, os.getpid()),
+        interruptible = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        self._procs = [ctx.Process(target=_pool_entry, args=(inbox, self.messages, os.getpid(), interruptible),
                                    name=f"fit-worker-{k}", daemon=True) for k, inbox in enumerate(self._inboxes)]
         self._given = [False] * len(self._procs)
         self._closed = False
