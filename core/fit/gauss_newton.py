@@ -166,13 +166,13 @@ class PhotometricProblem:
             return self.columns[g]
         return torch.arange(getattr(c, g).shape[1], device=c.angles.device)
 
-    def _basis(self, c: Coeffs, g: str) -> torch.Tensor:
+    def _basis(self, g: str) -> torch.Tensor:
         """(3N, K) the optimised basis columns of group ``g`` (id, exp, tex): :meth:`cols`,
         the objective's cached copy when they are its active columns."""
         cols = self.columns.get(g)
         if cols is not None and cols is self.objective.active_columns(g):
             return self.objective.active_basis(g)
-        base = {"id": self.model.id_base, "exp": self.model.exp_base, "tex": self.model.tex_base}[g]
+        base = self.objective.basis(g)
         return base if cols is None else base.index_select(1, cols)
 
     def sizes(self, c: Coeffs):
@@ -305,7 +305,7 @@ class PhotometricProblem:
         """(B', P) Σ_v u_vᵀ J_v for per-vertex adjoints u (B', N, 6) of the colours (0-2) and
         screen positions (3-5) of the frames ``fr``, J_v the rows of :meth:`_vertex_jacobians`:
         the same chain rule, run backwards, so no per-vertex Jacobian is formed."""
-        model, c, cfg = self.model, st.coeffs, self.cfg
+        cfg = self.cfg
         nb = u.shape[0]
         grad = fr.verts.new_zeros(nb, p)
         u_color, u_screen = u[..., :3], u[..., 3:]
@@ -329,7 +329,7 @@ class PhotometricProblem:
             grad[:, offs["gamma"]] = torch.bmm(lit.transpose(1, 2), y).reshape(nb, -1)
         if "tex" in offs:
             light = torch.bmm(y, fr.gamma.transpose(1, 2))
-            grad[:, offs["tex"]] = (u_color * light).reshape(nb, -1) @ self._basis(c, "tex")
+            grad[:, offs["tex"]] = (u_color * light).reshape(nb, -1) @ self._basis("tex")
         shape_groups = [g for g in ("id", "exp") if g in offs]
         if shape_groups:
             u_s = u_shape
@@ -337,7 +337,7 @@ class PhotometricProblem:
                 u_s = u_s + self._normal_adjoint(fr, torch.bmm(u_normals, fr.rot))
             flat = u_s.reshape(nb, -1)
             for g in shape_groups:
-                grad[:, offs[g]] = flat @ self._basis(c, g)
+                grad[:, offs[g]] = flat @ self._basis(g)
         return grad
 
     def _normal_adjoint(self, fr: "_Frames", u_model_normals: torch.Tensor) -> torch.Tensor:
@@ -370,7 +370,7 @@ class PhotometricProblem:
         the vertices ``vids`` (U,) of the flattened B' x N vertices of the frames ``fr``
         (vertex v of frame b is b·N + v) w.r.t. each one's frame's parameters: (U, 6, P).
         With ``normals_grad`` off, the normals are held fixed in model space."""
-        model, c = self.model, st.coeffs
+        model = self.model
         n = model.num_vertices
         fidx = torch.div(vids, n, rounding_mode="floor")
         local = vids - fidx * n
@@ -386,7 +386,7 @@ class PhotometricProblem:
         dlight = torch.bmm(gamma, sh_basis_jacobian(normals))  # (U, 3 colours, 3): ∂(Y·gammaᵀ)/∂normal
         for g, sl in offs.items():
             if g in ("id", "exp"):
-                base = self._basis(c, g).view(n, 3, -1).index_select(0, local)
+                base = self._basis(g).view(n, 3, -1).index_select(0, local)
                 dverts[:, :, sl] = rotate_rows(rot, base)
             elif g == "trans":
                 dverts[:, :, sl] = torch.eye(3, dtype=verts.dtype, device=verts.device)
@@ -398,7 +398,7 @@ class PhotometricProblem:
                 dcolor[:, :, sl] = albedo[:, :, None] * torch.bmm(dlight, dn)
             elif g == "tex":
                 light = torch.einsum("uj,ucj->uc", y, gamma)  # (U, 3)
-                tex = self._basis(c, "tex").view(n, 3, -1).index_select(0, local)
+                tex = self._basis("tex").view(n, 3, -1).index_select(0, local)
                 dcolor[:, :, sl] = tex * light[:, :, None]
             elif g == "gamma":
                 for ch in range(3):
@@ -463,8 +463,7 @@ class PhotometricProblem:
         key = tuple(groups)
         cache = self.__dict__.setdefault("_bases", {})
         if key not in cache:
-            c = self.model.layout.zeros(1, dtype=self.model.id_base.dtype, device=self.model.id_base.device)
-            cache[key] = torch.cat([self._basis(c, g) for g in groups], 1)
+            cache[key] = torch.cat([self._basis(g) for g in groups], 1)
         return cache[key]
 
     def _landmarks(self, st: State, offs: Dict[str, slice], hess: torch.Tensor, grad: torch.Tensor) -> None:
@@ -485,10 +484,6 @@ class PhotometricProblem:
             full[:, :, offs[g]] = jg.reshape(batch, r.shape[1], -1)
         hess += 2 * full.transpose(1, 2) @ full
         grad += 2 * (full.transpose(1, 2) @ r[..., None])[..., 0]
-
-
-
-
 
 
 def _offsets(sizes):

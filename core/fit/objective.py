@@ -277,14 +277,17 @@ class Objective:
                 cached["albedo"] = self.model.albedo(fixed["tex"])
         return cached
 
+    def basis(self, group: str) -> torch.Tensor:
+        """(3N, K) the model's whole basis of ``group`` (id, exp or tex)."""
+        return {"id": self.model.id_base, "exp": self.model.exp_base, "tex": self.model.tex_base}[group]
+
     def active_columns(self, group: str) -> torch.Tensor:
         """(K,) ids of the coefficients of ``group`` (id, exp or tex) whose basis column is
         not all zero: the others change the loss only through their prior (whose
         minimiser is zero)."""
         key = ("active", group)
         if key not in self._cache:
-            base = {"id": self.model.id_base, "exp": self.model.exp_base, "tex": self.model.tex_base}[group]
-            self._cache[key] = torch.nonzero(base.abs().amax(0) > 0).reshape(-1)
+            self._cache[key] = torch.nonzero(self.basis(group).abs().amax(0) > 0).reshape(-1)
         return self._cache[key]
 
     def active_basis(self, group: str) -> torch.Tensor:
@@ -292,8 +295,7 @@ class Objective:
         tex), contiguous (cached: the solvers multiply by it every step)."""
         key = ("active_basis", group)
         if key not in self._cache:
-            base = {"id": self.model.id_base, "exp": self.model.exp_base, "tex": self.model.tex_base}[group]
-            self._cache[key] = base.index_select(1, self.active_columns(group)).contiguous()
+            self._cache[key] = self.basis(group).index_select(1, self.active_columns(group)).contiguous()
         return self._cache[key]
 
     def reflectance_quadratic(self) -> Tuple[torch.Tensor, torch.Tensor]:

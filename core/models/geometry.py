@@ -189,4 +189,3 @@ def rotate_rows(rot: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         out[:, i].addcmul_(rot[:, i, 1, None], rows[:, 1])
         out[:, i].addcmul_(rot[:, i, 2, None], rows[:, 2])
     return out
-
