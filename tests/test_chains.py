@@ -85,9 +85,9 @@ def test_interrupted_chains_resume(track, clip, tmp_path, whole):
 
 def test_fit_video_starts_chains_at_the_identity_frames(clip, model_path, tmp_path):
     """The whole command with --shape_seeds on / off (one cache: the same landmarks and
-    identity fit): the frames before the first seed's chain takes over are the same fit
-    (up to batching), the later ones follow another path as close to the landmarks, and
-    info.json's NME is what the pkl gives."""
+    identity fit): with seeds the frames follow other paths (the first chain runs back from
+    the first seed's chain: first_back), as close to the landmarks, and info.json's NME is
+    what the pkl gives."""
     import fit_video
     from core.pipelines.cli import run_main
     from tests.test_video import FAST, _check_landmark_nme, _load, spec_landmarks
@@ -105,14 +105,11 @@ def test_fit_video_starts_chains_at_the_identity_frames(clip, model_path, tmp_pa
     seeds = C.chain_seeds(shape, 0, N_FRAMES, 1)
     assert seeds and set(seeds) <= set(shape)
     took_over = seeds[0] + 1  # the first seed's chain keeps frames from its warm-up on
-    moved = []
-    for i in sorted(p_on["fitting_res"]):
-        d = np.linalg.norm(spec_landmarks(model_path, p_on, i) - spec_landmarks(model_path, p_off, i), axis=1).max()
-        if i < took_over:
-            assert d < 0.02, (i, d)
-        else:
-            moved.append(d)
-    assert max(moved) > 0.05  # the seeds' chains are other fits
+    moved = {i: np.linalg.norm(spec_landmarks(model_path, p_on, i) - spec_landmarks(model_path, p_off, i), axis=1).max()
+             for i in sorted(p_on["fitting_res"])}
+    # other fits before the first seed's chain takes over (the chain back from it) and after
+    assert max(d for i, d in moved.items() if i < took_over) > 0.05
+    assert max(d for i, d in moved.items() if i >= took_over) > 0.05
     tracked = np.load(str(tmp_path / "cache" / "talk" / "landmarks.npz"))["landmarks"]
     on = _check_landmark_nme(p_on, i_on, model_path, tracked)
     off = _check_landmark_nme(p_off, i_off, model_path, tracked)
@@ -161,3 +158,97 @@ def test_chains_from_the_passs_crops_need_no_video(track, clip, tmp_path, whole)
     assert given["fitted"].tolist() == read["fitted"].tolist()
     for g in GROUPS:
         np.testing.assert_array_equal(given[g], read[g])
+
+
+def test_first_chain_back_needs_a_seed_chain_kept_beside_it(monkeypatch):
+    assert C.first_chain_back(0, 600, {200: {}, 400: {}}, 8, 256)
+    assert not C.first_chain_back(0, 600, {}, 8, 256)  # no seed: one chain, from a cold start
+    assert not C.first_chain_back(0, 600, {595: {}}, 8, 256)  # its warm-up reaches the end: no chain of its own
+    monkeypatch.setattr(C, "CHAIN_CROP_BYTES", 150 * 256 * 256 * 3)  # room for 150 crops of 256 px
+    assert not C.first_chain_back(0, 600, {200: {}, 400: {}}, 8, 256)  # 208 frames, then 208: not kept together
+    assert C.first_chain_back(0, 600, {50: {}, 100: {}}, 8, 256)
+
+
+def _record_steps(monkeypatch):
+    """Each _fit_step's [(chain runs back, position, has a crop, warm-started)], in order."""
+    steps = []
+    fit_step = C._fit_step
+
+    def spy(job, session, step, out, fitted):
+        seen = []
+        for st, j, crop in step:
+            warm = crop is not None and ((st.seed is not None and j == st.start)
+                                         or (st.last is not None and abs(st.last[0] - j) == 1))
+            seen.append((st.back, j, crop is not None, warm))
+        steps.append(seen)
+        return fit_step(job, session, step, out, fitted)
+
+    monkeypatch.setattr(C, "_fit_step", spy)
+    return steps
+
+
+def _landmark_error(job, res) -> np.ndarray:
+    """(N,) mean distance in crop pixels between each fitted frame's model landmarks and its
+    target landmarks (NaN where not fitted)."""
+    import torch
+
+    from core.landmarks.crop import photo_to_crop
+    from core.models.coeffs import Coeffs
+
+    session = job.session.build()
+    n = len(res["fitted"])
+    c = Coeffs(id=torch.as_tensor(job.id)[None].expand(n, -1), tex=torch.as_tensor(job.tex)[None].expand(n, -1),
+               **{g: torch.as_tensor(res[g]) for g in GROUPS})
+    with torch.no_grad():
+        lms = session.camera.project_points(session.model.landmarks_3d(c)).numpy()
+    tar = session.camera.image_size
+    err = np.full(n, np.nan)
+    for i in np.flatnonzero(res["fitted"]):
+        j = i + job.start - job.fit_start
+        err[i] = np.linalg.norm(lms[i] - photo_to_crop(job.landmarks[j], job.crop_boxes[j], tar), axis=1).mean()
+    return err
+
+
+def test_first_chain_runs_back_from_the_first_seeds_chain(track, clip, tmp_path, whole, monkeypatch):
+    """With first_back, the frames before the first seed's chain keeps its own (10 = seed 8
+    + warm-up 2) are fitted from 9 down to 0, starting once frame 10 is fitted, each from
+    the one after it: the only cold start is the frame after the blank frames 3-4 (2),
+    where the forward chain starts cold twice (0 and 5). The fits are as close to the
+    landmarks as the forward ones, and an interrupted run resumes to the same result."""
+    seeds = {8: _seed(whole, 8), 12: _seed(whole, 12)}
+    job = replace(_job(track, clip, tmp_path, stop=N_FRAMES), seeds=seeds, seed_warmup=2, first_back=True)
+    steps = _record_steps(monkeypatch)
+    back = V.fit_clip(job)
+    order = [j for s in steps for b, j, _, _ in s if b]
+    assert order == list(range(9, -1, -1))
+    first = next(t for t, s in enumerate(steps) if any(b for b, *_ in s))
+    assert any(j == 10 for s in steps[:first] for b, j, *_ in s if not b)  # frame 10 came first
+    cold = [j for s in steps for b, j, face, warm in s if face and not warm]
+    assert cold == [2]
+    assert back["fitted"].tolist() == [i not in BLANKS for i in range(N_FRAMES)]
+    steps.clear()
+    forward = V.fit_clip(replace(job, first_back=False, cache_path=str(tmp_path / "fwd.npz")))
+    assert sorted(j for s in steps for b, j, face, warm in s if face and not warm) == [0, 5]
+    for g in GROUPS:  # frames 10 on: the same chains
+        np.testing.assert_allclose(back[g][10:], forward[g][10:], atol=2e-4, rtol=1e-3)
+    err_b, err_f = _landmark_error(job, back), _landmark_error(job, forward)
+    assert np.nanmean(err_b[:10]) < 1.05 * np.nanmean(err_f[:10]) + 0.02, (err_b[:10], err_f[:10])
+    import os
+    os.remove(job.cache_path)
+    resumed, seen = _interrupt_then_resume(job, after=9)
+    assert any(e.restored for e in seen) and sorted(e.frame for e in seen) == list(range(N_FRAMES))
+    for g in GROUPS:
+        np.testing.assert_allclose(resumed[g], back[g], atol=2e-4, rtol=1e-3)
+
+
+def test_first_chain_back_waits_for_a_frame_of_a_later_group_cold(track, clip, tmp_path, whole, monkeypatch):
+    """When the first seed's chain is not kept beside the first chain (each a group of its
+    own), the first chain runs forward from a cold start, as without first_back."""
+    seeds = {8: _seed(whole, 8), 12: _seed(whole, 12)}
+    job = replace(_job(track, clip, tmp_path, stop=N_FRAMES), seeds=seeds, seed_warmup=2, first_back=True)
+    monkeypatch.setattr(C, "CHAIN_CROP_BYTES", 1)
+    steps = _record_steps(monkeypatch)
+    res = V.fit_clip(job)
+    assert not any(b for s in steps for b, *_ in s)
+    assert sorted(j for s in steps for b, j, face, warm in s if face and not warm) == [0, 5]
+    assert res["fitted"].tolist() == [i not in BLANKS for i in range(N_FRAMES)]

@@ -12,6 +12,12 @@ kept frames begin, and the chain before it keeps going up to there. The chains a
 independent, so they are fitted in lockstep, one batch of frames per step (batched
 Gauss-Newton: on a CPU a frame costs about a quarter less than alone at 5-9 chains; on a
 GPU the batch is nearly free).
+
+The clip's first chain (the frames before the first seed's chain keeps its own) can run
+backwards instead (``ClipJob.first_back``, :func:`first_chain_back`): from the first
+seed's chain's first kept frame, once that is fitted, down to the clip's first frame,
+each frame warm-started from the one after it. It then needs neither a cold start (the
+first_* schedule, about a photo's fit) nor warm-up frames before the clip.
 """
 from __future__ import annotations
 
@@ -74,12 +80,13 @@ def transfer_pose(angles: np.ndarray, trans: np.ndarray, box_from, box_to, camer
     return np.array(angles, copy=True), t.astype(np.asarray(trans).dtype)
 
 
-def start_pose(job, camera: Camera, j: int, angles: np.ndarray, trans: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Frame j - 1's fitted pose (``angles``, ``trans``) as frame j's start: carried into
-    frame j's crop for the crop camera (:func:`transfer_pose`); in the video's frame
-    camera, as it is."""
+def start_pose(job, camera: Camera, j: int, angles: np.ndarray, trans: np.ndarray,
+               prev: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Frame ``prev``'s (default j - 1) fitted pose (``angles``, ``trans``) as frame j's
+    start: carried into frame j's crop for the crop camera (:func:`transfer_pose`); in
+    the video's frame camera, as it is."""
     if job.camera is None:
-        return transfer_pose(angles, trans, job.crop_boxes[j - 1], job.crop_boxes[j], camera)
+        return transfer_pose(angles, trans, job.crop_boxes[j - 1 if prev is None else prev], job.crop_boxes[j], camera)
     return angles, trans
 
 
@@ -140,6 +147,14 @@ def lockstep_pays(fit_start: int, stop: int, seeds, warmup: int, tar_size: int) 
     return any(len(g) > 1 for g in _groups(spans, _budget(tar_size)))
 
 
+def first_chain_back(fit_start: int, stop: int, seeds, warmup: int, tar_size: int) -> bool:
+    """Whether a clip of source frames [fit_start, stop) with ``seeds`` can fit its first
+    chain backwards (see the module docstring): it has a seed's chain, and the two
+    chains' crops are kept together (the first group of :func:`lockstep_pays` holds both)."""
+    spans = [(a, b) for a, _, b in _bounds(fit_start, stop, seeds, warmup)]
+    return len(spans) > 1 and 1 in _groups(spans, _budget(tar_size))[0]
+
+
 def _budget(tar_size: int) -> int:
     """Frames whose crops fit in CHAIN_CROP_BYTES."""
     return max(1, CHAIN_CROP_BYTES // (tar_size * tar_size * 3))
@@ -160,17 +175,23 @@ def _groups(spans: List[Tuple[int, int]], budget: int) -> List[List[int]]:
 def fit_chains(job, session, out, fitted, done_mask, finished: Callable[[List[int]], None]) -> None:
     """Fit the clip's chains (:func:`chain_bounds`; ``job`` a
     :class:`~core.pipelines.video.clips.ClipJob`), each from its first kept frame not done
-    (``done_mask``) yet, warm-started there from the frame before when that one is fitted.
-    Fills ``out`` ({group: (N, n)}) and ``fitted`` (N,) at the kept frames and calls
-    ``finished(positions)`` with those of each step. The video is read once, in order
+    (``done_mask``) yet, warm-started there from the frame before when that one is fitted
+    (the first chain with ``job.first_back``: from its last frame not done, down, from the
+    frame after it once that is done). Fills ``out`` ({group: (N, n)}) and ``fitted``
+    (N,) at the kept frames and calls ``finished(positions)`` with those of each step
+    (which must mark them in ``done_mask``). The video is read once, in order
     (no seeking back), in groups of chains whose crops fit in CHAIN_CROP_BYTES: the
     group's crops are kept, then its chains are fitted in lockstep, one batch per step (a
     chain longer than that is fitted as it is read). With ``job.crops`` (the landmark pass
     cut them) the video is not read at all."""
     tar = session.camera.image_size
     todo = []
-    for a, k, b in chain_bounds(job):
+    for i, (a, k, b) in enumerate(chain_bounds(job)):
         if done_mask[k:b].all():
+            continue
+        if i == 0 and job.first_back and b < len(done_mask):
+            # backwards: the frames not done yet are [0, x) (a resumed chain did [x, b))
+            todo.append(_Chain(a, k, int(np.flatnonzero(~done_mask[:b])[-1]) + 1, back=True))
             continue
         seed = job.seeds.get(job.fit_start + a)
         last = None
@@ -186,14 +207,19 @@ def fit_chains(job, session, out, fitted, done_mask, finished: Callable[[List[in
             stack.enter_context(VideoReader(job.video_path, threads=decoder_threads(job)))
         for idx in _groups([(c.start, c.stop) for c in todo], _budget(tar)):
             group = [todo[i] for i in idx]
+            for c in group:
+                if c.back and not (done_mask[c.stop] or any(not o.back and o.start <= c.stop < o.stop for o in group)):
+                    c.back = False  # the frame it would start from comes later: from a cold start
             frames = _read_crops(reader, job, group[0].start, max(c.stop for c in group), tar)
-            if len(group) == 1:  # one chain: fitted as it is read
+            if len(group) == 1 and not group[0].back:  # one chain: fitted as it is read
                 for j, crop in frames:
                     finished(_fit_step(job, session, [(group[0], j, crop)], out, fitted))
                 continue
             crops = dict(frames)
-            for t in range(max(c.stop - c.start for c in group)):
-                step = [(c, c.start + t, crops.get(c.start + t)) for c in group if c.start + t < c.stop]
+            while True:
+                step = [(c, j, crops.get(j)) for c in group for j in [c.advance(done_mask, out, fitted)] if j is not None]
+                if not step:
+                    break
                 finished(_fit_step(job, session, step, out, fitted))
 
 
@@ -201,13 +227,35 @@ def fit_chains(job, session, out, fitted, done_mask, finished: Callable[[List[in
 class _Chain:
     """A chain of frames being fitted: positions [start, stop), kept from ``keep``; the
     identity-fit coefficients of its first frame (``seed``, or None: it starts cold or from
-    ``last``) and its last fitted frame, (position, {group: (n,) array}) or None."""
+    ``last``) and its last fitted frame, (position, {group: (n,) array}) or None.
+    ``back``: fitted from stop - 1 down to start (every frame kept), starting once frame
+    ``stop`` is done, from that frame's fit."""
 
     start: int
     keep: int
     stop: int
     seed: Optional[Dict[str, np.ndarray]] = None
     last: Optional[Tuple[int, Dict[str, np.ndarray]]] = None
+    back: bool = False
+    at: Optional[int] = None  # the position fitted last (None: none yet)
+
+    def advance(self, done_mask: np.ndarray, out, fitted: np.ndarray) -> Optional[int]:
+        """The position to fit next (and taken as fitted), or None: the chain is finished
+        or (``back``) waits for frame ``stop``."""
+        if not self.back:
+            j = self.start if self.at is None else self.at + 1
+        elif self.at is None:
+            if not done_mask[self.stop]:
+                return None
+            if fitted[self.stop]:
+                self.last = (self.stop, {g: out[g][self.stop] for g in PER_FRAME_GROUPS})
+            j = self.stop - 1
+        else:
+            j = self.at - 1
+        if not self.start <= j < self.stop:
+            return None
+        self.at = j
+        return j
 
 
 def _read_crops(reader: Optional[VideoReader], job, a: int, b: int, tar: int):
@@ -244,9 +292,9 @@ def _fit_step(job, session, step, out, fitted) -> List[int]:
             st.last = None
         elif st.seed is not None and j == st.start:
             warm.append((st, j, crop, st.seed))
-        elif st.last is not None and st.last[0] == j - 1:
+        elif st.last is not None and abs(st.last[0] - j) == 1:  # the frame before it in the chain
             prev = st.last[1]
-            ang, tr = start_pose(job, session.camera, j, prev["angles"], prev["trans"])
+            ang, tr = start_pose(job, session.camera, j, prev["angles"], prev["trans"], prev=st.last[0])
             warm.append((st, j, crop, {**prev, "angles": ang, "trans": tr}))
         else:
             cold.append((st, j, crop, None))

@@ -101,6 +101,10 @@ class ClipJob:
     # over them); empty: one chain from fit_start, frames fitted in order.
     seeds: Dict[int, Dict[str, np.ndarray]] = field(default_factory=dict)
     seed_warmup: int = 8
+    # With seeds: fit the first chain backwards, from the first seed's chain's first kept
+    # frame down to fit_start (core.pipelines.video.chains.first_chain_back), instead of
+    # from a cold start at fit_start.
+    first_back: bool = False
     # The crops of frames [fit_start, stop) as the landmark pass cut them ((n, T, T, 3)
     # uint8, crop_face of each frame in ``crop_boxes``; zeros where no face), or None: the
     # chains (``seeds``) then take them from here instead of decoding the video for them.

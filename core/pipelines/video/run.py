@@ -31,7 +31,7 @@ from core.io.video import VideoReader, VideoWriter
 
 from ..session import Session, SessionSpec
 from .cache import CACHE_VERSION, array_digest, cache_lock, digest, load_npz, model_fingerprint, video_cache_dir
-from .chains import CHAIN_CROP_BYTES, chain_seeds, lockstep_pays
+from .chains import CHAIN_CROP_BYTES, chain_seeds, first_chain_back, lockstep_pays
 from .clips import ClipJob, FrameDone, segment_arrays_path, split_clips
 from .compose import commit_outputs, merge_clips, output_names, pkl_contents, render_video, video_writer
 from .composer import gather_parts
@@ -309,14 +309,21 @@ def _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devic
     jobs, results = [], {}
     seed_frames = chain_seeds(shape.frames, first, track.stop, options.clip_overlap) \
         if options.shape_seeds and shape.coeffs else []
+    tar = session.camera.image_size
     for k, (start, stop) in enumerate(clips):
-        fit_start = max(first, start - options.clip_overlap)
-        seeds = {f: v for f, v in shape.seeds(fit_start + 1, stop).items() if f in seed_frames}
-        if seeds and not lockstep_pays(fit_start, stop, seeds, options.clip_overlap, session.camera.image_size):
+        # With a seed's chain in the clip, the first chain runs backwards from it: no cold
+        # start, no warm-up frames before the clip. Else it starts cold clip_overlap frames early.
+        seeds = {f: v for f, v in shape.seeds(start + 1, stop).items() if f in seed_frames}
+        back = bool(seeds) and first_chain_back(start, stop, seeds, options.clip_overlap, tar)
+        fit_start = start if back else max(first, start - options.clip_overlap)
+        if not back:
+            seeds = {f: v for f, v in shape.seeds(fit_start + 1, stop).items() if f in seed_frames}
+        if seeds and not lockstep_pays(fit_start, stop, seeds, options.clip_overlap, tar):
             seeds = {}  # chains too long to keep side by side: one chain, composed as it is read
         key = digest({"shape": shape_key, "fit_start": fit_start, "start": start, "stop": stop,
                       "rest_nrf_lr": cfg.rest_nrf_lr, "overlap": options.clip_overlap,
-                      **({"seeds": {str(f): array_digest(*v.values()) for f, v in sorted(seeds.items())}} if seeds else {})})
+                      **({"seeds": {str(f): array_digest(*v.values()) for f, v in sorted(seeds.items())}} if seeds else {}),
+                      **({"first_back": True} if back else {})})
         cache_path = os.path.join(cache_dir, f"clip_{start:07d}_{stop:07d}.npz")
         cached = load_npz(cache_path, key)
         if cached is not None:
@@ -332,7 +339,7 @@ def _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devic
             adaptive_threads=options.threads is None, camera=shape.camera,
             segment=os.path.join(seg_dir, f"clip_{start:07d}_{stop:07d}.mp4") if seg_dir else None,
             frame_size=(track.width, track.height), fps=track.fps, meshes=options.save_meshes, seeds=seeds,
-            seed_warmup=options.clip_overlap,
+            seed_warmup=options.clip_overlap, first_back=back,
             crops=track.crops[fit_start - first:stop - first] if seeds and track.crops is not None else None))
     return jobs, results
 
