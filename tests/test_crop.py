@@ -170,6 +170,22 @@ def test_paste_back_at_scale_one_is_exact_and_uses_the_mask():
     assert np.all(out[expect] == 7)
 
 
+def test_paste_back_in_place_writes_into_the_photo_the_same_pixels():
+    rng = np.random.default_rng(3)
+    img = _smooth_image(120, 100)
+    render = rng.uniform(0, 255, (48, 48, 3)).astype(np.float32)
+    mask = np.zeros((48, 48), np.float32)
+    mask[8:40, 10:30] = 1
+    box = (-7, 12, 81, 100)  # scale 48 / 88, partly left of the photo
+    want = paste_back(img, render, mask, box)
+    target = img.copy()
+    out = paste_back(target, render, mask, box, inplace=True)
+    assert out is target and np.array_equal(out, want) and not np.array_equal(want, img)
+    view = img.copy()[:, ::-1]  # not contiguous: a copy after all, the input untouched
+    out = paste_back(view, render, mask, box, inplace=True)
+    assert out is not view and np.array_equal(view, img[:, ::-1])
+
+
 def test_paste_back_box_leaving_the_photo_is_clipped():
     img = _smooth_image(80, 80)
     box, tar = (-40, 50, 60, 150), 50  # side 100, scale 0.5; photo part x 0..59, y 50..79

@@ -390,6 +390,50 @@ def test_composer_in_the_worker_writes_what_the_main_process_writes(track, clip,
         np.testing.assert_array_equal(arrays[k], here[k])
 
 
+def test_composer_pastes_the_render_of_the_videos_identity_into_the_frame():
+    """The composer renders with the video's identity and albedo computed once: the frames
+    it writes are the model's full render (id and tex through the model) pasted back, and
+    it pastes into the frames it was given."""
+    import torch
+
+    from core.landmarks.crop import paste_back
+    from core.models.coeffs import Coeffs
+    from core.pipelines.session import Session
+    from core.pipelines.video.composer import Composer
+
+    session = Session.create(make_face_model(600), get_preset("default"), tar_size=48, device="cpu",
+                             renderer="builtin", progress=False)
+    rng = np.random.default_rng(5)
+    lay = session.model.layout
+    id_, tex = rng.normal(0, 1, lay.n_id).astype(np.float32), rng.normal(0, 1, lay.n_tex).astype(np.float32)
+    written = []
+
+    class Recorder:
+        def write(self, frame):
+            written.append(frame)
+
+    composer = Composer(session, id_, tex, None, Recorder(), batch=2)
+    frames = [rng.integers(0, 255, (80, 100, 3), dtype=np.uint8) for _ in range(2)]
+    given = [f.copy() for f in frames]
+    coeffs = [{"exp": rng.normal(0, 0.5, lay.n_exp).astype(np.float32), "gamma": np.r_[0.5, np.zeros(26)].astype(np.float32),
+               "angles": np.array([0.1 * k, -0.2, 0.05], np.float32), "trans": np.array([0, 0, 0], np.float32)}
+              for k in range(2)]
+    boxes = [np.array([20, 10, 70, 60]), np.array([30, 15, 90, 75])]
+    for k in range(2):
+        composer.add(k, given[k], coeffs[k], boxes[k], np.zeros((68, 2), np.float32))
+    assert len(written) == 2 and all(w is g for w, g in zip(written, given))  # pasted in place
+    c = Coeffs(id=torch.as_tensor(id_)[None].expand(2, -1), tex=torch.as_tensor(tex)[None].expand(2, -1),
+               **{g: torch.as_tensor(np.stack([x[g] for x in coeffs])) for g in coeffs[0]})
+    with torch.no_grad():
+        rgba = session.fitter.render(c)[0].numpy()
+    assert rgba[..., 3].mean() > 0.2  # the face covers the crops
+    for k in range(2):
+        want = paste_back(frames[k], np.clip(rgba[k, ..., :3], 0, 255).astype(np.uint8), rgba[k, ..., 3], boxes[k])
+        assert not np.array_equal(want, frames[k])
+        d = np.abs(written[k].astype(int) - want.astype(int))
+        assert d.max() <= 1 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
+
+
 def test_a_part_without_any_fitted_frame_gathers_with_meshes(tmp_path):
     """A clip whose frames all lack a face, composed with meshes: no rows, but rows of the
     model's vertex count, so its (empty) part gathers with the others."""

@@ -147,7 +147,7 @@ def crop_face(image: np.ndarray, box, tar_size: int) -> np.ndarray:
     return out.reshape(out_shape)
 
 
-def paste_back(image: np.ndarray, render_rgb: np.ndarray, mask: np.ndarray, box) -> np.ndarray:
+def paste_back(image: np.ndarray, render_rgb: np.ndarray, mask: np.ndarray, box, inplace: bool = False) -> np.ndarray:
     """Composite a tar_size render of ``box`` back into the photo.
 
     image: (H, W, 3) uint8 photo. render_rgb: (T, T, 3) in 0..255 (uint8 or float).
@@ -158,7 +158,8 @@ def paste_back(image: np.ndarray, render_rgb: np.ndarray, mask: np.ndarray, box)
     pixels only (warp(render * mask) / warp(mask)), so the background of the render (black)
     never bleeds into the pasted pixels: no dark outline along the face's edge at any scale.
     Parts of the box outside the photo are dropped.
-    Returns a new (H, W, 3) uint8 image; the input is not modified.
+    Returns a new (H, W, 3) uint8 image, the input unmodified; with ``inplace``, the input
+    itself (a writable C-contiguous array), pasted into.
     """
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -175,7 +176,7 @@ def paste_back(image: np.ndarray, render_rgb: np.ndarray, mask: np.ndarray, box)
     x0, y0, side = _check_box(box)
     s = T / side
     H, W = img.shape[:2]
-    out = img.copy()
+    out = img if inplace and img.flags.writeable and img.flags.c_contiguous else img.copy()
     # Only the photo pixels inside the box can change.
     px0, py0 = max(0, x0), max(0, y0)
     px1, py1 = min(W, x0 + side), min(H, y0 + side)

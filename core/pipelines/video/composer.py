@@ -41,6 +41,11 @@ class Composer:
         self.batch, self.meshes = int(batch), bool(meshes)
         self.id = torch.as_tensor(np.asarray(id), dtype=self.dt, device=self.dev)[None]
         self.tex = torch.as_tensor(np.asarray(tex), dtype=self.dt, device=self.dev)[None]
+        # The video's shape before expression (1, 3N) and its albedo (1, N, 3), the same for
+        # every frame: computed once (with a BFM-sized model two large products a frame).
+        with torch.no_grad():
+            self.identity = session.model.identity(self.id)
+            self.albedo = session.model.albedo(self.tex)
         self.nme: Dict[int, float] = {}
         self.landmarks: Dict[int, np.ndarray] = {}
         self.vertices: Dict[int, np.ndarray] = {}
@@ -48,7 +53,8 @@ class Composer:
 
     def add(self, key: int, frame: np.ndarray, coeffs: Optional[Dict[str, np.ndarray]], box=None,
             target: Optional[np.ndarray] = None) -> None:
-        """The next frame (source index ``key``, (H, W, 3) uint8 RGB): ``coeffs`` its
+        """The next frame (source index ``key``, (H, W, 3) uint8 RGB; the composer pastes
+        into it, so it must not be used elsewhere): ``coeffs`` its
         fitted per-frame groups ({group: (n,) array}: exp, gamma, angles, trans), ``box``
         its crop box and ``target`` its (68, 2) landmarks in frame pixels; None: written
         as it is."""
@@ -72,13 +78,13 @@ class Composer:
             if self.camera is not None:  # the frames' crops of the video's camera
                 f = f.with_camera(self.camera.crop(boxes, self.tar, dtype=self.dt, device=self.dev))
             with torch.no_grad():
-                rgba, out = f.render(c)
+                rgba, out = f.render(c, albedo=self.albedo, identity=self.identity)
                 model_lms = f.camera.project_points(out.landmarks).cpu().numpy()
             vertices = out.vertices.cpu().numpy() if self.meshes else None
             rgba = rgba.cpu().numpy()
             for k, (key, frame, _, box, target) in enumerate(todo):
                 composed[key] = paste_back(frame, np.clip(rgba[k, ..., :3], 0, 255).astype(np.uint8),
-                                           rgba[k, ..., 3], box)
+                                           rgba[k, ..., 3], box, inplace=True)  # the frame is ours
                 p = crop_to_photo(model_lms[k], box, self.tar)
                 self.nme[key] = landmark_nme(p, target)
                 if p.shape == (68, 2):
