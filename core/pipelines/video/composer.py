@@ -81,10 +81,11 @@ class Composer:
                 rgba, out = f.render(c, albedo=self.albedo, identity=self.identity)
                 model_lms = f.camera.project_points(out.landmarks).cpu().numpy()
             vertices = out.vertices.cpu().numpy() if self.meshes else None
-            rgba = rgba.cpu().numpy()
+            # (clipped and truncated to uint8 for the whole batch at once)
+            rgb = rgba[..., :3].clamp(0, 255).to(torch.uint8).cpu().numpy()
+            alpha = rgba[..., 3].cpu().numpy()
             for k, (key, frame, _, box, target) in enumerate(todo):
-                composed[key] = paste_back(frame, np.clip(rgba[k, ..., :3], 0, 255).astype(np.uint8),
-                                           rgba[k, ..., 3], box, inplace=True)  # the frame is ours
+                composed[key] = paste_back(frame, rgb[k], alpha[k], box, inplace=True)  # the frame is ours
                 p = crop_to_photo(model_lms[k], box, self.tar)
                 self.nme[key] = landmark_nme(p, target)
                 if p.shape == (68, 2):
