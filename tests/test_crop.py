@@ -1,6 +1,7 @@
 """Tests for core.landmarks.crop: the box, the point mapping, crop_face and paste_back agree."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -168,6 +169,48 @@ def test_paste_back_at_scale_one_is_exact_and_uses_the_mask():
     expect[40:50, 25:35] = True  # (y0 + 10 .. y0 + 20, x0 + 5 .. x0 + 15)
     np.testing.assert_array_equal(changed, expect)
     assert np.all(out[expect] == 7)
+
+
+def _paste_back_numpy(img, render, mask, box):
+    """paste_back's definition in plain numpy (premultiplied warp, quotient, rint, clip)."""
+    x0, y0, x1, _ = box
+    side = x1 - x0
+    T = render.shape[0]
+    s = T / side
+    H, W = img.shape[:2]
+    out = img.copy()
+    px0, py0, px1, py1 = max(0, x0), max(0, y0), min(W, x0 + side), min(H, y0 + side)
+    if px0 >= px1 or py0 >= py1:
+        return out
+    inv = np.array([[s, 0.0, (px0 - x0) * s], [0.0, s, (py0 - y0) * s]])
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    m32 = np.asarray(mask, np.float32)
+    rend = cv2.warpAffine(np.asarray(render, np.float32) * m32[..., None], inv, (px1 - px0, py1 - py0), flags=flags)
+    msk = cv2.warpAffine(m32, inv, (px1 - px0, py1 - py0), flags=flags)
+    colour = np.clip(np.rint(np.divide(rend, np.maximum(msk, np.float32(1e-12))[..., None], dtype=np.float32)), 0, 255)
+    window = out[py0:py1, px0:px1]
+    face = msk > 0.5
+    window[face] = colour.astype(np.uint8)[face]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paste_back_is_its_numpy_definition(seed):
+    """OpenCV's channel arithmetic gives exactly the numpy formula's pixels: uint8 and float
+    renders (out of range too), float and bool masks, boxes partly outside the photo."""
+    rng = np.random.default_rng(seed)
+    for t in range(40):
+        H, W = (int(v) for v in rng.integers(40, 200, 2))
+        img = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
+        T = int(rng.integers(8, 64))
+        render = rng.uniform(-20, 280, (T, T, 3)).astype([np.uint8, np.float32, np.float64][t % 3])
+        if render.dtype == np.uint8:
+            render = rng.integers(0, 256, (T, T, 3)).astype(np.uint8)
+        mask = rng.uniform(0, 1, (T, T)) if t % 2 else rng.uniform(0, 1, (T, T)) > 0.3
+        side = int(rng.integers(5, 2 * max(H, W)))
+        x0, y0 = int(rng.integers(-side, W)), int(rng.integers(-side, H))
+        box = (x0, y0, x0 + side, y0 + side)
+        np.testing.assert_array_equal(paste_back(img, render, mask, box), _paste_back_numpy(img, render, mask, box))
 
 
 def test_paste_back_in_place_writes_into_the_photo_the_same_pixels():
