@@ -390,6 +390,32 @@ def test_composer_in_the_worker_writes_what_the_main_process_writes(track, clip,
         np.testing.assert_array_equal(arrays[k], here[k])
 
 
+def test_a_prepared_reader_is_taken_once_by_the_job_reading_from_its_frame(track, clip, tmp_path):
+    """A worker's reader opened and positioned before its job (clips.prepare_reader, sent
+    by WorkerPool.prepare) is what the job's compose reads from when the video, frame and
+    decoder threads match; once; nothing is kept for a video that cannot be read."""
+    from core.io.video import VideoReader
+    from core.pipelines.video import clips as K
+
+    job = _job(track, clip, tmp_path, start=5, stop=10)
+    threads = K.decoder_threads(job)
+    K._PREPARED.clear()
+    K.prepare_reader(str(tmp_path / "missing.mp4"), 5, None, threads)
+    assert not K._PREPARED
+    K.prepare_reader(clip, 5, track.timestamps, threads)
+    prepared = K._PREPARED[(clip, 5, threads)]
+    with K.open_reader(job, 4) as other:
+        assert other is not prepared  # another frame: a reader of its own
+    with K.open_reader(job, 5) as r:
+        assert r is prepared and not K._PREPARED
+        got = [f for _, f in r.frames(5, 8, track.timestamps)]
+    with VideoReader(clip) as fresh:
+        want = [f for _, f in fresh.frames(5, 8)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, want)) and len(got) == 3
+    with K.open_reader(job, 5) as again:
+        assert again is not prepared
+
+
 def test_composer_pastes_the_render_of_the_videos_identity_into_the_frame():
     """The composer renders with the video's identity and albedo computed once: the frames
     it writes are the model's full render (id and tex through the model) pasted back, and
@@ -824,13 +850,17 @@ def test_spawned_workers_report_every_kept_frame(track, clip, tmp_path):
 
 def test_a_pool_started_ahead_runs_the_jobs_and_ends_its_idle_process(track, clip, tmp_path):
     """Worker processes started before their jobs (as run_video does before the landmark
-    pass): two of the three get a job and fit it exactly as in this process; the idle one
-    ends when the pool closes, on its own (exit status 0, not terminated)."""
+    pass), asked to open their readers ahead: two of the three get a job and fit it exactly
+    as in this process; the idle one ends when the pool closes, on its own (exit status 0,
+    not terminated)."""
     jobs = [_job(track, clip, tmp_path, worker=0, stop=3), _job(track, clip, tmp_path, worker=1, start=5, stop=7)]
     events = []
     with V.WorkerPool(3) as pool:
         pool.wait_started()
         procs = list(pool._procs)
+        # readers opened ahead where the jobs start reading (the third for a video that is not there)
+        pool.prepare([(clip, 0, track.timestamps, 1), (clip, 5, track.timestamps, 1),
+                      (str(tmp_path / "gone.mp4"), 3, track.timestamps, 1)])
         V.run_workers(jobs, on_frame=events.append, pool=pool)
         assert sorted(p.exitcode for p in procs[:2]) == [0, 0] and procs[2].is_alive()
     assert procs[2].exitcode == 0

@@ -71,6 +71,37 @@ def test_frames_range_with_and_without_seek(clip):
     assert tail == [18, 19]
 
 
+def test_prepare_does_the_seek_of_frames_ahead(clip):
+    """prepare(start) seeks now: frames(start, ...) then reads on without moving the
+    capture (its calls counted) and gives the same frames; before or at the position it
+    does nothing."""
+
+    class Counting:
+        def __init__(self, cap):
+            self.cap, self.calls = cap, []
+
+        def __getattr__(self, name):
+            if name in ("set", "grab", "read", "release"):
+                self.calls.append(name)
+            return getattr(self.cap, name)
+
+    with VideoReader(clip) as r:
+        est = r.estimated_timestamps(20)
+        r._cap = Counting(r._cap)
+        r.prepare(12, est)
+        assert "set" in r._cap.calls  # the seek happened here
+        r._cap.calls.clear()
+        got = [(i, _decode_index(f)) for i, f in r.frames(12, 15, est)]
+        assert set(r._cap.calls) == {"read"}  # no seek, no frame skipped
+    assert got == [(12, 12), (13, 13), (14, 14)]
+    with VideoReader(clip) as r:
+        r.prepare(0)
+        r.prepare(1)  # at the position: nothing to decode
+        assert [(i, _decode_index(f)) for i, f in r.frames(0, 2)] == [(0, 0), (1, 1)]
+        r.prepare(1, est)  # behind the position: frames(1) goes back as usual
+        assert [(i, _decode_index(f)) for i, f in r.frames(1, 2, est)] == [(1, 1)]
+
+
 def test_seek_checked_against_constant_rate_timestamps(clip):
     """Without a recorded pass, a seek is checked against the timestamps a constant frame
     rate gives: exact here, so it stays a seek; a range past the end yields nothing."""

@@ -184,6 +184,14 @@ class VideoReader:
             self._next += 1
         return self._read()
 
+    def prepare(self, start: int, timestamps: Optional[Sequence[float]] = None) -> None:
+        """Do now the seek that :meth:`frames` ``(start, ...)`` would do: afterwards the next
+        frame read is ``start`` (frame ``start`` - 1 is decoded and dropped here; nothing
+        happens for a frame at or before the reader's position). ``timestamps`` as for
+        :meth:`frames`."""
+        if start - 1 >= self._next:
+            self._seek(start - 1, timestamps)
+
     def estimated_timestamps(self, n: int) -> np.ndarray:
         """(n,) timestamps (ms) of frames 0..n-1 at the container's constant frame rate, for
         checking a seek where no full pass recorded the real ones (``frames(start, stop,

@@ -261,7 +261,7 @@ def _fit_frames(job: ClipJob, session, out, fitted, done_mask, composer, on_fram
         return {g: torch.as_tensor(out[g][j], dtype=dt, device=device)[None] for g in ("exp", "gamma")}
 
     done = int(done_mask.sum())
-    with VideoReader(job.video_path, threads=decoder_threads(job)) as reader:
+    with open_reader(job, job.fit_start + done) as reader:
         for index, frame in reader.frames(job.fit_start + done, job.stop, job.timestamps):
             j = index - job.fit_start
             lms = job.landmarks[j]
@@ -323,10 +323,41 @@ def _compose_frame(job: ClipJob, composer: Composer, index: int, frame: np.ndarr
                  job.crop_boxes[j], target)
 
 
+# A reader positioned ahead of the job (prepare_reader): {(video path, frame, threads): reader}.
+_PREPARED: Dict[Tuple[str, int, int], VideoReader] = {}
+
+
+def prepare_reader(video_path: str, start: int, timestamps, threads: int) -> None:
+    """Open ``video_path`` with ``threads`` decoder threads and seek to frame ``start`` now
+    (:meth:`VideoReader.prepare`), for a job of this process that will read from there
+    (:func:`open_reader`): a worker waiting for its job does its seek (up to a keyframe
+    interval of decoding) while the identity fit keeps only one core busy. Does nothing
+    for a video it cannot read (the job reports that)."""
+    with contextlib.suppress(Exception):
+        reader = VideoReader(video_path, threads=threads)
+        try:
+            reader.prepare(int(start), timestamps)
+        except BaseException:
+            reader.close()
+            raise
+        old = _PREPARED.pop((video_path, int(start), int(threads)), None)
+        if old is not None:
+            old.close()
+        _PREPARED[(video_path, int(start), int(threads))] = reader
+
+
+def open_reader(job: ClipJob, start: int) -> VideoReader:
+    """A reader of the job's video for reading from frame ``start``: the one
+    :func:`prepare_reader` positioned there, if any (taken), else a new one."""
+    threads = decoder_threads(job)
+    reader = _PREPARED.pop((job.video_path, int(start), int(threads)), None)
+    return reader if reader is not None else VideoReader(job.video_path, threads=threads)
+
+
 def _compose_clip(job: ClipJob, out, fitted, composer: Composer) -> None:
     """Compose the kept frames [start, stop) in order from their fits (read again)."""
     n = 0
-    with VideoReader(job.video_path, threads=decoder_threads(job)) as reader:
+    with open_reader(job, job.start) as reader:
         for index, frame in reader.frames(job.start, job.stop, job.timestamps):
             _compose_frame(job, composer, index, frame, out, fitted)
             n += 1

@@ -147,6 +147,12 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     # What the fits aim at: the track smoothed over time (--lm_smooth). The landmark NME,
     # the pkl and the exports keep the detector's landmarks (``track``).
     fit_track = track.smoothed(options.lm_smooth)
+    if pool is not None and track.crops is not None and session.device.type == "cpu":
+        # The workers wait for their jobs through the identity fit, which keeps one core
+        # busy: each opens the video now and seeks to where its clip's compose will read.
+        planned = split_clips(n, options.nworkers)
+        threads = options.threads or threads_per_worker(options.cores or cpu_count(), len(planned))
+        pool.prepare([(video_path, first + a, track.source_timestamps(), threads) for a, _ in planned])
 
     # 2. identity and albedo
     t0 = time.perf_counter()

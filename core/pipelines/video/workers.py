@@ -17,8 +17,9 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from core import threads as thread_control
@@ -26,7 +27,7 @@ from core.errors import UserError
 
 from .. import forkserver
 from ..session import Session
-from .clips import ClipJob, FrameDone, fit_clip
+from .clips import ClipJob, FrameDone, fit_clip, prepare_reader
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,9 @@ def _pool_entry(inbox, messages, main_pid: int, interruptible: bool = True) -> N
     signal.signal(signal.SIGINT, signal.default_int_handler if interruptible else signal.SIG_IGN)
     try:
         job = inbox.get()
+        while isinstance(job, tuple):  # ("prepare", video, frame, timestamps, threads): see WorkerPool.prepare
+            prepare_reader(*job[1:])
+            job = inbox.get()
         if job is not None:
             from multiprocessing.reduction import ForkingPickler
 
@@ -229,6 +233,19 @@ class WorkerPool:
     @property
     def size(self) -> int:
         return len(self._procs)
+
+    def prepare(self, readers: Sequence[Tuple[str, int, Sequence[float], int]]) -> None:
+        """Ask the processes without a job, in order, to open a video and seek to a frame
+        now (:func:`~core.pipelines.video.clips.prepare_reader`): ``readers`` = [(video,
+        frame, timestamps, decoder threads)], meant for the jobs :meth:`give` will then hand
+        them in the same order (a job that reads from elsewhere opens its own reader)."""
+        self.wait_started()
+        free = [k for k, given in enumerate(self._given) if not given]
+        for (video, frame, timestamps, threads), k in zip(readers, free):
+            msg = ("prepare", str(video), int(frame), np.asarray(timestamps, dtype=np.float64)[:int(frame) + 1],
+                   int(threads))
+            threading.Thread(target=self._inboxes[k].put, args=(msg,), name=f"prepare-worker-{k}",
+                             daemon=True).start()
 
     def give(self, jobs: Sequence[ClipJob]) -> dict:
         """Send each job to a process that has none yet; returns {job.worker: process}."""
