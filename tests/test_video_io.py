@@ -398,3 +398,31 @@ def test_a_damaged_stream_reads_without_ffmpeg_noise(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert 0 < int(proc.stdout) < 26
     assert "@ 0x" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_the_encoder_leaves_the_process_group_when_sigint_is_ignored(tmp_path, ignored):
+    """ffmpeg handles SIGINT itself whatever it inherits: in a run that ignores SIGINT
+    (nohup, a script's background job) a SIGINT to the process group stopped its encoders
+    and failed the run. There the encoder runs in a session of its own (out of the group's
+    reach); in a run that takes Ctrl-C it stays in the group, as usual. Either way it writes
+    the video."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.default_int_handler)
+    try:
+        w = VideoWriter(tmp_path / "out.mp4", (32, 32), 10)
+        try:
+            own = os.getsid(w._proc.pid) != os.getsid(0)
+            for k in range(3):
+                w.write(_frame(k, 32, 32))
+            w.finish()
+            w.commit()
+        except BaseException:
+            w.abort()
+            raise
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert own == ignored
+    with VideoReader(tmp_path / "out.mp4") as r:
+        assert len(list(r.frames())) == 3

@@ -34,6 +34,15 @@ from core.errors import UserError
 
 log = logging.getLogger("core.io.video")
 
+
+def _own_session() -> bool:
+    """Whether an ffmpeg child runs in a session of its own: when this process ignores
+    SIGINT (started under nohup or in a script's background; a video worker of such a run,
+    core.pipelines.video.workers._pool_entry), so that a SIGINT to the process group leaves
+    it running as it leaves this process (ffmpeg installs its own SIGINT handler, whatever
+    it inherits, and stopped the run's encoders). Else it shares the group, as usual."""
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
 __all__ = ["VideoWriter", "VideoConcat", "has_audio_stream", "audio_codec", "check_video_file"]
 
 # Audio codecs an .mp4 takes as they are (see _audio_args).
@@ -46,7 +55,7 @@ def audio_codec(path: str) -> Optional[str]:
     try:
         import imageio_ffmpeg
         res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, start_new_session=_own_session())
     except Exception:  # no ffmpeg, timeout: just no audio
         return None
     found = re.search(r"Stream #\S+.*: Audio: (\w+)", res.stderr)
@@ -122,7 +131,8 @@ class VideoWriter:
             # restore_signals=False: ffmpeg keeps ignoring SIGXFSZ and SIGPIPE as Python does, so a
             # file-size limit is an error it reports ("File too large"), not a silent kill.
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, restore_signals=False)
+                                          stderr=subprocess.PIPE, restore_signals=False,
+                                          start_new_session=_own_session())
         except OSError as e:
             self.abort()
             raise UserError(f"cannot start the video encoder for '{self.path}': {e.strerror or e}") from None
@@ -296,7 +306,7 @@ class VideoConcat(VideoWriter):
             cmd += ["-c:v", "copy", "-movflags", "+faststart", "-f", "mp4", self.tmp_path]
             log.debug("video join: %s", " ".join(cmd))
             res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                                 timeout=600, restore_signals=False)
+                                 timeout=600, restore_signals=False, start_new_session=_own_session())
         except OSError as e:
             raise UserError(f"writing the video '{self.path}' failed: {e.strerror or e}") from None
         except subprocess.TimeoutExpired:
@@ -359,7 +369,7 @@ def check_video_file(path: str, expected_frames: int) -> Optional[str]:
            "-map", "0:v:0", "-c", "copy", "-f", "null", "-progress", "pipe:1", "-"]
     try:
         res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                             timeout=600)
+                             timeout=600, start_new_session=_own_session())
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"it could not be checked ({e})"
     lines = [ln.strip() for ln in res.stderr.splitlines() if ln.strip()]
