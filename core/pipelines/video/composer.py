@@ -41,11 +41,9 @@ class Composer:
         self.batch, self.meshes = int(batch), bool(meshes)
         self.id = torch.as_tensor(np.asarray(id), dtype=self.dt, device=self.dev)[None]
         self.tex = torch.as_tensor(np.asarray(tex), dtype=self.dt, device=self.dev)[None]
-        # The video's shape before expression (1, 3N) and its albedo (1, N, 3), the same for
-        # every frame: computed once (with a BFM-sized model two large products a frame).
-        with torch.no_grad():
-            self.identity = session.model.identity(self.id)
-            self.albedo = session.model.albedo(self.tex)
+        # The video's shape before expression and its albedo, the same for every frame:
+        # computed once, as the fits do (with a BFM-sized model two large products a frame).
+        self.fixed = self.fitter.objective.fixed_pieces({"id": self.id, "tex": self.tex})
         self.nme: Dict[int, float] = {}
         self.landmarks: Dict[int, np.ndarray] = {}
         self.vertices: Dict[int, np.ndarray] = {}
@@ -78,7 +76,7 @@ class Composer:
             if self.camera is not None:  # the frames' crops of the video's camera
                 f = f.with_camera(self.camera.crop(boxes, self.tar, dtype=self.dt, device=self.dev))
             with torch.no_grad():
-                rgba, out = f.render(c, albedo=self.albedo, identity=self.identity)
+                rgba, out = f.render(c, **self.fixed)
                 model_lms = f.camera.project_points(out.landmarks).cpu().numpy()
             vertices = out.vertices.cpu().numpy() if self.meshes else None
             # (clipped and truncated to uint8 for the whole batch at once)

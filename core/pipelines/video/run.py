@@ -147,12 +147,15 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
     # What the fits aim at: the track smoothed over time (--lm_smooth). The landmark NME,
     # the pkl and the exports keep the detector's landmarks (``track``).
     fit_track = track.smoothed(options.lm_smooth)
+    # The clips of stage 3 (source frame bounds) and each worker's threads.
+    n_clips = options.nworkers if clip_runner is None else clip_runner.clips_for(n)
+    clips = [(first + a, first + b) for a, b in split_clips(n, n_clips)]
+    cores = options.cores or cpu_count()
+    threads = options.threads or threads_per_worker(cores, len(clips) if clip_runner is None else 1)
     if pool is not None and track.crops is not None and session.device.type == "cpu":
         # The workers wait for their jobs through the identity fit, which keeps one core
         # busy: each opens the video now and seeks to where its clip's compose will read.
-        planned = split_clips(n, options.nworkers)
-        threads = options.threads or threads_per_worker(options.cores or cpu_count(), len(planned))
-        pool.prepare([(video_path, first + a, track.source_timestamps(), threads) for a, _ in planned])
+        pool.prepare([(video_path, start, track.source_timestamps(), threads) for start, _ in clips])
 
     # 2. identity and albedo
     t0 = time.perf_counter()
@@ -166,11 +169,7 @@ def _run(session, detector, video_path, video_info, res_folder, options, info_ex
 
     # 3. per-frame fits (clip bounds in source frame indices)
     t0 = time.perf_counter()
-    n_clips = options.nworkers if clip_runner is None else clip_runner.clips_for(n)
-    clips = [(first + a, first + b) for a, b in split_clips(n, n_clips)]
     devices = worker_devices(session, len(clips), options.ngpus)
-    cores = options.cores or cpu_count()
-    threads = options.threads or threads_per_worker(cores, len(clips) if clip_runner is None else 1)
     shape_key = digest({"base": base_key, "id": array_digest(shape.id, shape.tex),
                         **({"camera": shape.camera.as_dict()} if shape.camera else {})})
     jobs, results = _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devices, threads, options,
