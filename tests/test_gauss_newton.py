@@ -419,3 +419,107 @@ def test_shared_fit_in_lanes_is_the_same_fit(model, monkeypatch):
 def take_one(st):
     from core.fit.gn_state import take_state
     return take_state(st, torch.tensor([0]))
+
+
+def _stage_traces(f, x0, lms, img, steps, monkeypatch):
+    """Fit one frame and return, per stage, the costs of its evaluations in order: the
+    stage's start, then one per step (the trial; accepted when lower than the best so far)."""
+    from core.fit import gauss_newton as G
+    traces = []
+    real = G.PhotometricProblem.evaluate
+
+    def logged(self, c, kp):
+        st = real(self, c, kp)
+        size = self.images.shape[1]
+        if not traces or traces[-1][0] != size:
+            traces.append((size, []))
+        traces[-1][1].append(float(st.cost[0]))
+        return st
+
+    monkeypatch.setattr(G.PhotometricProblem, "evaluate", logged)
+    f.photometric(x0, lms, img, steps)
+    return traces
+
+
+def _why_it_ended(costs, rtol, steps):
+    """How a stage with these evaluation costs ended under the stopping rule, checking
+    that it went on exactly as long as the rule says: 'small' (an accepted step gained
+    less than rtol of the loss), 'misses' (GN_MAX_MISSES steps in a row rejected) or
+    'steps' (the step limit)."""
+    from core.fit import gn
+    best, misses = costs[0], 0
+    trials = costs[1:]
+    for k, c in enumerate(trials):
+        last = k == len(trials) - 1
+        if c < best:
+            small = best - c < rtol * best
+            best, misses = c, 0
+            if small:
+                assert last, f"the stage went on after a step gaining less than {rtol}: {costs}"
+                return "small"
+        else:
+            misses += 1
+            if misses >= gn.GN_MAX_MISSES:
+                assert last, f"the stage went on after {misses} rejected steps: {costs}"
+                return "misses"
+        if not last:
+            continue
+        assert k + 1 == steps, f"the stage ended early for no reason: {costs}"
+        return "steps"
+    raise AssertionError(f"a stage without steps: {costs}")
+
+
+def test_gn_stages_end_where_the_stopping_rule_says(model, monkeypatch):
+    """A coarse stage that the crop-size stage follows ends at the first step gaining less
+    than GN_RTOL_COARSE of the loss; the last stage at GN_RTOL; any stage after
+    GN_MAX_MISSES rejected steps in a row. On these cases the coarse stages end on gains the
+    old tolerance (GN_RTOL everywhere) would have gone on from."""
+    from core.fit import gn
+    steps = 30
+    coarse_ends = []
+    for seed in (0, 2):
+        f = fitter(model, coarse_size=64, fine_iters=10, first_nrf_iters=steps)
+        gt = truth(model, seed)
+        img, lms = scene(f, gt)
+        traces = _stage_traces(f, perturbed(gt), lms, img, steps, monkeypatch)
+        monkeypatch.undo()
+        assert [size for size, _ in traces] == [64, 128]
+        (_, coarse), (_, fine) = traces
+        why = _why_it_ended(coarse, gn.GN_RTOL_COARSE, steps - 10)
+        _why_it_ended(fine, gn.GN_RTOL, 10)
+        if why == "small":
+            accepted = [c for c in coarse[1:] if c < min(coarse[:coarse.index(c)])]
+            gain = 1 - accepted[-1] / min(coarse[:coarse.index(accepted[-1])])
+            coarse_ends.append(gain)
+    assert any(gn.GN_RTOL <= g < gn.GN_RTOL_COARSE for g in coarse_ends), coarse_ends
+
+
+def test_gn_gives_up_after_max_misses(model, monkeypatch):
+    """When no step lowers the loss, a stage stops after GN_MAX_MISSES tries (per-frame and
+    shared fits alike), not after the damping has grown past GN_LAMBDA_MAX (6 tries
+    from GN_LAMBDA0)."""
+    from core.fit import gauss_newton as G
+    from core.fit import gn
+    calls = []
+    real = G.PhotometricProblem.evaluate
+
+    def worse_after_the_start(self, c, kp):
+        st = real(self, c, kp)
+        calls.append(1)
+        if len(calls) > 1:  # every trial: the loss went up
+            st = dataclasses.replace(st, cost=st.cost + 1.0, terms={k: v + 1.0 for k, v in st.terms.items()})
+        return st
+
+    f = fitter(model, first_nrf_iters=20, fine_iters=0)
+    gt = truth(model, seed=1)
+    img, lms = scene(f, gt)
+    monkeypatch.setattr(G.PhotometricProblem, "evaluate", worse_after_the_start)
+    x0 = perturbed(gt)
+    out = f.photometric(x0, lms, img, 20)
+    assert len(calls) == 1 + gn.GN_MAX_MISSES < 7
+    assert torch.equal(out.exp, x0.exp)  # no step kept
+    calls.clear()
+    b = 2
+    init = f.zeros(b).replace(id=torch.zeros(1, 80), tex=torch.zeros(1, 80))
+    f.photometric(init, lms.expand(b, -1, -1), img.expand(b, -1, -1, -1), 20)
+    assert len(calls) == 1 + gn.GN_MAX_MISSES
