@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from .atomic import ignore_file_size_signal
+from .interrupts import sigint_ignored
 from core import defaults
 from core.errors import UserError
 
@@ -41,7 +42,7 @@ def _own_session() -> bool:
     core.pipelines.video.workers._pool_entry), so that a SIGINT to the process group leaves
     it running as it leaves this process (ffmpeg installs its own SIGINT handler, whatever
     it inherits, and stopped the run's encoders). Else it shares the group, as usual."""
-    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    return sigint_ignored()
 
 __all__ = ["VideoWriter", "VideoConcat", "has_audio_stream", "audio_codec", "check_video_file"]
 

@@ -318,11 +318,13 @@ def _clip_jobs(session, video_path, track, fit_track, boxes, shape, clips, devic
     for k, (start, stop) in enumerate(clips):
         # With a seed's chain in the clip, the first chain runs backwards from it: no cold
         # start, no warm-up frames before the clip. Else it starts cold clip_overlap frames early.
-        seeds = {f: v for f, v in shape.seeds(start + 1, stop).items() if f in seed_frames}
+        cold = max(first, start - options.clip_overlap)  # where a forward first chain starts
+        near = {f: v for f, v in shape.seeds(cold + 1, stop).items() if f in seed_frames}
+        seeds = {f: v for f, v in near.items() if f > start}
         back = bool(seeds) and first_chain_back(start, stop, seeds, options.clip_overlap, tar)
-        fit_start = start if back else max(first, start - options.clip_overlap)
+        fit_start = start if back else cold
         if not back:
-            seeds = {f: v for f, v in shape.seeds(fit_start + 1, stop).items() if f in seed_frames}
+            seeds = near
         if seeds and not lockstep_pays(fit_start, stop, seeds, options.clip_overlap, tar):
             seeds = {}  # chains too long to keep side by side: one chain, composed as it is read
         key = digest({"shape": shape_key, "fit_start": fit_start, "start": start, "stop": stop,

@@ -24,6 +24,7 @@ import torch
 
 from core import threads as thread_control
 from core.errors import UserError
+from core.io.interrupts import sigint_ignored
 
 from .. import forkserver
 from ..session import Session
@@ -203,7 +204,7 @@ class WorkerPool:
         ctx = forkserver.context() if self.method == "forkserver" else mp.get_context(self.method)
         self.messages = ctx.Queue()
         self._inboxes = [ctx.SimpleQueue() for _ in range(int(size))]
-        interruptible = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        interruptible = not sigint_ignored()
         self._procs = [ctx.Process(target=_pool_entry, args=(inbox, self.messages, os.getpid(), interruptible),
                                    name=f"fit-worker-{k}", daemon=True) for k, inbox in enumerate(self._inboxes)]
         self._given = [False] * len(self._procs)
