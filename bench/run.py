@@ -462,7 +462,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = resolve_device(args.device)
         plan = make_plan(args)
         from core import threads
+        from core.malloc import keep_freed_memory
         threads.install(plan.threads)  # as the scripts do: --threads N, else adaptive
+        keep_freed_memory()  # as the scripts do (core.pipelines.cli.run_main)
         presets = {"original": get_preset("original"), "default": get_preset("default")}
         report = run_bench(plan, device, presets, renderer=args.renderer, lm_detector=args.lm_detector,
                            model_path=args.model_path, shared=args.shared)

@@ -22,6 +22,7 @@ from typing import Callable, NoReturn, Optional, Sequence
 
 from core import defaults
 from core.io.atomic import ignore_file_size_signal
+from core.malloc import keep_freed_memory
 from core.fit.config import FitConfig, PRESETS, get_preset
 from core.models.registry import MODEL_NAMES
 from core.errors import UserError
@@ -339,6 +340,7 @@ def run_main(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]]
     instead of killing the process."""
     args = list(sys.argv[1:] if argv is None else argv)
     ignore_file_size_signal()
+    keep_freed_memory()
     try:
         return main(args)
     except SystemExit as e:  # argparse: --help (0) or its one-line error (2), already printed

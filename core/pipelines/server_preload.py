@@ -30,3 +30,7 @@ def _imported_by_forkserver() -> bool:
 
 if _imported_by_forkserver():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The workers and the tracking helper are forked from the server: they keep its malloc
+    # settings (core.malloc; the main process sets its own in core.pipelines.cli.run_main).
+    from core.malloc import keep_freed_memory
+    keep_freed_memory()

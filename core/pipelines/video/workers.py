@@ -25,6 +25,7 @@ import torch
 from core import threads as thread_control
 from core.errors import UserError
 from core.io.interrupts import sigint_ignored
+from core.malloc import keep_freed_memory
 
 from .. import forkserver
 from ..session import Session
@@ -160,6 +161,7 @@ def _pool_entry(inbox, messages, main_pid: int, interruptible: bool = True) -> N
     script), neither does the worker, which would otherwise die of a SIGINT to the group
     that the main process ignores, and be reported as killed."""
     _die_with_parent(main_pid)
+    keep_freed_memory()  # a spawned worker (GPU runs); forked ones have it from the server
     # A forkserver's children start with SIGINT ignored (server_preload): Ctrl-C as usual
     # here, as in the main process.
     signal.signal(signal.SIGINT, signal.default_int_handler if interruptible else signal.SIG_IGN)
