@@ -443,29 +443,30 @@ def _stage_traces(f, x0, lms, img, steps, monkeypatch):
 
 def _why_it_ended(costs, rtol, steps):
     """How a stage with these evaluation costs ended under the stopping rule, checking
-    that it went on exactly as long as the rule says: 'small' (an accepted step gained
-    less than rtol of the loss), 'misses' (GN_MAX_MISSES steps in a row rejected) or
-    'steps' (the step limit)."""
+    that it went on exactly as long as the rule says, and the relative gain of its last
+    accepted step (None: none): 'small' (an accepted step gained less than rtol of the
+    loss), 'misses' (GN_MAX_MISSES steps in a row rejected), 'damping' (past
+    GN_LAMBDA_MAX) or 'steps' (the step limit)."""
     from core.fit import gn
-    best, misses = costs[0], 0
+    best, misses, lam, gain = costs[0], 0, gn.GN_LAMBDA0, None
     trials = costs[1:]
     for k, c in enumerate(trials):
         last = k == len(trials) - 1
+        why = None
         if c < best:
-            small = best - c < rtol * best
-            best, misses = c, 0
-            if small:
-                assert last, f"the stage went on after a step gaining less than {rtol}: {costs}"
-                return "small"
+            gain = (best - c) / best
+            best, misses, lam = c, 0, lam * gn.GN_LAMBDA_DOWN
+            if gain < rtol:
+                why = "small"
         else:
-            misses += 1
-            if misses >= gn.GN_MAX_MISSES:
-                assert last, f"the stage went on after {misses} rejected steps: {costs}"
-                return "misses"
-        if not last:
-            continue
-        assert k + 1 == steps, f"the stage ended early for no reason: {costs}"
-        return "steps"
+            misses, lam = misses + 1, lam * gn.GN_LAMBDA_UP
+            why = "misses" if misses >= gn.GN_MAX_MISSES else "damping" if lam > gn.GN_LAMBDA_MAX else None
+        if why is not None:
+            assert last, f"the stage went on after it should have ended ({why}): {costs}"
+            return why, gain
+        if last:
+            assert k + 1 == steps, f"the stage ended early for no reason: {costs}"
+            return "steps", gain
     raise AssertionError(f"a stage without steps: {costs}")
 
 
@@ -485,11 +486,9 @@ def test_gn_stages_end_where_the_stopping_rule_says(model, monkeypatch):
         monkeypatch.undo()
         assert [size for size, _ in traces] == [64, 128]
         (_, coarse), (_, fine) = traces
-        why = _why_it_ended(coarse, gn.GN_RTOL_COARSE, steps - 10)
+        why, gain = _why_it_ended(coarse, gn.GN_RTOL_COARSE, steps - 10)
         _why_it_ended(fine, gn.GN_RTOL, 10)
         if why == "small":
-            accepted = [c for c in coarse[1:] if c < min(coarse[:coarse.index(c)])]
-            gain = 1 - accepted[-1] / min(coarse[:coarse.index(accepted[-1])])
             coarse_ends.append(gain)
     assert any(gn.GN_RTOL <= g < gn.GN_RTOL_COARSE for g in coarse_ends), coarse_ends
 
